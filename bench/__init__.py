@@ -1,0 +1,1 @@
+"""Offload's benchmarks: `python -m bench` prints a table and writes the figures as JSON."""

@@ -1,0 +1,108 @@
+"""Entry point: `offload-mcp` serves MCP over stdio; `offload-mcp demo` shows it working."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from server import __version__
+from server.app import build_server
+from server.config import Settings, load_settings
+from server.errors import ConfigError
+from server.runtime import Runtime
+from server.stdio import loop_stdio_server
+
+log = logging.getLogger("offload")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="offload-mcp",
+        description="MCP server that runs slow tools in the background: fire now, collect later. "
+        "With no command it serves MCP over stdio (the form MCP clients launch).",
+        epilog="Settings also come from OFFLOAD_* environment variables and the TOML file; flags win.",
+    )
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve", "demo"],
+        default="serve",
+        help="serve (default): MCP over stdio; demo: fire a few tasks through a real client",
+    )
+    p.add_argument("--version", action="version", version=f"offload-mcp {__version__}")
+    p.add_argument("--config", type=Path, help="TOML settings file (default: the platform config dir)")
+    p.add_argument("--max-concurrency", type=int, help="tasks running at once; more are queued (default 32)")
+    p.add_argument("--default-timeout-s", type=float, help="timeout of a task that names none (default 1800)")
+    p.add_argument("--ttl-s", type=float, help="how long finished results are kept and reused (default 1800)")
+    p.add_argument("--output-max-bytes", type=int, help="per-task output kept in memory (default 4 MiB)")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    overrides: dict[str, Any] = {
+        "max_concurrency": args.max_concurrency,
+        "default_timeout_s": args.default_timeout_s,
+        "ttl_s": args.ttl_s,
+        "output_max_bytes": args.output_max_bytes,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = load_settings(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"offload-mcp: {exc}", file=sys.stderr)
+        return 2
+    _log_to_stderr(settings.log_level)
+    if args.command == "demo":
+        from server.demo import run_demo
+
+        return anyio.run(run_demo, argv_for_server(args))
+    anyio.run(serve_stdio, settings)
+    return 0
+
+
+def argv_for_server(args: argparse.Namespace) -> list[str]:
+    """The demo's server gets the same settings the demo was given."""
+    forwarded: list[str] = []
+    for flag in ("config", "max_concurrency", "default_timeout_s", "ttl_s", "output_max_bytes", "log_level"):
+        value = getattr(args, flag)
+        if value is not None:
+            forwarded += [f"--{flag.replace('_', '-')}", str(value)]
+    return forwarded
+
+
+def _log_to_stderr(level: str) -> None:
+    """stdout is the protocol on stdio: every log line goes to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+async def serve_stdio(settings: Settings) -> None:
+    """Serves until stdin closes or SIGTERM/SIGINT arrives, then kills every task's process group."""
+    async with Runtime.open(settings) as runtime, anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signal, tg.cancel_scope)
+        log.info("offload-mcp %s serving MCP on stdio", __version__)
+        server = build_server(runtime)
+        async with loop_stdio_server() as (read_stream, write_stream):
+            await server.run_streams(read_stream, write_stream)
+        log.info("stdin closed; shutting down")
+        tg.cancel_scope.cancel()
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            scope.cancel()
+            return

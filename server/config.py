@@ -1,0 +1,144 @@
+"""Settings: one frozen object from flags > environment (`OFFLOAD_*`) > TOML file > defaults.
+
+Unknown keys are rejected by name, wherever they come from: a misspelt limit must not be
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.errors import ConfigError
+from tools.shell import SECRET_MARKERS, Preset, ShellConfig
+
+ENV_PREFIX = "OFFLOAD_"
+APP_NAME = "offload"
+
+PositiveSeconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
+
+
+class PresetSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: Annotated[str, Field(min_length=1)]
+    cwd: str | None = None
+    timeout_s: PositiveSeconds | None = None
+    env: dict[str, str] = {}
+    description: str | None = None
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 32
+    """Tasks running at once across all tools; more are queued, never refused."""
+    tool_concurrency: dict[str, Annotated[int, Field(ge=1)]] = {}
+    """Per-tool limits, e.g. {"shell": 8}; they apply on top of max_concurrency."""
+    default_timeout_s: PositiveSeconds = 1800.0
+    max_timeout_s: PositiveSeconds = 24 * 3600.0
+    ttl_s: PositiveSeconds = 1800.0
+    """How long a finished task's result and output are kept (and reusable for cacheable tools)."""
+    finished_tasks_max: Annotated[int, Field(ge=1)] = 2000
+    tombstones_max: Annotated[int, Field(ge=0)] = 20_000
+    output_max_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
+    """Per-task output kept in memory; past it the middle is dropped (held memory stays under 1.5 times this)."""
+    kill_grace_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    shutdown_timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.5
+    shell_secret_markers: tuple[str, ...] = SECRET_MARKERS
+    shell_pass_env: tuple[str, ...] = ()
+    presets: dict[str, PresetSettings] = {}
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def shell_config(self) -> ShellConfig:
+        presets = {
+            name: Preset(
+                command=p.command,
+                cwd=None if p.cwd is None else str(Path(p.cwd).expanduser()),
+                timeout_s=p.timeout_s,
+                env=dict(p.env),
+                description=p.description,
+            )
+            for name, p in self.presets.items()
+        }
+        return ShellConfig(
+            secret_markers=self.shell_secret_markers,
+            pass_env=self.shell_pass_env,
+            kill_grace_s=self.kill_grace_s,
+            presets=presets,
+        )
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def load_settings(
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merges the three sources; raises ConfigError naming the key and value that are wrong."""
+    environ = os.environ if environ is None else environ
+    path = config_path
+    if path is None and (named := environ.get(f"{ENV_PREFIX}CONFIG")):
+        path = Path(named)
+    explicit = path is not None
+    path = path or default_config_path()
+    values: dict[str, Any] = _read_toml(path, required=explicit)
+    values.update(_from_environ(environ))
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source=str(path))) from exc
+
+
+def _read_toml(path: Path, *, required: bool) -> dict[str, Any]:
+    if not path.exists():
+        if required:
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return {}
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
+
+
+_NOT_SETTINGS = {"CONFIG"}
+
+
+def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    fields = Settings.model_fields
+    found: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name.removeprefix(ENV_PREFIX)
+        if key in _NOT_SETTINGS:
+            continue
+        field = key.lower()
+        if field not in fields or field in ("presets", "tool_concurrency"):
+            raise ConfigError(
+                f"unknown environment setting {name}; known: "
+                + ", ".join(ENV_PREFIX + f.upper() for f in fields if f not in ("presets", "tool_concurrency"))
+            )
+        found[field] = raw.split(",") if field.startswith("shell_") else raw
+    return found
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    problems = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {key!r}")
+        else:
+            problems.append(f"{key} = {error.get('input')!r}: {error['msg']}")
+    return f"invalid settings (from flags, OFFLOAD_* environment or {source}): " + "; ".join(problems)

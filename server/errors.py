@@ -1,0 +1,74 @@
+"""Every error Offload raises on purpose, in one tree.
+
+    OffloadError
+    ├── ConfigError             settings that cannot be used (raised at start, before any transport)
+    └── RequestError            a tool call the model can correct; its text is shown to the model
+        ├── UnknownToolError    `fire_tool` named a tool that is not in the catalog
+        ├── InvalidArgumentsError  arguments do not fit the tool's input schema
+        ├── UnknownTaskError    no task with that id belongs to the caller
+        └── ExpiredTaskError    the task existed but its result has expired or was evicted
+
+Failures *inside* a running task are not exceptions that reach a caller: a tool raises
+`tools.context.TaskFailure`, and the executor records it on the task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class OffloadError(Exception):
+    """Base of every error Offload raises deliberately."""
+
+
+class ConfigError(OffloadError):
+    """Raised while loading settings: names the key or flag and the value that is wrong."""
+
+
+class RequestError(OffloadError):
+    """Raised for a tool call that cannot be served as asked; the message says what to do next."""
+
+
+class UnknownToolError(RequestError):
+    """Raised by `fire_tool` for a tool name that is not registered."""
+
+    def __init__(self, tool: str, known: Sequence[str]) -> None:
+        self.tool = tool
+        shown = ", ".join(sorted(known)[:20])
+        super().__init__(
+            f"Unknown tool {tool!r}. Fireable tools: {shown}. "
+            "Call list_fireable_tools for their descriptions and argument schemas."
+        )
+
+
+class InvalidArgumentsError(RequestError):
+    """Raised when arguments fail validation; nothing has been started."""
+
+    def __init__(self, tool: str, problems: Sequence[str]) -> None:
+        self.tool = tool
+        self.problems = list(problems)
+        listed = "; ".join(self.problems)
+        super().__init__(
+            f"Invalid arguments for {tool!r}: {listed}. Nothing was started. "
+            f"Call list_fireable_tools to see the input schema of {tool!r}."
+        )
+
+
+class UnknownTaskError(RequestError):
+    """Raised for a task id that does not exist for this caller (another owner's task included)."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"Unknown task id {task_id!r}. Call list_tasks to see your tasks and their ids.")
+
+
+class ExpiredTaskError(RequestError):
+    """Raised for a task whose result is no longer kept; says when and why it went."""
+
+    def __init__(self, task_id: str, expired_at: str, reason: str) -> None:
+        self.task_id = task_id
+        self.expired_at = expired_at
+        super().__init__(
+            f"Task {task_id!r} {reason} at {expired_at}; its result and output are gone. "
+            "Fire the tool again to get a fresh result (list_tasks shows the tasks still kept)."
+        )

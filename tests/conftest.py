@@ -1,0 +1,191 @@
+"""Fixtures: a real Runtime, the real MCP server over it, and a real MCP client on both eras.
+
+The only test-specific parts are two small fireable tools registered through the public
+registry interface: `test.gate` (cacheable; each key finishes when the test releases it) and
+`test.boom` (raises), so concurrency, caching and crash isolation can be driven without sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+from mcp import Client
+from mcp_types import CallToolResult
+from pydantic import BaseModel
+
+from server.app import build_server
+from server.config import Settings
+from server.runtime import Runtime
+from tools.context import JSON, ToolContext
+from tools.registry import ToolSpec
+
+ERAS = {"modern": "auto", "legacy": "legacy"}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeClock:
+    """Epoch seconds that move only when a test says so."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class GateArgs(BaseModel):
+    key: str
+
+
+class Gate:
+    """A cacheable tool whose calls block until the test releases their key."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self._released: dict[str, anyio.Event] = {}
+        self.entered: dict[str, anyio.Event] = {}
+
+    def _event(self, table: dict[str, anyio.Event], key: str) -> anyio.Event:
+        return table.setdefault(key, anyio.Event())
+
+    def release(self, key: str) -> None:
+        self._event(self._released, key).set()
+
+    async def wait_entered(self, key: str, timeout_s: float = 5.0) -> None:
+        with anyio.fail_after(timeout_s):
+            await self._event(self.entered, key).wait()
+
+    async def handler(self, args: GateArgs, ctx: ToolContext) -> JSON:
+        self.calls[args.key] = self.calls.get(args.key, 0) + 1
+        self._event(self.entered, args.key).set()
+        await self._event(self._released, args.key).wait()
+        ctx.write_output(f"gate {args.key} opened\n".encode())
+        return {"key": args.key, "call": self.calls[args.key]}
+
+    def specs(self) -> list[ToolSpec]:
+        async def boom(args: GateArgs, ctx: ToolContext) -> JSON:
+            raise RuntimeError(f"boom {args.key}")
+
+        return [
+            ToolSpec(
+                name="test.gate",
+                description="waits for the test",
+                input_model=GateArgs,
+                handler=self.handler,
+                cacheable=True,
+            ),
+            ToolSpec(name="test.boom", description="raises", input_model=GateArgs, handler=boom),
+        ]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def gate() -> Gate:
+    return Gate()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(kill_grace_s=0.5)
+
+
+@pytest.fixture
+async def runtime(settings: Settings, clock: FakeClock, gate: Gate) -> AsyncIterator[Runtime]:
+    async with Runtime.open(settings, extra_tools=gate.specs(), clock=clock, load_plugins=False) as rt:
+        yield rt
+
+
+@pytest.fixture(params=list(ERAS))
+async def client(request: pytest.FixtureRequest, runtime: Runtime) -> AsyncIterator[Client]:
+    async with Client(build_server(runtime), mode=ERAS[request.param]) as c:
+        yield c
+
+
+@asynccontextmanager
+async def open_client(
+    settings: Settings, clock: FakeClock, gate: Gate, era: str = "modern"
+) -> AsyncIterator[tuple[Runtime, Client]]:
+    """For tests that need their own settings."""
+    async with (
+        Runtime.open(settings, extra_tools=gate.specs(), clock=clock, load_plugins=False) as rt,
+        Client(build_server(rt), mode=ERAS[era]) as c,
+    ):
+        yield rt, c
+
+
+def data(result: CallToolResult) -> dict[str, Any]:
+    """The structured result of a call that must have succeeded."""
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    # The text content carries the same JSON, for clients that ignore structured content.
+    assert json.loads(result.content[0].text) == result.structured_content  # type: ignore[union-attr]
+    return result.structured_content
+
+
+def error_text(result: CallToolResult) -> str:
+    assert result.is_error, result.structured_content
+    return result.content[0].text  # type: ignore[union-attr]
+
+
+async def call(client: Client, mcp_tool: str, **arguments: Any) -> dict[str, Any]:
+    return data(await client.call_tool(mcp_tool, arguments))
+
+
+async def finish(client: Client, task_id: str, timeout_s: float = 20) -> dict[str, Any]:
+    """Polls one task to its end and returns its view."""
+    reply = await call(client, "poll_output", task_ids=[task_id], timeout_s=timeout_s)
+    assert reply["pending"] == [], reply
+    return reply["done"][0]
+
+
+TREE = "sleep 300 & sleep 300 & echo ready; wait"
+"""A command with two background children; it prints `ready` once all three processes exist."""
+
+
+async def start_tree(client: Client, **arguments: Any) -> tuple[str, int]:
+    """Starts TREE and returns (task_id, pgid) once its whole process tree is running."""
+    reply = await call(client, "run_shell_background", command=TREE, **arguments)
+    await wait_for_text(client, reply["task_id"], "ready")
+    assert len(live_group_members(reply["pid"])) == 3
+    return reply["task_id"], reply["pid"]
+
+
+async def wait_for_text(client: Client, task_id: str, text: str, timeout_s: float = 5) -> None:
+    """Output has no completion event to wait on: read it until `text` shows, bounded."""
+    with anyio.fail_after(timeout_s):
+        while text not in (await call(client, "get_cached_output", task_id=task_id))["output"]["text"]:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Processes (not zombies) in a process group, read from /proc."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members

@@ -1,0 +1,110 @@
+"""Every bad input is an error result that names the problem and what to call instead."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from conftest import call, error_text
+from mcp import Client
+
+from server.runtime import Runtime
+
+pytestmark = pytest.mark.anyio
+
+
+async def _error(client: Client, tool: str, arguments: dict[str, Any]) -> str:
+    return error_text(await client.call_tool(tool, arguments))
+
+
+async def test_unknown_tool(client: Client, runtime: Runtime) -> None:
+    message = await _error(client, "fire_tool", {"tool": "shel", "arguments": {"command": "true"}})
+    assert "'shel'" in message and "list_fireable_tools" in message and "shell" in message
+    assert runtime.executor.counters.fired == 0
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({}, "command: Field required"),
+        ({"command": ""}, "command: String should have at least 1 character"),
+        ({"command": "true", "rm": "-rf"}, "rm: Extra inputs are not permitted"),
+        ({"command": 42}, "command: Input should be a valid string (got 42)"),
+        ({"command": "true", "cwd": "/definitely/missing"}, "'/definitely/missing' is not an existing directory"),
+    ],
+)
+async def test_invalid_fire_arguments_start_nothing(
+    client: Client, runtime: Runtime, arguments: dict[str, Any], expected: str
+) -> None:
+    message = await _error(client, "fire_tool", {"tool": "shell", "arguments": arguments})
+    assert expected in message
+    assert "Nothing was started" in message and "list_fireable_tools" in message
+    assert runtime.executor.counters.fired == 0
+    assert (await call(client, "list_tasks"))["tasks"] == []
+
+
+async def test_unknown_task_id_everywhere(client: Client) -> None:
+    for tool, arguments in [
+        ("get_cached_output", {"task_id": "nope"}),
+        ("poll_output", {"task_ids": ["nope"]}),
+        ("cancel_task", {"task_id": "nope"}),
+    ]:
+        message = await _error(client, tool, arguments)
+        assert "Unknown task id 'nope'" in message and "list_tasks" in message, tool
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "field"),
+    [
+        ("get_cached_output", {"task_id": "x", "offset": -1}, "offset"),
+        ("get_cached_output", {"task_id": "x", "max_bytes": 0}, "max_bytes"),
+        ("get_cached_output", {"task_id": "x", "tail_bytes": -5}, "tail_bytes"),
+        ("poll_output", {"task_ids": []}, "task_ids"),
+        ("poll_output", {"task_ids": ["x"], "timeout_s": 3600}, "timeout_s"),
+        ("poll_output", {"task_ids": ["x"], "return_when": "some"}, "return_when"),
+        ("fire_tool", {"tool": "shell", "arguments": {"command": "true"}, "timeout_s": -1}, "timeout_s"),
+        ("fire_tool", {"tool": "shell", "arguments": {"command": "true"}, "wait_s": 600}, "wait_s"),
+        ("fire_tool", {"tool": "shell", "arguments": "echo hi"}, "arguments"),
+        ("run_shell_background", {"command": "true", "timeout_s": 0}, "timeout_s"),
+        ("list_tasks", {"status": "done"}, "status"),
+        ("list_tasks", {"limit": 0}, "limit"),
+    ],
+)
+async def test_out_of_range_arguments(
+    client: Client, runtime: Runtime, tool: str, arguments: dict[str, Any], field: str
+) -> None:
+    message = await _error(client, tool, arguments)
+    assert field in message
+    assert runtime.executor.counters.fired == 0
+
+
+async def test_absurd_timeout_is_refused(client: Client, runtime: Runtime) -> None:
+    arguments = {"tool": "shell", "arguments": {"command": "true"}, "timeout_s": 1e9}
+    message = await _error(client, "fire_tool", arguments)
+    assert "timeout_s=1000000000.0" in message and "maximum" in message
+    assert runtime.executor.counters.fired == 0
+
+
+async def test_tool_definitions_fit_the_context_budget(client: Client) -> None:
+    tools = (await client.list_tools()).tools
+    assert {t.name for t in tools} == {
+        "fire_tool",
+        "get_cached_output",
+        "poll_output",
+        "run_shell_background",
+        "list_tasks",
+        "cancel_task",
+        "list_fireable_tools",
+    }
+    wire = [
+        json.dumps(t.model_dump(mode="json", by_alias=True, exclude_none=True), separators=(",", ":")) for t in tools
+    ]
+    assert sum(len(w.encode()) for w in wire) < 8 * 1024  # as sent: compact JSON
+    for tool in tools:
+        assert tool.description and tool.annotations is not None, tool.name
+        assert tool.output_schema is not None and tool.output_schema["type"] == "object", tool.name
+        assert tool.annotations.read_only_hint is not None, tool.name
+    by_name = {t.name: t for t in tools}
+    assert by_name["get_cached_output"].annotations.read_only_hint is True  # type: ignore[union-attr]
+    assert by_name["run_shell_background"].annotations.destructive_hint is True  # type: ignore[union-attr]

@@ -1,0 +1,91 @@
+"""The catalog of fireable tools: one `ToolSpec` per tool, plus entry-point plugins.
+
+A tool is a pydantic input model and an async handler; flags tell the executor how to
+treat it. Adding a tool is one small module that builds a `ToolSpec`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+from pydantic import BaseModel
+
+from tools.context import JSON, ToolContext
+
+ENTRY_POINT_GROUP = "offload.tools"
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Any, ToolContext], Awaitable[JSON]]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A fireable tool: what it takes, what runs, and how the executor must treat it."""
+
+    name: str
+    description: str
+    input_model: type[BaseModel]
+    handler: Handler
+    cacheable: bool = False
+    """Read-only and deterministic enough that an identical call may reuse a finished result."""
+    destructive: bool = False
+    open_world: bool = False
+    default_timeout_s: float | None = None
+    max_concurrency: int | None = None
+    """Per-tool limit on top of the global one; `None` means only the global limit applies."""
+    note: str | None = None
+    """Shown in the catalog, e.g. a missing credential."""
+    input_schema: JSON = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_schema", self.input_model.model_json_schema())
+
+    def flags(self) -> list[str]:
+        named = {
+            "cacheable": self.cacheable,
+            "destructive": self.destructive,
+            "open_world": self.open_world,
+        }
+        return [flag for flag, on in named.items() if on]
+
+
+class Registry:
+    """Name → ToolSpec; the single source `fire_tool` and `list_fireable_tools` read."""
+
+    def __init__(self, specs: Iterable[ToolSpec] = ()) -> None:
+        self._specs: dict[str, ToolSpec] = {}
+        for spec in specs:
+            self.add(spec)
+
+    def add(self, spec: ToolSpec) -> None:
+        if spec.name in self._specs:
+            raise ValueError(f"a fireable tool named {spec.name!r} is already registered")
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> ToolSpec | None:
+        return self._specs.get(name)
+
+    def names(self) -> list[str]:
+        return list(self._specs)
+
+    def __iter__(self) -> Iterator[ToolSpec]:
+        return iter(self._specs.values())
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        """Adds third-party tools; a broken plugin is logged and skipped, never fatal."""
+        for point in entry_points(group=group):
+            try:
+                loaded = point.load()
+                specs = loaded() if callable(loaded) and not isinstance(loaded, ToolSpec) else loaded
+                for spec in [specs] if isinstance(specs, ToolSpec) else specs:
+                    self.add(spec)
+            except Exception:
+                log.exception("skipping fireable-tool plugin %r from entry point group %s", point.name, group)
