@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def argv_for_server(args: argparse.Namespace) -> list[str]:
-    """The demo's server gets the same settings the demo was given."""
-    forwarded: list[str] = []
+    """The demo's server gets the same settings the demo was given (and keeps quiet unless asked)."""
+    forwarded: list[str] = [] if args.log_level else ["--log-level", "WARNING"]
     for flag in ("config", "max_concurrency", "default_timeout_s", "ttl_s", "output_max_bytes", "log_level"):
         value = getattr(args, flag)
         if value is not None:
