@@ -41,7 +41,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrency", type=int, help="tasks running at once; more are queued (default 32)")
     p.add_argument("--default-timeout-s", type=float, help="timeout of a task that names none (default 1800)")
     p.add_argument("--ttl-s", type=float, help="how long finished results are kept and reused (default 1800)")
-    p.add_argument("--output-max-bytes", type=int, help="per-task output kept in memory (default 4 MiB)")
+    p.add_argument("--data-dir", type=Path, help="task database and output files (default: platform state dir)")
+    p.add_argument("--detach", action="store_true", default=None, help="shell commands outlive the server")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
     return p
 
@@ -52,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_concurrency": args.max_concurrency,
         "default_timeout_s": args.default_timeout_s,
         "ttl_s": args.ttl_s,
-        "output_max_bytes": args.output_max_bytes,
+        "data_dir": args.data_dir,
+        "detach": args.detach,
         "log_level": args.log_level,
     }
     try:
@@ -72,10 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def argv_for_server(args: argparse.Namespace) -> list[str]:
     """The demo's server gets the same settings the demo was given (and keeps quiet unless asked)."""
     forwarded: list[str] = [] if args.log_level else ["--log-level", "WARNING"]
-    for flag in ("config", "max_concurrency", "default_timeout_s", "ttl_s", "output_max_bytes", "log_level"):
+    for flag in ("config", "max_concurrency", "default_timeout_s", "ttl_s", "data_dir", "log_level"):
         value = getattr(args, flag)
         if value is not None:
             forwarded += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.detach:
+        forwarded.append("--detach")
     return forwarded
 
 

@@ -47,8 +47,17 @@ class Settings(BaseModel):
     """How long a finished task's result and output are kept (and reusable for cacheable tools)."""
     finished_tasks_max: Annotated[int, Field(ge=1)] = 2000
     tombstones_max: Annotated[int, Field(ge=0)] = 20_000
-    output_max_bytes: Annotated[int, Field(ge=1024)] = 4 * 1024 * 1024
-    """Per-task output kept in memory; past it the middle is dropped (held memory stays under 1.5 times this)."""
+    data_dir: Path | None = None
+    """Where the task database and output files live (default: the platform state directory)."""
+    output_memory_max_bytes: Annotated[int, Field(ge=0)] = 256 * 1024
+    """Per-task output kept in memory; past it the output spills to a file in the data directory."""
+    output_file_max_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    """Per-task output kept on disk; past it the head and the tail are kept and the middle dropped."""
+    detach: bool = False
+    """Shell commands outlive the server and are followed again after a restart."""
+    max_active_per_owner: Annotated[int, Field(ge=1)] = 1000
+    """Queued plus running tasks one owner may have; more is refused with a clear error."""
+    sweep_interval_s: PositiveSeconds = 60.0
     kill_grace_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     shutdown_timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.5
     shell_secret_markers: tuple[str, ...] = SECRET_MARKERS
@@ -71,8 +80,13 @@ class Settings(BaseModel):
             secret_markers=self.shell_secret_markers,
             pass_env=self.shell_pass_env,
             kill_grace_s=self.kill_grace_s,
+            detach=self.detach,
             presets=presets,
         )
+
+
+def data_dir(settings: Settings) -> Path:
+    return settings.data_dir or Path(platformdirs.user_state_dir(APP_NAME))
 
 
 def default_config_path() -> Path:

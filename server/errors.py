@@ -6,7 +6,9 @@
         ├── UnknownToolError    `fire_tool` named a tool that is not in the catalog
         ├── InvalidArgumentsError  arguments do not fit the tool's input schema
         ├── UnknownTaskError    no task with that id belongs to the caller
-        └── ExpiredTaskError    the task existed but its result has expired or was evicted
+        ├── ExpiredTaskError    the task existed but its result has expired
+        ├── TooManyTasksError   the caller has the most queued + running tasks allowed
+        └── ForeignTaskError    cancelling a task another server process (same data dir) runs
 
 Failures *inside* a running task are not exceptions that reach a caller: a tool raises
 `tools.context.TaskFailure`, and the executor records it on the task.
@@ -71,4 +73,26 @@ class ExpiredTaskError(RequestError):
         super().__init__(
             f"Task {task_id!r} {reason} at {expired_at}; its result and output are gone. "
             "Fire the tool again to get a fresh result (list_tasks shows the tasks still kept)."
+        )
+
+
+class TooManyTasksError(RequestError):
+    """Raised by `fire_tool` when the caller already has the most queued plus running tasks allowed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(
+            f"You already have {limit} tasks queued or running, the most this server allows. "
+            "Collect finished ones with poll_output or cancel some with cancel_task, then fire again."
+        )
+
+
+class ForeignTaskError(RequestError):
+    """Raised for cancelling a task that another Offload process on the same data directory runs."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(
+            f"Task {task_id!r} is run by another Offload server process sharing this data directory; "
+            "cancel it through the client connected to that server."
         )

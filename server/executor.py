@@ -1,18 +1,21 @@
 """Executor: fire / get / wait / cancel over one process-wide anyio task group.
 
-`fire` is synchronous and cheap: it validates, records the task and schedules it; the work
-starts on a later loop iteration, after the caller's reply is on its way. Each task runs
-under its own cancel scope and `fail_after`, behind the global `CapacityLimiter` and its
-tool's own limiter, so excess work waits as `queued`. Whatever a handler raises is recorded
-on its task; nothing escapes into the task group.
+`fire` is synchronous and cheap: it validates, commits the task to the store and schedules
+it; the work starts on a later loop iteration, after the caller's reply is on its way. Each
+task runs under its own cancel scope and `fail_after`, behind the global `CapacityLimiter`
+and its tool's own limiter, so excess work waits as `queued`. Whatever a handler raises is
+recorded on its task; nothing escapes into the task group. Every status change is committed
+as it happens, synchronously, so no cancellation can come between a change and its record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,19 +28,24 @@ from server.cache import Clock, FinishedTasks, result_key
 from server.config import Settings
 from server.errors import (
     ExpiredTaskError,
+    ForeignTaskError,
     InvalidArgumentsError,
+    TooManyTasksError,
     UnknownTaskError,
     UnknownToolError,
 )
-from server.output import OutputLog
+from server.output import FileLog, OutputLog
+from server.store import Store
 from server.tasks import ErrorKind, Status, Task, TaskError, iso
-from tools.context import JSON, TaskFailure, ToolContext
-from tools.registry import Registry, ToolSpec
+from tools.context import JSON, LeftRunning, ProcessInfo, TaskFailure, ToolContext
+from tools.registry import Handler, Registry, ToolSpec
 
 log = logging.getLogger(__name__)
 
 ReturnWhen = Literal["all", "any"]
 ProgressFn = Callable[[int, int], Awaitable[None]]
+FOREIGN_RECHECK_S = 1.0
+"""Tasks of another server process send no events here: a wait re-reads them this often."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,9 +66,12 @@ class Counters:
 
 
 class Executor:
-    def __init__(self, registry: Registry, settings: Settings, clock: Clock, task_group: TaskGroup) -> None:
+    def __init__(
+        self, registry: Registry, settings: Settings, clock: Clock, task_group: TaskGroup, store: Store
+    ) -> None:
         self.registry = registry
         self.settings = settings
+        self.store = store
         self.counters = Counters()
         self._clock = clock
         self._tg = task_group
@@ -71,12 +82,10 @@ class Executor:
             if (limit := settings.tool_concurrency.get(spec.name, spec.max_concurrency)) is not None
         }
         self._active: dict[str, Task] = {}
-        self._by_age: dict[str, Task] = {}
-        """Every task still kept, oldest first (insertion order), so listing never sorts."""
-        self._finished = FinishedTasks(
-            settings.finished_tasks_max, clock, settings.tombstones_max, on_drop=self._dropped
-        )
+        self._active_per_owner: Counter[str] = Counter()
+        self._finished = FinishedTasks(settings.finished_tasks_max, clock, on_drop=self._forget_key)
         self._reuse: dict[str, str] = {}
+        """result key → id of the task that holds it (running, or finished and hot)."""
         self._waiting = 0
         self._no_waiters = anyio.Event()
         self._no_waiters.set()
@@ -84,7 +93,7 @@ class Executor:
     def __repr__(self) -> str:
         c = self.counters
         return (
-            f"<Executor active={len(self._active)} finished={len(self._finished)} fired={c.fired} "
+            f"<Executor active={len(self._active)} hot={len(self._finished)} fired={c.fired} "
             f"completed={c.completed} failed={c.failed} cancelled={c.cancelled} "
             f"cache_hits={c.cache_hits} joined={c.joined} waiting={self._waiting}>"
         )
@@ -101,7 +110,7 @@ class Executor:
         ttl_s: float | None = None,
         use_cache: bool = True,
     ) -> Fired:
-        """Validates and schedules; raises RequestError subclasses before anything starts."""
+        """Validates, commits and schedules; raises RequestError subclasses before anything starts."""
         spec = self.registry.get(tool)
         if spec is None:
             raise UnknownToolError(tool, self.registry.names())
@@ -109,27 +118,40 @@ class Executor:
             parsed = spec.input_model.model_validate(arguments)
         except ValidationError as exc:
             raise InvalidArgumentsError(tool, _problems(exc)) from exc
+        timeout = self._timeout(spec, timeout_s)
         key = result_key(owner, tool, parsed) if spec.cacheable else None
         if key is not None and use_cache and (reused := self._reusable(key)) is not None:
             return reused
+        if self._active_per_owner[owner] >= self.settings.max_active_per_owner:
+            raise TooManyTasksError(self.settings.max_active_per_owner)
+        task_id = secrets.token_urlsafe(16)
         task = Task(
-            id=secrets.token_urlsafe(16),
-            spec=spec,
-            arguments=parsed,
+            id=task_id,
+            tool=spec.name,
             owner=owner,
             created_at=self._clock(),
-            timeout_s=self._timeout(spec, timeout_s),
             ttl_s=self.settings.ttl_s if ttl_s is None else ttl_s,
-            output=OutputLog(self.settings.output_max_bytes),
+            output=OutputLog(
+                self.store.output_path(task_id),
+                self.settings.output_memory_max_bytes,
+                self.settings.output_file_max_bytes,
+            ),
+            spec=spec,
+            arguments=parsed,
+            timeout_s=timeout,
             cache_key=key,
         )
-        self._active[task.id] = task
-        self._by_age[task.id] = task
-        if key is not None:
-            self._reuse[key] = task.id
+        self.store.insert(task.row(self.store.instance))  # on disk before the id is returned
+        self._start(task, spec.handler)
         self.counters.fired += 1
-        self._tg.start_soon(self._run, task, name=f"offload task {spec.name} {task.id}")
         return Fired(task)
+
+    def _start(self, task: Task, handler: Handler) -> None:
+        self._active[task.id] = task
+        self._active_per_owner[task.owner] += 1
+        if task.cache_key is not None:
+            self._reuse[task.cache_key] = task.id
+        self._tg.start_soon(self._run, task, handler, name=f"offload task {task.tool} {task.id}")
 
     def _timeout(self, spec: ToolSpec, asked_s: float | None) -> float:
         limit = self.settings.max_timeout_s
@@ -139,12 +161,12 @@ class Executor:
 
     def _reusable(self, key: str) -> Fired | None:
         task_id = self._reuse.get(key)
-        if task_id is None:
-            return None
-        if (task := self._active.get(task_id)) is not None:
+        if task_id is not None and (task := self._active.get(task_id)) is not None:
             self.counters.joined += 1
             return Fired(task, deduplicated=True)
-        task = self._finished.get(task_id)
+        task = self._finished.get(task_id) if task_id is not None else None
+        if task is None and (stored_id := self.store.reusable(key, self._clock())) is not None:
+            task = self._load(stored_id)
         if task is not None and task.status is Status.COMPLETED:
             self.counters.cache_hits += 1
             return Fired(task, cached=True)
@@ -152,7 +174,7 @@ class Executor:
 
     # ---- run ----
 
-    async def _run(self, task: Task) -> None:
+    async def _run(self, task: Task, handler: Handler) -> None:
         # Let the reply to `fire` leave first: a process spawn ahead of it delays it.
         await anyio.lowlevel.checkpoint()
         try:
@@ -163,7 +185,7 @@ class Executor:
                 async with self._limiter, tool_limiter or contextlib.nullcontext():
                     self._mark_running(task)
                     with anyio.fail_after(task.timeout_s):
-                        result = await task.spec.handler(task.arguments, self._context(task))
+                        result = await handler(task.arguments, self._context(task))
                     self._finish(task, Status.COMPLETED, result=result)
             if not task.status.finished:
                 reason = task.cancel_reason or ErrorKind.CANCELLED_BY_CLIENT
@@ -172,83 +194,133 @@ class Executor:
             message = f"timed out after {task.timeout_s:g} s (timeout_s); its process group was killed"
             self._finish(task, Status.FAILED, TaskError(kind=ErrorKind.TIMEOUT, message=message))
         except TaskFailure as failure:
-            error = TaskError(kind=failure.kind, message=failure.message)
-            self._finish(task, Status.FAILED, error, result=failure.result)
+            self._finish(task, Status.FAILED, TaskError(kind=failure.kind, message=failure.message), failure.result)
+        except LeftRunning as left:
+            log.info("task %s left running on purpose: %s", task.id, left)
+            self._release(task)
         except Exception as exc:
             log.exception("task %s (%s) raised", task.id, task.tool)
             error = TaskError(kind=ErrorKind.EXCEPTION, message=f"{type(exc).__name__}: {exc}")
             self._finish(task, Status.FAILED, error)
         finally:
-            if not task.status.finished:  # the whole task group is going away
+            if task.id in self._active:  # the whole task group is going away
                 error = TaskError(kind=ErrorKind.SHUTDOWN, message=_CANCEL_TEXT[ErrorKind.SHUTDOWN])
                 self._finish(task, Status.CANCELLED, error)
 
     def _context(self, task: Task) -> ToolContext:
-        def set_pid(pid: int) -> None:
-            task.pid = pid
+        def set_process(info: ProcessInfo) -> None:
+            task.process = info
+            task.detached = self.settings.detach
+            self.store.update(
+                task.id, pid=info.pid, start_ticks=info.start_ticks, boot_id=info.boot_id, detached=int(task.detached)
+            )
             task.started.set()
+
+        def use_output_file() -> None:
+            task.output = FileLog(self.store.output_path(task.id))
+            self.store.update(task.id, output_external=1)
 
         return ToolContext(
             task_id=task.id,
-            write_output=task.output.write,
-            set_pid=set_pid,
+            write_output=task.output.write if isinstance(task.output, OutputLog) else _no_output,
+            set_process=set_process,
+            use_output_file=use_output_file,
+            output_path=self.store.output_path(task.id),
+            exit_path=self.store.exit_path(task.id),
             kill_grace_s=self.settings.kill_grace_s,
+            shutting_down=lambda: task.cancel_reason is ErrorKind.SHUTDOWN,
         )
 
     def _mark_running(self, task: Task) -> None:
         task.status = Status.RUNNING
-        task.started_at = self._clock()
+        task.started_at = task.started_at or self._clock()
+        self.store.update(task.id, status=task.status.value, started_at=task.started_at)
 
     def _finish(self, task: Task, status: Status, error: TaskError | None = None, result: JSON | None = None) -> None:
-        """Synchronous on purpose: no await, so cancellation cannot interrupt the final write."""
-        task.status = status
-        task.error = error
-        task.result = result
+        """Synchronous on purpose: no await, so cancellation cannot come between a change and its record."""
+        if isinstance(task.output, OutputLog):
+            task.output.finish()
+        task.status, task.error, task.result = status, error, result
         task.finished_at = self._clock()
-        self._active.pop(task.id, None)
-        if status is Status.COMPLETED:
-            self.counters.completed += 1
-        elif status is Status.FAILED:
-            self.counters.failed += 1
-        else:
-            self.counters.cancelled += 1
+        row = task.row(self.store.instance)
+        self.store.update(
+            task.id,
+            **{k: row[k] for k in ("status", "finished_at", "expires_at", "result", "error_kind", "error_message")},
+            **{k: row[k] for k in ("output_total", "output_head", "output_ring", "output_lost_from")},
+        )
+        self._release(task)
+        setattr(self.counters, status.value, getattr(self.counters, status.value) + 1)
         if status is not Status.COMPLETED:
             self._forget_key(task)
         self._finished.add(task)
-        task.started.set()
         task.done.set()
         for listener in task.listeners:
             listener.set()
 
-    def _dropped(self, task: Task) -> None:
-        self._by_age.pop(task.id, None)
-        self._forget_key(task)
+    def _release(self, task: Task) -> None:
+        if self._active.pop(task.id, None) is not None:
+            self._active_per_owner[task.owner] -= 1
+            if self._active_per_owner[task.owner] <= 0:
+                del self._active_per_owner[task.owner]
+        task.started.set()
+        task.released.set()
 
     def _forget_key(self, task: Task) -> None:
         if task.cache_key is not None and self._reuse.get(task.cache_key) == task.id:
             del self._reuse[task.cache_key]
 
+    # ---- recovery of tasks an earlier run left unfinished ----
+
+    def adopt(self, task: Task, handler: Handler) -> None:
+        """Follows a task from an earlier run (a detached command still running) as our own."""
+        task.local = True
+        self.store.update(task.id, instance=self.store.instance)
+        self._start(task, handler)
+
+    def settle(self, task: Task, status: Status, error: TaskError | None, result: JSON | None) -> None:
+        """Records the truthful end of a task an earlier run left unfinished."""
+        task.local = True
+        self.store.update(task.id, instance=self.store.instance)
+        self._finish(task, status, error, result)
+
     # ---- read ----
 
     def get(self, owner: str, task_id: str) -> Task:
+        """The caller's task, through both tiers; another owner's task reads exactly like an unknown id."""
         task = self._active.get(task_id) or self._finished.get(task_id)
+        if task is None and (row := self.store.row(task_id)) is not None and row["owner"] == owner:
+            if row["expires_at"] is not None and row["expires_at"] <= self._clock():
+                raise ExpiredTaskError(task_id, iso(row["expires_at"]) or "", "expired")
+            task = self._from_row(row)
         if task is not None and task.owner == owner:
             return task
-        tomb = self._finished.tombstone(task_id)
+        tomb = self.store.tombstone(task_id)
         if tomb is not None and tomb.owner == owner:
-            raise ExpiredTaskError(task_id, iso(tomb.at) or "", tomb.reason)
+            raise ExpiredTaskError(task_id, iso(tomb.at) or "", "expired")
         raise UnknownTaskError(task_id)
 
-    def tasks(self, owner: str) -> Iterator[Task]:
-        """The caller's tasks still kept, newest first; lazy, so a listing stops at its limit.
+    def _load(self, task_id: str) -> Task | None:
+        """Reads an unexpired task through to the store."""
+        row = self.store.row(task_id)
+        if row is None or (row["expires_at"] is not None and row["expires_at"] <= self._clock()):
+            return None
+        return self._from_row(row)
 
-        Consume it before the next await: the index may change at any await."""
-        self._finished.expire()
-        return (t for t in reversed(self._by_age.values()) if t.owner == owner)
+    def _from_row(self, row: Any) -> Task:
+        task = Task.from_row(row, self.store.output_path(row["id"]), self.registry.get(row["tool"]), local=False)
+        if task.status.finished:
+            self._finished.add(task)  # finished tasks never change: keep them hot
+        return task
+
+    def now(self) -> float:
+        return self._clock()
 
     @property
     def active_count(self) -> int:
         return len(self._active)
+
+    def active_tasks(self) -> list[Task]:
+        return list(self._active.values())
 
     # ---- wait ----
 
@@ -259,22 +331,30 @@ class Executor:
         return_when: ReturnWhen,
         on_progress: ProgressFn | None = None,
         heartbeat_s: float = 5.0,
-    ) -> bool:
-        """Waits on completion events; returns True if it gave up at `timeout_s`."""
+    ) -> tuple[list[Task], bool]:
+        """Waits on completion events; returns the tasks as they are now, and whether it timed out."""
         self._waiting += 1
         self._no_waiters = anyio.Event() if self._waiting == 1 else self._no_waiters
+        current = list(tasks)
         try:
             with anyio.move_on_after(timeout_s):
-                while not _satisfied(tasks, return_when):
-                    await self._next_change(tasks, heartbeat_s)
+                while not _satisfied(current, return_when):
+                    beat = FOREIGN_RECHECK_S if any(not t.local for t in current) else heartbeat_s
+                    await self._next_change(current, beat)
+                    current = [self._refresh(t) for t in current]
                     if on_progress is not None:
-                        await on_progress(sum(t.status.finished for t in tasks), len(tasks))
-                return False
-            return not _satisfied(tasks, return_when)
+                        await on_progress(sum(t.status.finished for t in current), len(current))
+                return current, False
+            return current, not _satisfied(current, return_when)
         finally:
             self._waiting -= 1
             if self._waiting == 0:
                 self._no_waiters.set()
+
+    def _refresh(self, task: Task) -> Task:
+        if task.local or task.status.finished:
+            return task
+        return self._load(task.id) or task
 
     async def _next_change(self, tasks: Iterable[Task], heartbeat_s: float) -> None:
         changed = anyio.Event()
@@ -292,15 +372,18 @@ class Executor:
         """Returns once no `wait` is in progress (tests use it to see a cancelled poll end)."""
         await self._no_waiters.wait()
 
-    # ---- cancel / shutdown ----
+    # ---- cancel / shutdown / upkeep ----
 
     async def cancel(self, owner: str, task_id: str) -> Task:
         task = self.get(owner, task_id)
-        if not task.status.finished:
-            task.cancel_reason = ErrorKind.CANCELLED_BY_CLIENT
-            task.scope.cancel()
-            with anyio.move_on_after(self.settings.kill_grace_s + 2.0):
-                await task.done.wait()
+        if task.status.finished:
+            return task
+        if not task.local:
+            raise ForeignTaskError(task_id)
+        task.cancel_reason = ErrorKind.CANCELLED_BY_CLIENT
+        task.scope.cancel()
+        with anyio.move_on_after(self.settings.kill_grace_s + 2.0):
+            await task.done.wait()
         return task
 
     async def shutdown(self) -> None:
@@ -311,7 +394,24 @@ class Executor:
             task.scope.cancel()
         with anyio.move_on_after(self.settings.shutdown_timeout_s):
             for task in active:
-                await task.done.wait()
+                await task.released.wait()
+
+    def sweep(self) -> int:
+        """Expires old results in both tiers; returns how many rows went."""
+        self._finished.expire()
+        return self.store.sweep(self._clock(), self.settings.tombstones_max)
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.sweep_interval_s)
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("sweeping expired results failed; will try again")
+
+
+def _no_output(_data: bytes) -> None:
+    """A task whose process writes its output file itself gets nothing through the server."""
 
 
 def _satisfied(tasks: Sequence[Task], return_when: ReturnWhen) -> bool:
@@ -329,7 +429,7 @@ def _problems(exc: ValidationError) -> list[str]:
     problems = []
     for error in exc.errors(include_url=False):
         where = ".".join(str(part) for part in error["loc"]) or "arguments"
-        got = error.get("input")
-        shown = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
+        shown = json.dumps(error.get("input"), default=repr)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
         problems.append(f"{where}: {error['msg']} (got {shown})")
     return problems

@@ -1,17 +1,25 @@
-"""OutputLog: a task's output as one byte stream read by absolute offsets, bounded in memory.
+"""Task output: one byte stream per task, read by absolute offsets, bounded in memory and on disk.
 
-Bytes are kept as a head (the first `max_bytes // 2`) and a tail (the most recent bytes up
-to the rest of the cap; it may briefly hold twice that, so memory stays under 1.5 times
-the cap). When a command prints more than the cap, the middle is dropped and
-reads say which range is gone; offsets never shift, so a reader's `next_offset` stays valid.
+`OutputLog` keeps output in memory up to `memory_max_bytes`, then spills it to a file and
+appends there. Past `file_max_bytes` the file keeps the head (its first half) and a ring of
+the most recent bytes (the other half): the middle is dropped, reads say which range is gone,
+and offsets never shift, so a reader's `next_offset` stays valid. Any read costs the size of
+the range read, not of the log. A failing disk (ENOSPC, say) ends the capture: the bytes
+after that point are counted, reported as dropped, and the task's status stays its own.
+
+`FileLog` is the read-only view of a file another process appends to (a detached command).
 """
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
-_TAIL_SLACK = 2
-"""The tail may grow to this multiple of its cap before it is trimmed, so trimming is amortised O(1)."""
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,16 +38,52 @@ class Chunk:
         return self.next_offset < self.total_bytes
 
 
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where an `OutputLog`'s bytes are, enough to reopen it after a restart."""
+
+    total_bytes: int
+    head_bytes: int
+    ring_bytes: int
+    lost_from: int | None = None
+    """Set when writing failed: bytes from here on were never stored."""
+
+
+class Output(Protocol):
+    @property
+    def total_bytes(self) -> int: ...
+    @property
+    def held_bytes(self) -> int: ...
+    def read(self, offset: int, max_bytes: int) -> Chunk: ...
+    def tail(self, tail_bytes: int) -> int: ...
+    def layout(self) -> Layout: ...
+
+
 class OutputLog:
-    def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 2:
-            raise ValueError(f"max_bytes must be at least 2, got {max_bytes}")
-        self._head_cap = max_bytes // 2
-        self._tail_cap = max_bytes - self._head_cap
-        self._head = bytearray()
-        self._tail = bytearray()
-        self._tail_start = 0
+    def __init__(self, path: Path, memory_max_bytes: int, file_max_bytes: int) -> None:
+        if file_max_bytes < 2 or memory_max_bytes < 0:
+            raise ValueError("file_max_bytes must be at least 2 and memory_max_bytes not negative")
+        self.path = path
+        self._memory_max = min(memory_max_bytes, file_max_bytes)
+        self._head = file_max_bytes // 2
+        self._ring = file_max_bytes - self._head
+        self._memory = bytearray()
+        self._fd: int | None = None
+        self._in_file = False
+        """Bytes live in the file (spilled, finished, or reopened), not in `_memory`."""
         self._total = 0
+        self._lost_from: int | None = None
+
+    @classmethod
+    def reopen(cls, path: Path, layout: Layout) -> OutputLog:
+        """The log of a finished task from an earlier run, read from its file."""
+        opened = cls(path, 0, layout.head_bytes + layout.ring_bytes)
+        opened._head, opened._ring = layout.head_bytes, layout.ring_bytes
+        opened._total, opened._lost_from = layout.total_bytes, layout.lost_from
+        opened._in_file = True
+        return opened
+
+    # ---- writing ----
 
     @property
     def total_bytes(self) -> int:
@@ -47,69 +91,185 @@ class OutputLog:
 
     @property
     def held_bytes(self) -> int:
-        return len(self._head) + len(self._tail)
+        """Bytes held in memory (the rest is on disk)."""
+        return len(self._memory)
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        start = self._total
+        self._total += len(data)
+        if self._lost_from is not None:
+            return
+        if self._fd is None and self._total <= self._memory_max:
+            self._memory += data
+            return
+        try:
+            if self._fd is None:
+                self._open_for_append()
+            self._store(start, data)
+        except OSError as exc:
+            self._lose(start, exc)
+
+    def finish(self) -> None:
+        """Makes the output durable (small outputs were only in memory) and closes the file."""
+        try:
+            if self._memory and self._lost_from is None:
+                self._open_for_append()
+        except OSError as exc:
+            self._memory = bytearray()  # what is not on disk would not survive a restart either
+            self._lose(0, exc)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def layout(self) -> Layout:
+        return Layout(self._total, self._head, self._ring, self._lost_from)
+
+    def _open_for_append(self) -> None:
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        if self._memory:
+            _pwrite_all(self._fd, bytes(self._memory), 0)
+        self._memory = bytearray()
+        self._in_file = True
+
+    def _store(self, start: int, data: bytes) -> None:
+        """Writes `data` (absolute offset `start`) into the head and the ring."""
+        assert self._fd is not None
+        if start < self._head:
+            part = data[: self._head - start]
+            _pwrite_all(self._fd, part, start)
+            start, data = start + len(part), data[len(part) :]
+        if len(data) > self._ring:  # only the last ring's worth can survive
+            start, data = start + len(data) - self._ring, data[-self._ring :]
+        while data:
+            slot = (start - self._head) % self._ring
+            part = data[: self._ring - slot]
+            _pwrite_all(self._fd, part, self._head + slot)
+            start, data = start + len(part), data[len(part) :]
+
+    def _lose(self, at: int, exc: OSError) -> None:
+        self._lost_from = at
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
+        log.warning("output of %s stops being stored at byte %d: %s", self.path.name, at, reason)
+
+    # ---- reading ----
 
     @property
     def dropped(self) -> tuple[int, int] | None:
-        head_end = len(self._head)
-        return (head_end, self._tail_start) if self._tail_start > head_end else None
-
-    def write(self, data: bytes) -> None:
-        room = self._head_cap - len(self._head)
-        if room > 0 and self._total == len(self._head):
-            self._head += data[:room]
-            data = data[room:]
-            self._total = len(self._head)
-            self._tail_start = self._total
-        if not data:
-            return
-        self._tail += data
-        self._total += len(data)
-        if len(self._tail) > self._tail_cap * _TAIL_SLACK:
-            cut = len(self._tail) - self._tail_cap
-            del self._tail[:cut]
-            self._tail_start += cut
+        """The one range of absolute offsets whose bytes are gone, if any."""
+        kept_until = self._total if self._lost_from is None else self._lost_from
+        ring_start = kept_until - self._ring
+        if self._lost_from is None:
+            return (self._head, ring_start) if ring_start > self._head else None
+        if ring_start > self._head:  # the ring had wrapped too: keep it simple, only the head is sure
+            return (self._head, self._total)
+        return (self._lost_from, self._total) if self._total > self._lost_from else None
 
     def read(self, offset: int, max_bytes: int) -> Chunk:
         """Up to `max_bytes` from `offset`, ending on a UTF-8 character boundary when it can."""
-        self._trim()
         start = min(max(offset, 0), self._total)
-        head_end = len(self._head)
-        if head_end <= start < self._tail_start:
-            start = self._tail_start
-        if start < head_end:
-            data = bytes(self._head[start : min(head_end, start + max_bytes)])
-        else:
-            base = start - self._tail_start
-            data = bytes(self._tail[base : base + max_bytes])
-        end = start + len(data)
+        gap = self.dropped
+        if gap is not None and gap[0] <= start < gap[1]:
+            start = gap[1]
+        end = min(start + max_bytes, self._total)
+        if gap is not None and start < gap[0] < end:
+            end = gap[0]
+        data = self._bytes(start, end)
         if end < self._total:
             data = _cut_to_boundary(data)
-            end = start + len(data)
-        if end == head_end and self._tail_start > head_end:
-            end = self._tail_start  # the next read continues after the gap
-        return Chunk(data, start, end, self._total, self.dropped)
+        next_offset = start + len(data)
+        if gap is not None and next_offset == gap[0]:
+            next_offset = gap[1]  # the next read continues after the gap
+        return Chunk(data, start, next_offset, self._total, gap)
 
     def tail(self, tail_bytes: int) -> int:
         """The offset to read from to get (about) the last `tail_bytes`, on a character start."""
-        self._trim()
         start = max(self._total - tail_bytes, 0)
-        if start < self._tail_start and start >= len(self._head):
-            start = self._tail_start
-        while start < self._total and _is_continuation(self._byte_at(start)):
-            start += 1
-        return start
+        gap = self.dropped
+        if gap is not None and gap[0] <= start < gap[1]:
+            start = gap[1]
+        probe = self._bytes(start, min(start + 4, self._total))
+        skip = next((i for i, byte in enumerate(probe) if not _is_continuation(byte)), len(probe))
+        return start + skip
 
-    def _byte_at(self, offset: int) -> int:
-        if offset < len(self._head):
-            return self._head[offset]
-        return self._tail[offset - self._tail_start]
+    def _bytes(self, start: int, end: int) -> bytes:
+        if end <= start:
+            return b""
+        if not self._in_file:
+            return bytes(self._memory[start:end])
+        return _read_file(self.path, self._file_ranges(start, end))
 
-    def _trim(self) -> None:
-        if len(self._tail) > self._tail_cap:
-            cut = len(self._tail) - self._tail_cap
-            del self._tail[:cut]
-            self._tail_start += cut
+    def _file_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+        """File (position, length) pieces holding absolute bytes [start, end)."""
+        pieces = []
+        if start < self._head:
+            stop = min(end, self._head)
+            pieces.append((start, stop - start))
+            start = stop
+        while start < end:
+            slot = (start - self._head) % self._ring
+            length = min(end - start, self._ring - slot)
+            pieces.append((self._head + slot, length))
+            start += length
+        return pieces
+
+
+class FileLog:
+    """Output written to a file by someone else (a detached command); reads see it as it grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def total_bytes(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    @property
+    def held_bytes(self) -> int:
+        return 0
+
+    def read(self, offset: int, max_bytes: int) -> Chunk:
+        total = self.total_bytes
+        start = min(max(offset, 0), total)
+        end = min(start + max_bytes, total)
+        data = _read_file(self.path, [(start, end - start)]) if end > start else b""
+        if end < total:
+            data = _cut_to_boundary(data)
+        return Chunk(data, start, start + len(data), total, None)
+
+    def tail(self, tail_bytes: int) -> int:
+        total = self.total_bytes
+        start = max(total - tail_bytes, 0)
+        probe = _read_file(self.path, [(start, min(4, total - start))]) if total > start else b""
+        return start + next((i for i, byte in enumerate(probe) if not _is_continuation(byte)), len(probe))
+
+    def layout(self) -> Layout:
+        return Layout(self.total_bytes, 0, 0)
+
+
+def _pwrite_all(fd: int, data: bytes, position: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, position)
+        view, position = view[written:], position + written
+
+
+def _read_file(path: Path, pieces: list[tuple[int, int]]) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return b""
+    try:
+        return b"".join(os.pread(fd, length, position) for position, length in pieces)
+    finally:
+        os.close(fd)
 
 
 def _is_continuation(byte: int) -> bool:
@@ -123,6 +283,6 @@ def _cut_to_boundary(data: bytes) -> bytes:
         if not _is_continuation(byte):
             width = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
             if width <= back or back == len(data):
-                return data  # complete, or a lone character wider than the read: send it whole-ish
+                return data  # complete, or a lone character wider than the read: send what there is
             return data[:-back]
     return data

@@ -8,7 +8,6 @@ in views and raise `RequestError`s, never MCP types.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import sys
 import time
@@ -19,8 +18,10 @@ from typing import Any
 import anyio
 
 from server.cache import Clock
-from server.config import Settings
+from server.config import Settings, data_dir
 from server.executor import Executor, ProgressFn, ReturnWhen
+from server.recovery import recover
+from server.store import Store
 from server.tasks import (
     Catalog,
     FireableTool,
@@ -31,6 +32,7 @@ from server.tasks import (
     Task,
     TaskList,
     TaskView,
+    summary_of,
 )
 from tools.registry import Registry, ToolSpec
 from tools.shell import shell_specs
@@ -66,14 +68,21 @@ class Runtime:
         registry = Registry([*shell_specs(settings.shell_config()), *extra_tools])
         if load_plugins:
             registry.load_entry_points()
-        async with anyio.create_task_group() as tg:
-            executor = Executor(registry, settings, clock, tg)
-            try:
-                yield cls(settings, executor)
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await executor.shutdown()
-                tg.cancel_scope.cancel()
+        store = Store.open(data_dir(settings))
+        try:
+            async with anyio.create_task_group() as tg:
+                executor = Executor(registry, settings, clock, tg, store)
+                await recover(executor)
+                executor.sweep()
+                tg.start_soon(executor.sweep_forever, name="offload sweeper")
+                try:
+                    yield cls(settings, executor)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await executor.shutdown()
+                    tg.cancel_scope.cancel()
+        finally:
+            store.close()
 
     async def shutdown(self) -> None:
         """Cancels every task and kills their process groups (bounded by shutdown_timeout_s)."""
@@ -151,7 +160,7 @@ class Runtime:
         tasks = [self.executor.get(owner, task_id) for task_id in unique]
         if on_progress is not None:
             await on_progress(sum(t.status.finished for t in tasks), len(tasks))
-        timed_out = await self.executor.wait(tasks, timeout_s, return_when, on_progress)
+        tasks, timed_out = await self.executor.wait(tasks, timeout_s, return_when, on_progress)
         done = [t for t in tasks if t.status.finished]
         share = max_bytes // max(len(done), 1)
         views = [self.output_view(t, 0, share, share) for t in done]
@@ -159,12 +168,9 @@ class Runtime:
         return PollReply(done=views, pending=pending, timed_out=timed_out)
 
     def list_tasks(self, *, status: Status | None, tool: str | None, limit: int, owner: str = LOCAL_OWNER) -> TaskList:
-        picked = (
-            t
-            for t in self.executor.tasks(owner)
-            if (status is None or t.status is status) and (tool is None or t.tool == tool)
-        )
-        return TaskList(tasks=[t.summary() for t in itertools.islice(picked, limit)])
+        wanted = None if status is None else status.value
+        rows = self.executor.store.rows(owner, self.executor.now(), wanted, tool, limit)
+        return TaskList(tasks=[summary_of(row) for row in rows])
 
     async def cancel(self, task_id: str, owner: str = LOCAL_OWNER) -> TaskView:
         task = await self.executor.cancel(owner, task_id)

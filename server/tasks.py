@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from server.output import Chunk, OutputLog
+from server.output import Chunk, FileLog, Layout, Output, OutputLog
+from tools.context import ProcessInfo
 from tools.registry import ToolSpec
 
 
@@ -138,36 +143,45 @@ class Catalog(_View):
 
 # ---- the record ----
 
+Row = Mapping[str, Any] | sqlite3.Row
+
 
 @dataclass(eq=False, slots=True)
 class Task:
-    """Mutable while it runs; only the executor writes it."""
+    """Mutable while it runs; only the executor writes it (and commits each change to the store)."""
 
     id: str
-    spec: ToolSpec
-    arguments: BaseModel
+    tool: str
     owner: str
     created_at: float
-    timeout_s: float | None
     ttl_s: float
-    output: OutputLog
+    output: Output
+    spec: ToolSpec | None = None
+    """None for a task read back from the store whose tool is no longer configured."""
+    arguments: BaseModel | None = None
+    timeout_s: float | None = None
     cache_key: str | None = None
     status: Status = Status.QUEUED
     started_at: float | None = None
     finished_at: float | None = None
     result: dict[str, Any] | None = None
     error: TaskError | None = None
-    pid: int | None = None
+    process: ProcessInfo | None = None
+    detached: bool = False
+    local: bool = True
+    """Run by this server process; False for a task another server on the same data dir runs."""
     cancel_reason: ErrorKind | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
     started: anyio.Event = field(default_factory=anyio.Event)
     """Set once the task has a pid, or has left `queued` without one."""
     listeners: set[anyio.Event] = field(default_factory=set)
+    released: anyio.Event = field(default_factory=anyio.Event)
+    """Set when this server stops running the task: finished, or left running on purpose."""
 
     @property
-    def tool(self) -> str:
-        return self.spec.name
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
 
     @property
     def expires_at(self) -> float | None:
@@ -188,23 +202,88 @@ class Task:
             expires_at=iso(self.expires_at),
         )
 
-    def summary(self) -> TaskSummary:
-        return TaskSummary(
-            task_id=self.id,
-            tool=self.tool,
-            status=self.status,
-            error_kind=None if self.error is None else self.error.kind,
-            created_at=iso(self.created_at) or "",
-            finished_at=iso(self.finished_at),
+    def row(self, instance: str) -> dict[str, Any]:
+        """The columns the store keeps, as of now."""
+        layout = self.output.layout()
+        process = self.process
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "tool": self.tool,
+            "arguments": "{}" if self.arguments is None else self.arguments.model_dump_json(by_alias=True),
+            "status": self.status.value,
+            "instance": instance,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "expires_at": self.expires_at,
+            "ttl_s": self.ttl_s,
+            "timeout_s": self.timeout_s,
+            "cache_key": self.cache_key,
+            "result": None if self.result is None else json.dumps(self.result, separators=(",", ":")),
+            "error_kind": None if self.error is None else self.error.kind,
+            "error_message": None if self.error is None else self.error.message,
+            "pid": None if process is None else process.pid,
+            "start_ticks": None if process is None else process.start_ticks,
+            "boot_id": None if process is None else process.boot_id,
+            "detached": int(self.detached),
+            "output_external": int(isinstance(self.output, FileLog)),
+            "output_total": layout.total_bytes,
+            "output_head": layout.head_bytes,
+            "output_ring": layout.ring_bytes,
+            "output_lost_from": layout.lost_from,
+        }
+
+    @classmethod
+    def from_row(cls, row: Row, output_path: Path, spec: ToolSpec | None, local: bool) -> Task:
+        output: Output
+        if row["output_external"] or row["status"] in ("queued", "running"):
+            output = FileLog(output_path)
+        else:
+            layout = Layout(
+                row["output_total"], row["output_head"] or 0, row["output_ring"] or 0, row["output_lost_from"]
+            )
+            output = OutputLog.reopen(output_path, layout)
+        process = None
+        if row["pid"] is not None:
+            process = ProcessInfo(row["pid"], row["start_ticks"], row["boot_id"])
+        error = None if row["error_kind"] is None else TaskError(kind=row["error_kind"], message=row["error_message"])
+        return cls(
+            id=row["id"],
+            tool=row["tool"],
+            owner=row["owner"],
+            created_at=row["created_at"],
+            ttl_s=row["ttl_s"],
+            output=output,
+            spec=spec,
+            timeout_s=row["timeout_s"],
+            cache_key=row["cache_key"],
+            status=Status(row["status"]),
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            result=None if row["result"] is None else json.loads(row["result"]),
+            error=error,
+            process=process,
+            detached=bool(row["detached"]),
+            local=local,
         )
 
 
-def output_view(chunk: Chunk) -> OutputView:
-    dropped = (
-        None
-        if chunk.dropped is None
-        else DroppedRange.model_validate({"from": chunk.dropped[0], "to": chunk.dropped[1]})
+def summary_of(row: Row) -> TaskSummary:
+    return TaskSummary(
+        task_id=row["id"],
+        tool=row["tool"],
+        status=Status(row["status"]),
+        error_kind=row["error_kind"],
+        created_at=iso(row["created_at"]) or "",
+        finished_at=iso(row["finished_at"]),
     )
+
+
+def output_view(chunk: Chunk) -> OutputView:
+    dropped = None
+    if chunk.dropped is not None:
+        dropped = DroppedRange.model_validate({"from": chunk.dropped[0], "to": chunk.dropped[1]})
     return OutputView(
         text=chunk.data.decode("utf-8", errors="replace"),
         offset=chunk.offset,

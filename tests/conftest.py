@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,6 +32,14 @@ ERAS = {"modern": "auto", "legacy": "legacy"}
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def private_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No test reads the user's config or writes to the user's state directory."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    return tmp_path / "state" / "offload"
 
 
 class FakeClock:
@@ -163,7 +172,7 @@ async def start_tree(client: Client, **arguments: Any) -> tuple[str, int]:
     """Starts TREE and returns (task_id, pgid) once its whole process tree is running."""
     reply = await call(client, "run_shell_background", command=TREE, **arguments)
     await wait_for_text(client, reply["task_id"], "ready")
-    assert len(live_group_members(reply["pid"])) == 3
+    assert len(live_group_members(reply["pid"])) == 4  # wrapper, command shell, two sleeps
     return reply["task_id"], reply["pid"]
 
 

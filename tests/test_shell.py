@@ -16,11 +16,11 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_run_shell_background_returns_the_pid(client: Client) -> None:
-    reply = await call(client, "run_shell_background", command="echo $$; sleep 0.2")
+    reply = await call(client, "run_shell_background", command="read -a f < /proc/$$/stat; echo ${f[4]}; sleep 0.2")
     assert reply["status"] in ("running", "completed")
     assert isinstance(reply["pid"], int)
     view = await finish(client, reply["task_id"])
-    assert view["output"]["text"].strip() == str(reply["pid"])  # bash -c is the process we reported
+    assert view["output"]["text"].strip() == str(reply["pid"])  # the pid we report is the command's group
     assert view["pid"] == reply["pid"]
 
 
@@ -129,29 +129,30 @@ async def test_reads_never_split_a_character(client: Client) -> None:
 
 
 async def test_huge_output_stays_bounded_with_exact_accounting(clock: FakeClock, gate: Gate) -> None:
-    cap = 64 * 1024
+    memory_cap, file_cap = 64 * 1024, 1024 * 1024
     total = 5_000_000
     command = f"head -c {total} /dev/zero | tr '\\0' a; printf END"
-    async with open_client(Settings(output_max_bytes=cap), clock, gate) as (runtime, client):
+    settings = Settings(output_memory_max_bytes=memory_cap, output_file_max_bytes=file_cap)
+    async with open_client(settings, clock, gate) as (runtime, client):
         reply = await call(client, "fire_tool", tool="shell", arguments={"command": command}, wait_s=30)
         view = reply["task"]
         assert view["status"] == "completed"
         assert view["result"]["output_bytes"] == total + 3
         assert view["output"]["total_bytes"] == total + 3
-        held = runtime.executor.get("local", reply["task_id"]).output.held_bytes
-        assert held <= cap * 1.5
-        head = (await call(client, "get_cached_output", task_id=reply["task_id"], max_bytes=cap))["output"]
-        assert head["text"] == "a" * (cap // 2)
+        output = runtime.executor.get("local", reply["task_id"]).output
+        assert output.held_bytes == 0  # spilled: nothing of it is in memory
+        assert runtime.executor.store.output_path(reply["task_id"]).stat().st_size == file_cap
+        head = (await call(client, "get_cached_output", task_id=reply["task_id"], max_bytes=file_cap))["output"]
+        assert head["text"] == "a" * (file_cap // 2)
         gap = head["dropped"]
-        assert gap["from"] == cap // 2 and gap["to"] == total + 3 - (cap - cap // 2)
+        assert gap["from"] == file_cap // 2
+        assert gap["to"] == total + 3 - file_cap // 2
         assert head["next_offset"] == gap["to"]  # the next read continues after the gap
-        after = (
-            await call(
-                client, "get_cached_output", task_id=reply["task_id"], offset=head["next_offset"], max_bytes=10 * cap
-            )
-        )["output"]
-        assert after["text"].endswith("aEND") and len(after["text"]) == cap - cap // 2
-        assert after["next_offset"] == total + 3
+        after = await call(
+            client, "get_cached_output", task_id=reply["task_id"], offset=head["next_offset"], max_bytes=file_cap
+        )
+        assert after["output"]["text"] == "a" * (file_cap // 2 - 3) + "END"
+        assert after["output"]["next_offset"] == total + 3
 
 
 async def test_shutdown_kills_running_commands(settings: Settings, clock: FakeClock, gate: Gate) -> None:

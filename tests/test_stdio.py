@@ -21,7 +21,12 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 
 def server_env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "OFFLOAD_LOG_LEVEL": "WARNING"}
+    return {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "OFFLOAD_DATA_DIR": str(tmp_path / "data"),
+        "OFFLOAD_LOG_LEVEL": "WARNING",
+    }
 
 
 @pytest.mark.parametrize("era", ["auto", "legacy"])
@@ -89,7 +94,7 @@ class RawServer:
         with anyio.fail_after(5):
             while "ready" not in (await self.call("get_cached_output", task_id=task["task_id"]))["output"]["text"]:  # noqa: ASYNC110
                 await anyio.sleep(0.01)
-        assert len(live_group_members(task["pid"])) == 3
+        assert len(live_group_members(task["pid"])) == 4
         return int(task["pid"])
 
     async def call(self, tool: str, **arguments: Any) -> dict[str, Any]:

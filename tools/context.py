@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 JSON = dict[str, Any]
@@ -27,6 +28,22 @@ class TaskFailure(Exception):
         self.result = result
 
 
+class LeftRunning(Exception):
+    """Raised by a tool whose work deliberately outlives this server (a detached command at
+    shutdown): the task stays `running` in the store, to be followed again after a restart."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """Enough to find a process group again after a restart, and never hit a recycled pid."""
+
+    pid: int
+    """Also the process group id: every command leads its own session."""
+    start_ticks: int | None
+    """Start time in clock ticks since boot (/proc/PID/stat field 22); None where unknown."""
+    boot_id: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class ToolContext:
     """The running task's handle on the outside world."""
@@ -34,7 +51,14 @@ class ToolContext:
     task_id: str
     write_output: Callable[[bytes], None]
     """Appends bytes to the task's output log (absolute offsets, bounded by the server)."""
-    set_pid: Callable[[int], None]
-    """Records the pid (and process group) of a process the task started."""
+    set_process: Callable[[ProcessInfo], None]
+    """Records the process group the task started (committed before the handler goes on)."""
+    use_output_file: Callable[[], None]
+    """Says the task's output is written straight to `output_path` by its process (detached)."""
+    output_path: Path
+    exit_path: Path
+    """Where a command's wrapper records its exit status, for recovery after a crash."""
     kill_grace_s: float
     """How long a cancelled process group gets between TERM and KILL."""
+    shutting_down: Callable[[], bool]
+    """True when the task is being cancelled because the server is stopping."""

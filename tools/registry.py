@@ -14,13 +14,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tools.context import JSON, ToolContext
+from tools.context import JSON, ProcessInfo, ToolContext
 
 ENTRY_POINT_GROUP = "offload.tools"
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, ToolContext], Awaitable[JSON]]
+Reattach = Callable[[ProcessInfo, ToolContext, float], Awaitable[JSON]]
+"""Follows a process a task started before the server restarted (detached mode): (process, context,
+wall-clock start) → the task's result."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,7 @@ class ToolSpec:
     """Per-tool limit on top of the global one; `None` means only the global limit applies."""
     note: str | None = None
     """Shown in the catalog, e.g. a missing credential."""
+    reattach: Reattach | None = None
     input_schema: JSON = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -25,7 +25,7 @@ import anyio
 from anyio.abc import Process
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tools.context import JSON, TaskFailure, ToolContext
+from tools.context import JSON, LeftRunning, ProcessInfo, TaskFailure, ToolContext
 from tools.registry import ToolSpec
 
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
@@ -44,6 +44,8 @@ class ShellConfig:
     pass_env: tuple[str, ...] = ()
     """Names passed through even though they look secret."""
     kill_grace_s: float = 1.0
+    detach: bool = False
+    """Commands outlive the server (they are not killed at shutdown) and are followed again after a restart."""
     presets: Mapping[str, Preset] = field(default_factory=dict)
 
 
@@ -115,10 +117,6 @@ def scrubbed_environment(
 @functools.cache
 def _shell() -> str:
     return shutil.which("bash") or "/bin/sh"
-
-
-def shell_argv(command: str) -> list[str]:
-    return [_shell(), "-c", command]
 
 
 def group_alive(pgid: int) -> bool:
@@ -193,6 +191,17 @@ async def _pump_output(process: Process, ctx: ToolContext, eof: anyio.Event) -> 
     return total
 
 
+_WRAPPER = (
+    "c=$OFFLOAD_COMMAND f=$OFFLOAD_EXIT_FILE; unset OFFLOAD_COMMAND OFFLOAD_EXIT_FILE; "
+    '"$0" -c "$c"; s=$?; printf "%s\\n" "$s" > "$f"; exit "$s"'
+)
+"""The command runs as a child of this wrapper, which records its exit status beside its output.
+
+The record is what tells, after the server died, "finished with exit code N" from "killed".
+A wrapper killed by a signal writes nothing, which is what a killed command should leave.
+"""
+
+
 async def run_command(
     command: str,
     ctx: ToolContext,
@@ -204,26 +213,66 @@ async def run_command(
 ) -> JSON:
     """Runs one command to completion; a non-zero exit becomes a `TaskFailure`."""
     started = time.monotonic()
-    process = await anyio.open_process(
-        shell_argv(command),
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=cwd,
-        env=scrubbed_environment(os.environ, config, env),
-        start_new_session=True,
-    )
-    ctx.set_pid(process.pid)
+    environment = scrubbed_environment(os.environ, config, env)
+    environment.update(OFFLOAD_COMMAND=command, OFFLOAD_EXIT_FILE=str(ctx.exit_path))
+    output_file = _open_output_file(ctx.output_path) if config.detach else None
+    try:
+        process = await anyio.open_process(
+            [_shell(), "-c", _WRAPPER, _shell()],
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=output_file if output_file is not None else subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=environment,
+            start_new_session=True,
+        )
+    finally:
+        if output_file is not None:
+            os.close(output_file)
+    ctx.set_process(ProcessInfo(process.pid, start_ticks(process.pid), boot_id()))
+    if output_file is not None:
+        ctx.use_output_file()
     output_bytes = 0
+    keep_running = False
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_feed_stdin, process, stdin)
-            output_bytes = await _read_until_exit(process, ctx)
+            if output_file is None:
+                output_bytes = await _read_until_exit(process, ctx)
+            else:
+                await process.wait()
+                output_bytes = _file_size(ctx.output_path)
+    except anyio.get_cancelled_exc_class():
+        keep_running = config.detach and ctx.shutting_down()
+        if keep_running:
+            raise LeftRunning(f"detached command (pid {process.pid}) keeps running") from None
+        raise
     finally:
         with anyio.CancelScope(shield=True):
-            await stop_group(process, config.kill_grace_s)
-            await process.aclose()
+            if not keep_running:
+                await stop_group(process, config.kill_grace_s)
+            await _close(process, wait=not keep_running)
     return _outcome(process.returncode, time.monotonic() - started, output_bytes)
+
+
+async def _close(process: Process, *, wait: bool) -> None:
+    if wait:
+        await process.aclose()
+        return
+    for stream in (process.stdin, process.stdout):  # leave a detached process running
+        if stream is not None:
+            await stream.aclose()
+
+
+def _open_output_file(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 async def _read_until_exit(process: Process, ctx: ToolContext) -> int:
@@ -246,6 +295,104 @@ async def _read_until_exit(process: Process, ctx: ToolContext) -> int:
             await eof.wait()
         tg.cancel_scope.cancel()
     return counted
+
+
+# ---- finding processes again after a restart ----
+
+
+def start_ticks(pid: int) -> int | None:
+    """Process start time in clock ticks since boot, or None if it is gone or unknowable."""
+    try:
+        fields = (_PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@functools.cache
+def boot_id() -> str | None:
+    try:
+        return (_PROC / "sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def is_same_process(info: ProcessInfo) -> bool:
+    """True if `info.pid` is still the process we started (not a recycled pid)."""
+    if info.boot_id is None or info.boot_id != boot_id():
+        return False
+    return info.start_ticks is not None and start_ticks(info.pid) == info.start_ticks
+
+
+def group_is_ours(info: ProcessInfo) -> bool:
+    """May the group `info.pid` be signalled? Yes while its leader is the process we started,
+    or, once the leader is gone, while members remain: Linux does not hand out a pid that is
+    still some group's id, so those members are the ones our command left behind."""
+    if info.boot_id is None or info.boot_id != boot_id() or not group_alive(info.pid):
+        return False
+    leader = start_ticks(info.pid)
+    return leader is None or leader == info.start_ticks
+
+
+def read_exit_file(path: Path) -> int | None:
+    """The exit status a wrapper recorded, or None if the command never finished on its own."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+async def kill_left_behind(info: ProcessInfo, grace_s: float) -> bool:
+    """TERM then KILL a group an earlier server run left behind; returns whether it did."""
+    if not group_is_ours(info):
+        return False
+    signal_group(info.pid, signal.SIGTERM)
+    with anyio.move_on_after(grace_s):
+        while group_alive(info.pid):  # noqa: ASYNC110 - not our children: no exit event reaches us
+            await anyio.sleep(0.02)
+    if group_alive(info.pid):
+        signal_group(info.pid, signal.SIGKILL)
+    return True
+
+
+async def wait_for_exit(pid: int) -> None:
+    """Waits for a process that is not our child (a detached command from an earlier run).
+
+    A pidfd becomes readable when the process exits: an event, not a poll.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+async def reattach(info: ProcessInfo, ctx: ToolContext, started_wall_s: float, *, config: ShellConfig) -> JSON:
+    """Follows a detached command that outlived the server until it ends, then reports it."""
+    try:
+        await wait_for_exit(info.pid)
+    except anyio.get_cancelled_exc_class():
+        if ctx.shutting_down():
+            raise LeftRunning(f"detached command (pid {info.pid}) keeps running") from None
+        with anyio.CancelScope(shield=True):
+            await kill_left_behind(info, config.kill_grace_s)
+        raise
+    return outcome_from_record(ctx.exit_path, ctx.output_path, started_wall_s)
+
+
+def outcome_from_record(exit_path: Path, output_path: Path, started_wall_s: float) -> JSON:
+    """The result of a command that finished while nobody watched, from its wrapper's record."""
+    code = read_exit_file(exit_path)
+    if code is None:
+        raise TaskFailure("interrupted", "the command ended while the server was down and left no exit status")
+    try:
+        duration_s = max(exit_path.stat().st_mtime - started_wall_s, 0.0)
+    except OSError:
+        duration_s = 0.0
+    return _outcome(code, duration_s, _file_size(output_path))
 
 
 def _outcome(returncode: int | None, duration_s: float, output_bytes: int) -> JSON:
@@ -276,6 +423,7 @@ def shell_spec(config: ShellConfig) -> ToolSpec:
         handler=handler,
         destructive=True,
         open_world=True,
+        reattach=functools.partial(reattach, config=config),
     )
 
 
@@ -294,6 +442,7 @@ def preset_spec(name: str, preset: Preset, config: ShellConfig) -> ToolSpec:
         destructive=True,
         open_world=True,
         default_timeout_s=preset.timeout_s,
+        reattach=functools.partial(reattach, config=config),
     )
 
 

@@ -1,0 +1,304 @@
+"""Store: the durable tier. Tasks in SQLite, their output in files, one data directory.
+
+Every task row is committed before its id is returned and again at each status change, on
+the event loop: a commit in WAL mode with `synchronous=NORMAL` costs tens of microseconds
+(measured ~20 µs here), where handing each write to a writer thread cost ~0.9 ms through the
+GIL. Nothing a client has seen is lost to a kill -9. Output bytes go to files, never rows.
+
+Several servers may share a data directory (one per MCP client, as Claude Code starts them):
+each holds an flock on its own instance file, and recovery only touches the tasks of
+instances whose lock nobody holds any more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "offload.db"
+SCHEMA_VERSION = 1
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+        CREATE TABLE tasks (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            tool TEXT NOT NULL,
+            arguments TEXT NOT NULL,
+            status TEXT NOT NULL,
+            instance TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            started_at REAL,
+            finished_at REAL,
+            expires_at REAL,
+            ttl_s REAL NOT NULL,
+            timeout_s REAL,
+            cache_key TEXT,
+            result TEXT,
+            error_kind TEXT,
+            error_message TEXT,
+            pid INTEGER,
+            start_ticks INTEGER,
+            boot_id TEXT,
+            detached INTEGER NOT NULL DEFAULT 0,
+            output_external INTEGER NOT NULL DEFAULT 0,
+            output_total INTEGER NOT NULL DEFAULT 0,
+            output_head INTEGER,
+            output_ring INTEGER,
+            output_lost_from INTEGER
+        );
+        CREATE INDEX tasks_owner_created ON tasks (owner, created_at);
+        CREATE INDEX tasks_expires ON tasks (expires_at) WHERE expires_at IS NOT NULL;
+        CREATE INDEX tasks_cache_key ON tasks (cache_key) WHERE cache_key IS NOT NULL;
+        CREATE INDEX tasks_unfinished ON tasks (status) WHERE status IN ('queued', 'running');
+        CREATE TABLE tombstones (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            at REAL NOT NULL,
+            reason TEXT NOT NULL
+        );
+        CREATE INDEX tombstones_at ON tombstones (at);
+    """,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    owner: str
+    at: float
+    reason: str
+
+
+class Store:
+    def __init__(self, root: Path, connection: sqlite3.Connection, instance: str, lock_fd: int) -> None:
+        self.root = root
+        self.output_dir = root / "output"
+        self.instance = instance
+        self._db = connection
+        self._lock_fd = lock_fd
+
+    def __repr__(self) -> str:
+        return f"<Store {self.root} instance={self.instance}>"
+
+    # ---- opening ----
+
+    @classmethod
+    def open(cls, root: Path) -> Store:
+        """Opens (or creates) the data directory; a corrupt database is moved aside, not fatal."""
+        root = root.expanduser()
+        _require_writable(root)
+        for sub in ("output", "instances"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        instance = secrets.token_hex(8)
+        lock_fd = _hold_lock(root / "instances" / f"{instance}.lock")
+        return cls(root, _connect(root / DB_NAME), instance, lock_fd)
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.execute("PRAGMA optimize")
+        self._db.close()
+        os.close(self._lock_fd)
+        with contextlib.suppress(OSError):
+            (self.root / "instances" / f"{self.instance}.lock").unlink()
+
+    def output_path(self, task_id: str) -> Path:
+        return self.output_dir / f"{task_id}.log"
+
+    def exit_path(self, task_id: str) -> Path:
+        return self.output_dir / f"{task_id}.exit"
+
+    # ---- writes (each one a commit) ----
+
+    def insert(self, row: dict[str, Any]) -> None:
+        columns = ", ".join(row)
+        marks = ", ".join(f":{name}" for name in row)
+        self._db.execute(f"INSERT INTO tasks ({columns}) VALUES ({marks})", row)  # noqa: S608 - our column names
+
+    def update(self, task_id: str, **values: Any) -> None:
+        assignments = ", ".join(f"{name} = :{name}" for name in values)
+        self._db.execute(f"UPDATE tasks SET {assignments} WHERE id = :id", {**values, "id": task_id})  # noqa: S608
+
+    # ---- reads ----
+
+    def row(self, task_id: str) -> sqlite3.Row | None:
+        found: sqlite3.Row | None = self._db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return found
+
+    def rows(self, owner: str, now: float, status: str | None, tool: str | None, limit: int) -> list[sqlite3.Row]:
+        """The owner's unexpired tasks, newest first."""
+        query = "SELECT * FROM tasks WHERE owner = ? AND (expires_at IS NULL OR expires_at > ?)"
+        params: list[Any] = [owner, now]
+        if status is not None:
+            query += " AND status = ?"
+            params.append(status)
+        if tool is not None:
+            query += " AND tool = ?"
+            params.append(tool)
+        query += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
+        return list(self._db.execute(query, [*params, limit]))
+
+    def reusable(self, cache_key: str, now: float) -> str | None:
+        """The newest completed, unexpired task with this result key."""
+        found = self._db.execute(
+            "SELECT id FROM tasks WHERE cache_key = ? AND status = 'completed' AND expires_at > ? "
+            "ORDER BY finished_at DESC LIMIT 1",
+            (cache_key, now),
+        ).fetchone()
+        return None if found is None else str(found[0])
+
+    def count_active(self, owner: str) -> int:
+        found = self._db.execute(
+            "SELECT count(*) FROM tasks WHERE owner = ? AND status IN ('queued', 'running') AND instance = ?",
+            (owner, self.instance),
+        ).fetchone()
+        return int(found[0])
+
+    def tombstone(self, task_id: str) -> Expired | None:
+        found = self._db.execute("SELECT owner, at, reason FROM tombstones WHERE id = ?", (task_id,)).fetchone()
+        return None if found is None else Expired(found[0], found[1], found[2])
+
+    def orphaned(self) -> list[sqlite3.Row]:
+        """Unfinished tasks of server instances that are gone (no one holds their lock)."""
+        rows = self._db.execute(
+            "SELECT * FROM tasks WHERE status IN ('queued', 'running') AND instance != ?", (self.instance,)
+        ).fetchall()
+        dead: dict[str, bool] = {}
+        for row in rows:
+            if row["instance"] not in dead:
+                dead[row["instance"]] = self._instance_is_dead(row["instance"])
+        return [row for row in rows if dead[row["instance"]]]
+
+    def _instance_is_dead(self, instance: str) -> bool:
+        path = self.root / "instances" / f"{instance}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return True
+
+    # ---- expiry ----
+
+    def sweep(self, now: float, tombstones_max: int) -> int:
+        """Deletes expired tasks and their files, leaving bounded tombstones; returns how many."""
+        expired = self._db.execute(
+            "SELECT id, owner, expires_at FROM tasks WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
+        ).fetchall()
+        if not expired:
+            return 0
+        with self._transaction():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO tombstones (id, owner, at, reason) VALUES (?, ?, ?, 'expired')",
+                [(row[0], row[1], row[2]) for row in expired],
+            )
+            self._db.executemany("DELETE FROM tasks WHERE id = ?", [(row[0],) for row in expired])
+            self._db.execute(
+                "DELETE FROM tombstones WHERE id NOT IN (SELECT id FROM tombstones ORDER BY at DESC LIMIT ?)",
+                (tombstones_max,),
+            )
+        for row in expired:
+            for path in (self.output_path(row[0]), self.exit_path(row[0])):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        return len(expired)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+
+def _require_writable(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"the data directory {str(root)!r} cannot be written ({exc.strerror or exc}); "
+            "choose another with --data-dir or OFFLOAD_DATA_DIR"
+        ) from exc
+
+
+def _hold_lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        return _migrate(_open_db(path))
+    except sqlite3.DatabaseError as exc:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+        log.error(  # noqa: TRY400 - the line says all an operator needs; no traceback
+            "the task database %s is unreadable (%s); moved it to %s and started a fresh one", path, exc, aside
+        )
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"{path}{suffix}").rename(f"{aside}{suffix}")
+        return _migrate(_open_db(path))
+
+
+def _open_db(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    db.row_factory = sqlite3.Row
+    try:
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    if verdict != "ok":
+        db.close()
+        raise sqlite3.DatabaseError(f"integrity check: {verdict}")
+    return db
+
+
+def _migrate(db: sqlite3.Connection) -> sqlite3.Connection:
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version > SCHEMA_VERSION:
+        raise ConfigError(
+            f"the task database was written by a newer Offload (schema {version} > {SCHEMA_VERSION}); "
+            "upgrade, or use another --data-dir"
+        )
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        db.executescript(f"BEGIN; {_MIGRATIONS[target]}; PRAGMA user_version = {target}; COMMIT;")
+    return db
+
+
+def dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
