@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 ReturnWhen = Literal["all", "any"]
 ProgressFn = Callable[[int, int], Awaitable[None]]
+INLINE_OUTPUT_MAX_BYTES = 4096
+"""A finished task's output up to this size is stored in its row: no file per small task."""
 FOREIGN_RECHECK_S = 1.0
 """Tasks of another server process send no events here: a wait re-reads them this often."""
 
@@ -239,14 +241,14 @@ class Executor:
     def _finish(self, task: Task, status: Status, error: TaskError | None = None, result: JSON | None = None) -> None:
         """Synchronous on purpose: no await, so cancellation cannot come between a change and its record."""
         if isinstance(task.output, OutputLog):
-            task.output.finish()
+            task.output.finish(INLINE_OUTPUT_MAX_BYTES)
         task.status, task.error, task.result = status, error, result
         task.finished_at = self._clock()
         row = task.row(self.store.instance)
         self.store.update(
             task.id,
             **{k: row[k] for k in ("status", "finished_at", "expires_at", "result", "error_kind", "error_message")},
-            **{k: row[k] for k in ("output_total", "output_head", "output_ring", "output_lost_from")},
+            **{k: row[k] for k in ("output_total", "output_head", "output_ring", "output_lost_from", "output_inline")},
         )
         self._release(task)
         setattr(self.counters, status.value, getattr(self.counters, status.value) + 1)

@@ -111,8 +111,22 @@ class OutputLog:
         except OSError as exc:
             self._lose(start, exc)
 
-    def finish(self) -> None:
-        """Makes the output durable (small outputs were only in memory) and closes the file."""
+    @classmethod
+    def inline(cls, path: Path, data: bytes) -> OutputLog:
+        """The log of a finished task whose small output was stored with its record."""
+        log = cls(path, len(data), max(len(data), 2))
+        log._memory, log._total = bytearray(data), len(data)
+        return log
+
+    def inline_bytes(self) -> bytes | None:
+        """The whole output, if it never left memory (small enough to store with the task's record)."""
+        return None if self._in_file or self._lost_from is not None else bytes(self._memory)
+
+    def finish(self, inline_max_bytes: int = 0) -> None:
+        """Makes the output durable and closes the file; output of at most `inline_max_bytes`
+        stays in memory, for the caller to store with the task's record."""
+        if not self._in_file and len(self._memory) <= inline_max_bytes:
+            return
         try:
             if self._memory and self._lost_from is None:
                 self._open_for_append()

@@ -59,7 +59,8 @@ _MIGRATIONS: dict[int, str] = {
             output_total INTEGER NOT NULL DEFAULT 0,
             output_head INTEGER,
             output_ring INTEGER,
-            output_lost_from INTEGER
+            output_lost_from INTEGER,
+            output_inline BLOB
         );
         CREATE INDEX tasks_owner_created ON tasks (owner, created_at);
         CREATE INDEX tasks_expires ON tasks (expires_at) WHERE expires_at IS NOT NULL;

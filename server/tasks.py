@@ -232,12 +232,17 @@ class Task:
             "output_head": layout.head_bytes,
             "output_ring": layout.ring_bytes,
             "output_lost_from": layout.lost_from,
+            "output_inline": self.output.inline_bytes()
+            if isinstance(self.output, OutputLog) and self.finished_at
+            else None,
         }
 
     @classmethod
     def from_row(cls, row: Row, output_path: Path, spec: ToolSpec | None, local: bool) -> Task:
         output: Output
-        if row["output_external"] or row["status"] in ("queued", "running"):
+        if row["output_inline"] is not None:
+            output = OutputLog.inline(output_path, row["output_inline"])
+        elif row["output_external"] or row["status"] in ("queued", "running"):
             output = FileLog(output_path)
         else:
             layout = Layout(

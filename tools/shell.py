@@ -16,7 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -150,22 +150,21 @@ def signal_group(pgid: int, signum: signal.Signals) -> None:
         os.killpg(pgid, signum)
 
 
-async def stop_group(process: Process, grace_s: float) -> None:
+async def stop_group(pgid: int, grace_s: float, leader_exit: Callable[[], Awaitable[object]]) -> None:
     """TERM the whole group, give it `grace_s`, then KILL whatever is left.
 
     Shielded by the caller: this must finish even when the task is being cancelled.
     """
-    pgid = process.pid
     if not group_alive(pgid):
         return
     signal_group(pgid, signal.SIGTERM)
     with anyio.move_on_after(grace_s):
-        await process.wait()
+        await leader_exit()
         # Grandchildren are not ours to wait for: no exit event reaches us, so look, bounded by grace_s.
         while group_alive(pgid):  # noqa: ASYNC110 - there is no event to wait on
             await anyio.sleep(0.02)
     signal_group(pgid, signal.SIGKILL)
-    await process.wait()
+    await leader_exit()
 
 
 async def _feed_stdin(process: Process, text: str | None) -> None:
@@ -212,60 +211,77 @@ async def run_command(
     stdin: str | None = None,
 ) -> JSON:
     """Runs one command to completion; a non-zero exit becomes a `TaskFailure`."""
-    started = time.monotonic()
     environment = scrubbed_environment(os.environ, config, env)
     environment.update(OFFLOAD_COMMAND=command, OFFLOAD_EXIT_FILE=str(ctx.exit_path))
-    output_file = _open_output_file(ctx.output_path) if config.detach else None
-    try:
-        process = await anyio.open_process(
-            [_shell(), "-c", _WRAPPER, _shell()],
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=output_file if output_file is not None else subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=environment,
-            start_new_session=True,
-        )
-    finally:
-        if output_file is not None:
-            os.close(output_file)
+    argv = [_shell(), "-c", _WRAPPER, _shell()]
+    if config.detach:
+        return await _run_detached(argv, ctx, config, cwd, environment, stdin)
+    return await _run_attached(argv, ctx, config, cwd, environment, stdin)
+
+
+async def _run_attached(
+    argv: list[str], ctx: ToolContext, config: ShellConfig, cwd: str | None, env: dict[str, str], stdin: str | None
+) -> JSON:
+    """Output comes through a pipe to the server; the process ends with the server."""
+    started = time.monotonic()
+    process = await anyio.open_process(
+        argv,
+        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+    )
     ctx.set_process(ProcessInfo(process.pid, start_ticks(process.pid), boot_id()))
-    if output_file is not None:
-        ctx.use_output_file()
-    output_bytes = 0
-    keep_running = False
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_feed_stdin, process, stdin)
-            if output_file is None:
-                output_bytes = await _read_until_exit(process, ctx)
-            else:
-                await process.wait()
-                output_bytes = _file_size(ctx.output_path)
-    except anyio.get_cancelled_exc_class():
-        keep_running = config.detach and ctx.shutting_down()
-        if keep_running:
-            raise LeftRunning(f"detached command (pid {process.pid}) keeps running") from None
-        raise
+            output_bytes = await _read_until_exit(process, ctx)
     finally:
         with anyio.CancelScope(shield=True):
-            if not keep_running:
-                await stop_group(process, config.kill_grace_s)
-            await _close(process, wait=not keep_running)
+            await stop_group(process.pid, config.kill_grace_s, process.wait)
+            await process.aclose()
     return _outcome(process.returncode, time.monotonic() - started, output_bytes)
 
 
-async def _close(process: Process, *, wait: bool) -> None:
-    if wait:
-        await process.aclose()
-        return
-    for stream in (process.stdin, process.stdout):  # leave a detached process running
-        if stream is not None:
-            await stream.aclose()
+async def _run_detached(
+    argv: list[str], ctx: ToolContext, config: ShellConfig, cwd: str | None, env: dict[str, str], stdin: str | None
+) -> JSON:
+    """Output goes straight to the task's file and the process outlives the server.
 
+    A plain `Popen`, watched through a pidfd: asyncio's subprocess transport kills the
+    process it owns when it is closed, and this one must survive the server's shutdown.
+    """
+    started = time.monotonic()
+    stdin_path = ctx.output_path.with_suffix(".stdin")
+    if stdin is not None:
+        stdin_path.write_text(stdin)
+    with contextlib.ExitStack() as files:
+        out = files.enter_context(open(ctx.output_path, "ab"))  # noqa: ASYNC230 - a local file, once
+        into = files.enter_context(open(stdin_path, "rb")) if stdin is not None else subprocess.DEVNULL  # noqa: ASYNC230
+        process = subprocess.Popen(  # noqa: ASYNC220 - spawning does not block on the child
+            argv, stdin=into, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
+        )
+    ctx.set_process(ProcessInfo(process.pid, start_ticks(process.pid), boot_id()))
+    ctx.use_output_file()
 
-def _open_output_file(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    async def leader_exit() -> None:
+        await wait_for_exit(process.pid)
+        process.wait()  # reaps it: it has exited, so this does not block
+
+    try:
+        await leader_exit()
+    except anyio.get_cancelled_exc_class():
+        if ctx.shutting_down():
+            raise LeftRunning(f"detached command (pid {process.pid}) keeps running") from None
+        with anyio.CancelScope(shield=True):
+            await stop_group(process.pid, config.kill_grace_s, leader_exit)
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            stdin_path.unlink()
+    return _outcome(process.returncode, time.monotonic() - started, _file_size(ctx.output_path))
 
 
 def _file_size(path: Path) -> int:

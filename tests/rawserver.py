@@ -1,0 +1,108 @@
+"""A server subprocess spoken to in raw JSON-RPC, line by line, so every stdout byte is checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import Process
+from conftest import TREE, live_group_members
+
+
+def server_env(tmp_path: Path, data_dir: Path | None = None) -> dict[str, str]:
+    return {
+        **os.environ,
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "OFFLOAD_DATA_DIR": str(data_dir or tmp_path / "data"),
+        "OFFLOAD_LOG_LEVEL": "WARNING",
+    }
+
+
+async def start_server(tmp_path: Path, *flags: str, data_dir: Path | None = None) -> RawServer:
+    process = await anyio.open_process(
+        [sys.executable, "-m", "server", *flags],
+        env=server_env(tmp_path, data_dir),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    server = RawServer(process)
+    await server.handshake()
+    return server
+
+
+class RawServer:
+    """A server subprocess spoken to line by line, so every stdout byte is checked."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self._buffer = b""
+        self._next_id = 0
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send(json.dumps(message).encode() + b"\n")
+
+    async def receive(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            self._buffer += await self.process.stdout.receive()
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)  # anything but JSON-RPC on stdout fails here
+
+    async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self._next_id += 1
+        await self.send({"jsonrpc": "2.0", "id": self._next_id, "method": method, "params": params})
+        while True:
+            message = await self.receive()
+            if message.get("id") == self._next_id:
+                return message
+
+    async def handshake(self) -> None:
+        reply = await self.request(
+            "initialize",
+            {
+                "protocolVersion": "2025-11-25",
+                "capabilities": {},
+                "clientInfo": {"name": "raw-test", "version": "0"},
+            },
+        )
+        assert reply["result"]["serverInfo"]["name"] == "offload"
+        await self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    async def start_tree(self) -> int:
+        """Starts a command with two background children; returns its pid once all three exist."""
+        reply = await self.request(
+            "tools/call",
+            {
+                "name": "run_shell_background",
+                "arguments": {"command": TREE},
+            },
+        )
+        task = reply["result"]["structuredContent"]
+        with anyio.fail_after(5):
+            while "ready" not in (await self.call("get_cached_output", task_id=task["task_id"]))["output"]["text"]:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        assert len(live_group_members(task["pid"])) == 4
+        return int(task["pid"])
+
+    async def call(self, mcp_tool: str, **arguments: Any) -> dict[str, Any]:
+        reply = await self.request("tools/call", {"name": mcp_tool, "arguments": arguments})
+        result: dict[str, Any] = reply["result"]["structuredContent"]
+        return result
+
+
+async def _start(tmp_path: Path) -> RawServer:
+    process = await anyio.open_process(
+        [sys.executable, "-m", "server"],
+        env=server_env(tmp_path),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    return RawServer(process)

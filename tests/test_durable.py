@@ -1,0 +1,213 @@
+"""Durability: results and output outlive the server process; recovery after a crash is truthful."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import anyio
+import pytest
+from conftest import FakeClock, Gate, call, error_text, live_group_members, open_client
+from rawserver import RawServer, start_server
+
+from server.config import Settings
+from server.errors import ConfigError
+from server.runtime import Runtime
+
+pytestmark = pytest.mark.anyio
+
+
+async def wait_for_exit(pid: int, timeout_s: float = 10) -> None:
+    """Waits for a process that is not our child: its pidfd turns readable when it exits."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with anyio.fail_after(timeout_s):
+            await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+async def kill_9(server: RawServer) -> None:
+    server.process.kill()
+    with anyio.fail_after(5):
+        await server.process.wait()
+    await server.process.aclose()
+
+
+async def test_results_and_output_survive_kill_9(tmp_path: Path) -> None:
+    server = await start_server(tmp_path)
+    command = "for i in $(seq 1 2000); do echo line $i; done"
+    done = await server.call("fire_tool", tool="shell", arguments={"command": command}, wait_s=20)
+    assert done["status"] == "completed"
+    running = await server.call("run_shell_background", command="sleep 300 & sleep 300; wait")
+    await kill_9(server)
+    assert live_group_members(running["pid"]), "kill -9 gives the server no chance to clean up"
+
+    again = await start_server(tmp_path)  # same data dir
+    async with again.process:
+        view = await again.call("get_cached_output", task_id=done["task_id"], max_bytes=1024 * 1024)
+        assert view["status"] == "completed"
+        assert view["result"]["exit_code"] == 0
+        expected = "".join(f"line {i}\n" for i in range(1, 2001))
+        assert view["output"]["text"] == expected
+        assert view["output"]["total_bytes"] == len(expected)
+
+        interrupted = await again.call("get_cached_output", task_id=running["task_id"])
+        assert interrupted["status"] == "failed"
+        assert interrupted["error"]["kind"] == "interrupted"
+        assert "killed" in interrupted["error"]["message"]
+        assert live_group_members(running["pid"]) == []
+        listed = await again.call("list_tasks")
+        assert {t["task_id"] for t in listed["tasks"]} == {done["task_id"], running["task_id"]}
+        await again.process.stdin.aclose()  # type: ignore[union-attr]
+        await again.process.wait()
+
+
+async def test_a_command_that_finished_while_the_server_was_dead_is_completed(tmp_path: Path) -> None:
+    server = await start_server(tmp_path)
+    fired = await server.call("run_shell_background", command="sleep 0.5; exit 7")
+    await kill_9(server)
+    await wait_for_exit(fired["pid"])  # it finishes on its own, with nobody watching
+
+    again = await start_server(tmp_path)
+    async with again.process:
+        view = await again.call("get_cached_output", task_id=fired["task_id"])
+        assert view["status"] == "failed"
+        assert view["error"]["kind"] == "exit_status"
+        assert view["result"]["exit_code"] == 7  # the real exit status, from the wrapper's record
+        await again.process.stdin.aclose()  # type: ignore[union-attr]
+
+
+async def test_detached_commands_outlive_the_server_and_are_followed_again(tmp_path: Path) -> None:
+    server = await start_server(tmp_path, "--detach")
+    quick = await server.call("run_shell_background", command="echo start; sleep 0.3; echo end")
+    slow_gate = tmp_path / "gate"
+    slow = await server.call(
+        "run_shell_background",
+        command=f"echo waiting; while [ ! -e {slow_gate} ]; do sleep 0.05; done; echo free; exit 4",
+    )
+    assert server.process.stdin is not None
+    await server.process.stdin.aclose()  # a clean shutdown leaves detached commands running
+    with anyio.fail_after(5):
+        await server.process.wait()
+    assert live_group_members(slow["pid"]), "detached commands are not killed at shutdown"
+    await wait_for_exit(quick["pid"])  # finishes while no server runs
+
+    again = await start_server(tmp_path, "--detach")
+    async with again.process:
+        view = await again.call("get_cached_output", task_id=quick["task_id"])
+        assert view["status"] == "completed", view["error"]
+        assert view["result"]["exit_code"] == 0
+        assert view["output"]["text"] == "start\nend\n"
+
+        still = await again.call("get_cached_output", task_id=slow["task_id"])
+        assert still["status"] == "running"  # followed again, not called a failure
+        assert still["output"]["text"] == "waiting\n"
+        slow_gate.touch()
+        polled = await again.call("poll_output", task_ids=[slow["task_id"]], timeout_s=20)
+        assert polled["pending"] == []
+        ended = polled["done"][0]
+        assert ended["status"] == "failed"
+        assert ended["result"]["exit_code"] == 4
+        assert ended["output"]["text"] == "waiting\nfree\n"
+        await again.process.stdin.aclose()  # type: ignore[union-attr]
+
+
+async def test_expiry_across_restarts(settings: Settings, clock: FakeClock, gate: Gate) -> None:
+    async with open_client(settings, clock, gate) as (_, client):
+        fired = await call(client, "fire_tool", tool="shell", arguments={"command": "echo kept"}, wait_s=10, ttl_s=100)
+    clock.advance(50)
+    async with open_client(settings, clock, gate) as (_, client):
+        view = await call(client, "get_cached_output", task_id=fired["task_id"])
+        assert view["output"]["text"] == "kept\n"
+    clock.advance(51)
+    async with open_client(settings, clock, gate) as (runtime, client):  # the start-up sweep expires it
+        message = error_text(await client.call_tool("get_cached_output", {"task_id": fired["task_id"]}))
+        assert "expired at" in message
+        assert (await call(client, "list_tasks"))["tasks"] == []
+        assert not runtime.executor.store.output_path(fired["task_id"]).exists()
+
+
+async def test_cached_results_are_reused_after_a_restart(settings: Settings, clock: FakeClock, gate: Gate) -> None:
+    gate.release("r")
+    async with open_client(settings, clock, gate) as (_, client):
+        first = await call(client, "fire_tool", tool="test.gate", arguments={"key": "r"}, wait_s=10)
+    async with open_client(settings, clock, gate) as (_, client):
+        again = await call(client, "fire_tool", tool="test.gate", arguments={"key": "r"})
+        assert again["cached"] is True
+        assert again["task_id"] == first["task_id"]
+    assert gate.calls["r"] == 1
+
+
+async def test_a_corrupt_database_is_moved_aside(
+    settings: Settings, clock: FakeClock, gate: Gate, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = Path(settings.data_dir or "")
+    data.mkdir(parents=True)
+    (data / "offload.db").write_bytes(b"this is not a database" * 100)
+    async with open_client(settings, clock, gate) as (_, client):
+        fired = await call(client, "fire_tool", tool="shell", arguments={"command": "echo fresh"}, wait_s=10)
+        assert fired["status"] == "completed"
+    assert [p.name for p in data.glob("offload.db.corrupt-*")]
+    assert "unreadable" in caplog.text
+
+
+async def test_an_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=r"cannot be written.*--data-dir"):
+        async with Runtime.open(Settings(data_dir=blocker / "data")):
+            pass
+
+
+async def test_readers_see_committed_tasks_while_the_server_writes(
+    settings: Settings, clock: FakeClock, gate: Gate
+) -> None:
+    async with open_client(settings, clock, gate) as (runtime, client):
+        reader = sqlite3.connect(runtime.executor.store.root / "offload.db", timeout=1)
+        ids = []
+        for i in range(50):
+            ids.append((await call(client, "fire_tool", tool="shell", arguments={"command": f"echo {i}"}))["task_id"])
+            seen = {row[0] for row in reader.execute("SELECT id FROM tasks")}
+            assert ids[-1] in seen  # committed before fire_tool answered
+        reply = await call(client, "poll_output", task_ids=ids, timeout_s=30)
+        assert len(reply["done"]) == 50
+        statuses = dict(reader.execute("SELECT id, status FROM tasks"))
+        assert {statuses[i] for i in ids} == {"completed"}
+        reader.close()
+
+
+async def test_two_servers_share_a_data_dir(settings: Settings, clock: FakeClock, gate: Gate) -> None:
+    async with open_client(settings, clock, gate) as (_, first), open_client(settings, clock, gate) as (_, second):
+        fired = await call(first, "run_shell_background", command="sleep 300")
+        seen = await call(second, "get_cached_output", task_id=fired["task_id"])
+        assert seen["status"] == "running"  # the other server does not take over a live server's task
+        message = error_text(await second.call_tool("cancel_task", {"task_id": fired["task_id"]}))
+        assert "another Offload server process" in message
+        assert (await call(first, "cancel_task", task_id=fired["task_id"]))["status"] == "cancelled"
+        after = await call(second, "get_cached_output", task_id=fired["task_id"])
+        assert after["status"] == "cancelled"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(kill_grace_s=0.5, data_dir=tmp_path / "data")
+
+
+async def test_a_detached_command_can_still_be_cancelled(tmp_path: Path, clock: FakeClock, gate: Gate) -> None:
+    settings = Settings(kill_grace_s=0.5, data_dir=tmp_path / "data", detach=True)
+    async with open_client(settings, clock, gate) as (_, client):
+        fired = await call(client, "run_shell_background", command="echo hi; sleep 300 & sleep 300", stdin="ignored")
+        view = await call(client, "cancel_task", task_id=fired["task_id"])
+        assert view["status"] == "cancelled"
+        assert live_group_members(fired["pid"]) == []
+        reply = await call(
+            client, "fire_tool", tool="shell", arguments={"command": "cat; exit 2", "stdin": "in"}, wait_s=10
+        )
+        assert reply["task"]["status"] == "failed"
+        assert reply["task"]["result"]["exit_code"] == 2
+        assert reply["task"]["output"]["text"] == "in"
