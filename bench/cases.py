@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.lowlevel
+from anyio.abc import Process
 from mcp import Client, StdioServerParameters
 from pydantic import BaseModel
 
@@ -47,11 +52,13 @@ def _quantiles_ms(samples_s: list[float]) -> tuple[float, float]:
 
 
 @asynccontextmanager
-async def stdio_client(mode: str = "legacy") -> AsyncIterator[Client]:
-    env = {**os.environ, "OFFLOAD_LOG_LEVEL": "WARNING"}
-    params = StdioServerParameters(command=sys.executable, args=["-m", "server"], env=env)
-    async with Client(params, mode=mode) as client:
-        yield client
+async def stdio_client(mode: str = "legacy", *flags: str) -> AsyncIterator[Client]:
+    """A real `offload-mcp` subprocess over stdio, on a fresh data directory."""
+    with tempfile.TemporaryDirectory(prefix="offload-bench-") as data:
+        env = {**os.environ, "OFFLOAD_LOG_LEVEL": "WARNING", "OFFLOAD_DATA_DIR": data}
+        params = StdioServerParameters(command=sys.executable, args=["-m", "server", *flags], env=env)
+        async with Client(params, mode=mode) as client:
+            yield client
 
 
 async def _timed(call: Callable[[], Awaitable[Any]], n: int) -> list[float]:
@@ -123,7 +130,7 @@ async def inproc_fire(quick: bool) -> CaseResult:
     """`Executor.fire` alone: validate, record, schedule."""
     n = 2000 if quick else 20000
     result = CaseResult("in-process fire")
-    async with Runtime.open(Settings(), extra_tools=[INSTANT], load_plugins=False) as runtime:
+    async with bench_runtime(max_active_per_owner=n + 1) as runtime:
         executor = runtime.executor
         samples = []
         for i in range(n):
@@ -142,7 +149,7 @@ async def shell_fan_out(quick: bool) -> CaseResult:
     """N x `sleep 1` fired over stdio, then one poll_output(all)."""
     n = 50 if quick else 200
     result = CaseResult(f"shell fan-out ({n} x sleep 1)")
-    async with stdio_client("legacy") as client:
+    async with stdio_client("legacy", "--max-concurrency", str(n)) as client:
         started = time.perf_counter()
         ids = []
         for _ in range(n):
@@ -181,10 +188,262 @@ async def naive_vs_fire(quick: bool) -> CaseResult:
     return result
 
 
+class _Lines:
+    """JSON-RPC over a subprocess's pipes, one message per line."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.buffer = b""
+        self.next_id = 0
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.send(json.dumps(message).encode() + b"\n")
+
+    async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self.next_id += 1
+        await self.send({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params})
+        assert self.process.stdout is not None
+        while True:
+            while b"\n" not in self.buffer:
+                self.buffer += await self.process.stdout.receive()
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            message: dict[str, Any] = json.loads(line)
+            if message.get("id") == self.next_id:
+                return message
+
+
+# ---- helpers that read the server process from /proc ----
+
+
+def server_pid() -> int:
+    """The `python -m server` child this process started (the stdio client spawns it)."""
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me and b"server" in cmdline:
+            return int(entry.name)
+    raise RuntimeError("no server child process found")
+
+
+def cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int | str = "self", field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} for {pid}")
+
+
+def _data(result: Any) -> dict[str, Any]:
+    if result.is_error:
+        raise RuntimeError(result.content[0].text)
+    data: dict[str, Any] = result.structured_content
+    return data
+
+
+async def _fire(client: Client, command: str, **extra: Any) -> str:
+    reply = await client.call_tool("fire_tool", {"tool": "shell", "arguments": {"command": command}, **extra})
+    return str(_data(reply)["task_id"])
+
+
+class _Seconds(BaseModel):
+    seconds: float = 1.0
+
+
+async def _sleep_tool(args: _Seconds, ctx: ToolContext) -> JSON:
+    await anyio.sleep(args.seconds)
+    return {"slept_s": args.seconds}
+
+
+SLEEP = ToolSpec(name="bench.sleep", description="sleeps", input_model=_Seconds, handler=_sleep_tool)
+
+
+@asynccontextmanager
+async def bench_runtime(**settings: Any) -> AsyncIterator[Runtime]:
+    with tempfile.TemporaryDirectory(prefix="offload-bench-") as data:
+        config = Settings(data_dir=Path(data), **settings)
+        async with Runtime.open(config, extra_tools=[INSTANT, SLEEP], load_plugins=False) as runtime:
+            yield runtime
+
+
+# ---- the cases ----
+
+
+async def inproc_fan_out(quick: bool) -> CaseResult:
+    """2,000 tasks of an async tool that takes 1 s, fired in-process, then awaited."""
+    n = 500 if quick else 2000
+    result = CaseResult(f"in-process fan-out ({n} x 1 s)")
+    async with bench_runtime(max_concurrency=n, max_active_per_owner=n) as runtime:
+        started = time.perf_counter()
+        tasks = [runtime.executor.fire("local", "bench.sleep", {"seconds": 1.0}).task for _ in range(n)]
+        fired_s = time.perf_counter() - started
+        done, timed_out = await runtime.executor.wait(tasks, 30, "all")
+        total_s = time.perf_counter() - started
+    ok = not timed_out and all(t.status == "completed" for t in done)
+    result.add("all fired after", fired_s * 1000, "ms")
+    result.add("all done after", total_s, "s", "<= 1.3 s", ok and total_s <= 1.3)
+    return result
+
+
+async def idle_waiting(quick: bool) -> CaseResult:
+    """500 running commands and a poll_output waiting: server CPU time while nothing happens."""
+    n, wait_s = (100, 3.0) if quick else (500, 10.0)
+    result = CaseResult(f"idle waiting ({n} running, {wait_s:g} s poll)")
+    async with stdio_client("legacy", "--max-concurrency", str(n + 10)) as client:
+        ids = [await _fire(client, "sleep 60") for _ in range(n)]
+        pid = server_pid()
+        while _data(await client.call_tool("list_tasks", {"status": "queued", "limit": 1}))["tasks"]:  # noqa: ASYNC110
+            await anyio.sleep(0.1)  # until every command is spawned
+        await anyio.sleep(0.5)
+        before = cpu_s(pid)
+        reply = _data(await client.call_tool("poll_output", {"task_ids": ids[:100], "timeout_s": wait_s}))
+        used = cpu_s(pid) - before
+        for task_id in ids:
+            await client.call_tool("cancel_task", {"task_id": task_id})
+    result.add("server CPU during the wait", used, "s", "<= 0.05 s", used <= 0.05 and reply["timed_out"])
+    return result
+
+
+async def output_capture(quick: bool) -> CaseResult:
+    """A command writing 200 MB as fast as it can: capture rate and the server's peak memory."""
+    size = 50_000_000 if quick else 200_000_000
+    result = CaseResult(f"output capture ({size // 1_000_000} MB)")
+    async with stdio_client("legacy") as client:
+        pid = server_pid()
+        base_mib = rss_mib(pid)
+        started = time.perf_counter()
+        task_id = await _fire(client, f"head -c {size} /dev/zero")
+        view = _data(await client.call_tool("poll_output", {"task_ids": [task_id], "timeout_s": 55, "max_bytes": 0}))
+        elapsed_s = time.perf_counter() - started
+        peak_mib = rss_mib(pid, "VmHWM")
+    captured = view["done"][0]["result"]["output_bytes"]
+    rate = captured / elapsed_s / 1e6
+    result.add("captured", captured / 1e6, "MB")
+    result.add("rate", rate, "MB/s", ">= 200 MB/s", rate >= 200 and captured == size)
+    result.add("server RSS before", base_mib, "MiB")
+    result.add("server peak RSS", peak_mib, "MiB", "<= 150 MiB", peak_mib <= 150)
+    return result
+
+
+async def responsiveness(quick: bool) -> CaseResult:
+    """fire_tool latency while 200 commands stream output and a CPU-heavy command runs."""
+    streams, n = (50, 100) if quick else (200, 300)
+    result = CaseResult(f"responsiveness ({streams} streaming + CPU hog)")
+    async with stdio_client("legacy", "--max-concurrency", str(streams + n + 10)) as client:
+        busy = [await _fire(client, "yes offload | head -c 20000000") for _ in range(streams)]
+        busy.append(await _fire(client, f"{sys.executable} -c 'while True: pass'", timeout_s=60))
+        samples = await _timed(
+            lambda: client.call_tool("fire_tool", {"tool": "shell", "arguments": {"command": "true"}}), n
+        )
+        for task_id in busy:
+            await client.call_tool("cancel_task", {"task_id": task_id})
+    med_ms, p99_ms = _quantiles_ms(samples)
+    result.add("fire_tool median", med_ms, "ms")
+    result.add("fire_tool p99", p99_ms, "ms", "<= 10 ms", p99_ms <= 10)
+    return result
+
+
+async def memory(quick: bool) -> CaseResult:
+    """Resident memory after 10k / 50k / 100k fire+finish cycles (in-process: this process is the server)."""
+    marks = (2_000, 10_000, 20_000) if quick else (10_000, 50_000, 100_000)
+    result = CaseResult("memory (fire + finish cycles)")
+    async with bench_runtime() as runtime:
+        executor = runtime.executor
+        done = 0
+        started = time.perf_counter()
+        for mark in marks:
+            while done < mark:
+                batch = [executor.fire("local", "bench.instant", {"n": done + i}).task for i in range(500)]
+                await executor.wait(batch, 30, "all")
+                done += len(batch)
+            result.add(f"RSS after {mark:,}", rss_mib(), "MiB")
+        rate = done / (time.perf_counter() - started)
+    first, last = result.figures[0].value, result.figures[-1].value
+    result.add("growth first -> last mark", last - first, "MiB", "flat (< 10 MiB)", last - first < 10)
+    result.add("cycles per second", rate, "/s")
+    return result
+
+
+async def store_fire(quick: bool) -> CaseResult:
+    """`Executor.fire` with the store on disk, on tmpfs, and the SQL insert alone."""
+    n = 2000 if quick else 10000
+    result = CaseResult("fire with the durable store")
+    medians: dict[str, float] = {}
+    for label, where in (("disk", None), ("tmpfs", "/dev/shm")):
+        with tempfile.TemporaryDirectory(prefix="offload-bench-", dir=where) as data:
+            settings = Settings(data_dir=Path(data), max_active_per_owner=n + 1)
+            async with Runtime.open(settings, extra_tools=[INSTANT], load_plugins=False) as runtime:
+                samples = []
+                for i in range(n):
+                    began = time.perf_counter()
+                    runtime.executor.fire("local", "bench.instant", {"n": i})
+                    samples.append(time.perf_counter() - began)
+                    if i % 100 == 99:
+                        await anyio.lowlevel.checkpoint()
+                medians[label] = _quantiles_ms(samples)[0] * 1000
+                result.add(
+                    f"fire median, data dir on {label}", medians[label], "µs", "<= 100 µs", medians[label] <= 100
+                )
+    return result
+
+
+async def shutdown(quick: bool) -> CaseResult:
+    """stdin closed → server exited, with five running command trees to kill."""
+    runs = 3 if quick else 10
+    result = CaseResult("shutdown on stdin EOF")
+    timings = []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="offload-bench-") as data:
+            env = {**os.environ, "OFFLOAD_LOG_LEVEL": "WARNING", "OFFLOAD_DATA_DIR": data}
+            process = await anyio.open_process([sys.executable, "-m", "server"], env=env, stderr=subprocess.DEVNULL)
+            async with process:
+                lines = _Lines(process)
+                await lines.request(
+                    "initialize",
+                    {
+                        "protocolVersion": "2025-11-25",
+                        "capabilities": {},
+                        "clientInfo": {"name": "bench", "version": "0"},
+                    },
+                )
+                await lines.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+                for _ in range(5):
+                    await lines.request(
+                        "tools/call",
+                        {"name": "run_shell_background", "arguments": {"command": "sleep 300 & sleep 300; wait"}},
+                    )
+                began = time.perf_counter()
+                assert process.stdin is not None
+                await process.stdin.aclose()
+                await process.wait()
+                timings.append(time.perf_counter() - began)
+    med_ms, worst_ms = statistics.median(timings) * 1000, max(timings) * 1000
+    result.add("median", med_ms, "ms")
+    result.add("worst", worst_ms, "ms", "<= 2000 ms", worst_ms <= 2000)
+    return result
+
+
 CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "fire_latency": fire_latency,
     "fire_latency_idle": fire_latency_idle,
     "inproc_fire": inproc_fire,
     "shell_fan_out": shell_fan_out,
     "naive": naive_vs_fire,
+    "inproc_fan_out": inproc_fan_out,
+    "idle_waiting": idle_waiting,
+    "output_capture": output_capture,
+    "responsiveness": responsiveness,
+    "memory": memory,
+    "store_fire": store_fire,
+    "shutdown": shutdown,
 }

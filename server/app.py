@@ -20,7 +20,7 @@ from server.errors import RequestError
 from server.runtime import Runtime
 from server.tasks import Catalog, FireReply, PollReply, ShellReply, Status, TaskList, TaskView
 
-MAX_POLL_IDS = 100
+MAX_POLL_IDS = 500
 MAX_POLL_TIMEOUT_S = 55.0
 """Clients cut a call off at about 60 s; a poll must answer before that."""
 

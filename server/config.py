@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -143,7 +144,7 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
                 f"unknown environment setting {name}; known: "
                 + ", ".join(ENV_PREFIX + f.upper() for f in fields if f not in ("presets", "tool_concurrency"))
             )
-        found[field] = raw.split(",") if field.startswith("shell_") else raw
+        found[field] = raw.split(",") if typing.get_origin(fields[field].annotation) is tuple else raw
     return found
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 from anyio.abc import TaskGroup
 from pydantic import ValidationError
 
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 ReturnWhen = Literal["all", "any"]
 ProgressFn = Callable[[int, int], Awaitable[None]]
+OUTPUT_TURNS = 1
+"""Output chunks copied at once across all tasks (see ToolContext.output_turns). Measured with 200
+commands streaming 20 MB each: 1 turn gave fire_tool p99 9 ms, 4 turns 21 ms, none (no limit) 77 ms."""
 INLINE_OUTPUT_MAX_BYTES = 4096
 """A finished task's output up to this size is stored in its row: no file per small task."""
 FOREIGN_RECHECK_S = 1.0
@@ -84,6 +88,7 @@ class Executor:
             if (limit := settings.tool_concurrency.get(spec.name, spec.max_concurrency)) is not None
         }
         self._active: dict[str, Task] = {}
+        self._output_turns = anyio.CapacityLimiter(OUTPUT_TURNS)
         self._active_per_owner: Counter[str] = Counter()
         self._finished = FinishedTasks(settings.finished_tasks_max, clock, on_drop=self._forget_key)
         self._reuse: dict[str, str] = {}
@@ -231,6 +236,7 @@ class Executor:
             exit_path=self.store.exit_path(task.id),
             kill_grace_s=self.settings.kill_grace_s,
             shutting_down=lambda: task.cancel_reason is ErrorKind.SHUTDOWN,
+            output_turns=self._output_turns,
         )
 
     def _mark_running(self, task: Task) -> None:
@@ -244,12 +250,7 @@ class Executor:
             task.output.finish(INLINE_OUTPUT_MAX_BYTES)
         task.status, task.error, task.result = status, error, result
         task.finished_at = self._clock()
-        row = task.row(self.store.instance)
-        self.store.update(
-            task.id,
-            **{k: row[k] for k in ("status", "finished_at", "expires_at", "result", "error_kind", "error_message")},
-            **{k: row[k] for k in ("output_total", "output_head", "output_ring", "output_lost_from", "output_inline")},
-        )
+        self.store.update(task.id, **task.final_columns())
         self._release(task)
         setattr(self.counters, status.value, getattr(self.counters, status.value) + 1)
         if status is not Status.COMPLETED:
@@ -403,13 +404,15 @@ class Executor:
         self._finished.expire()
         return self.store.sweep(self._clock(), self.settings.tombstones_max)
 
-    async def sweep_forever(self) -> None:
+    async def upkeep_forever(self) -> None:
+        """Expires old results and checkpoints the store's WAL, off the commit path."""
         while True:
             await anyio.sleep(self.settings.sweep_interval_s)
             try:
                 self.sweep()
+                await anyio.to_thread.run_sync(self.store.checkpoint)
             except Exception:
-                log.exception("sweeping expired results failed; will try again")
+                log.exception("store upkeep failed; will try again")
 
 
 def _no_output(_data: bytes) -> None:

@@ -8,7 +8,9 @@ in views and raise `RequestError`s, never MCP types.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -74,7 +76,7 @@ class Runtime:
                 executor = Executor(registry, settings, clock, tg, store)
                 await recover(executor)
                 executor.sweep()
-                tg.start_soon(executor.sweep_forever, name="offload sweeper")
+                tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
                 try:
                     yield cls(settings, executor)
                 finally:
@@ -82,6 +84,8 @@ class Runtime:
                         await executor.shutdown()
                     tg.cancel_scope.cancel()
         finally:
+            with contextlib.suppress(sqlite3.Error):
+                store.checkpoint()
             store.close()
 
     async def shutdown(self) -> None:

@@ -199,6 +199,15 @@ class Store:
             path.unlink()
         return True
 
+    def checkpoint(self) -> None:
+        """Copies the WAL into the database file; blocking I/O with fsyncs, so it runs in a worker
+        thread on a connection of its own, never on the event loop's commits."""
+        db = sqlite3.connect(self.root / DB_NAME, timeout=5.0)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
+
     # ---- expiry ----
 
     def sweep(self, now: float, tombstones_max: int) -> int:
@@ -275,6 +284,7 @@ def _open_db(path: Path) -> sqlite3.Connection:
     try:
         db.execute("PRAGMA journal_mode = WAL")
         db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run in a worker thread: `Store.checkpoint`
         verdict = db.execute("PRAGMA quick_check").fetchone()[0]
     except sqlite3.DatabaseError:
         db.close()

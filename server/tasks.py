@@ -237,6 +237,23 @@ class Task:
             else None,
         }
 
+    def final_columns(self) -> dict[str, Any]:
+        """What changes when a task finishes: its outcome and where its output is."""
+        layout = self.output.layout()
+        return {
+            "status": self.status.value,
+            "finished_at": self.finished_at,
+            "expires_at": self.expires_at,
+            "result": None if self.result is None else json.dumps(self.result, separators=(",", ":")),
+            "error_kind": None if self.error is None else self.error.kind,
+            "error_message": None if self.error is None else self.error.message,
+            "output_total": layout.total_bytes,
+            "output_head": layout.head_bytes,
+            "output_ring": layout.ring_bytes,
+            "output_lost_from": layout.lost_from,
+            "output_inline": self.output.inline_bytes() if isinstance(self.output, OutputLog) else None,
+        }
+
     @classmethod
     def from_row(cls, row: Row, output_path: Path, spec: ToolSpec | None, local: bool) -> Task:
         output: Output

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 JSON = dict[str, Any]
 
 
@@ -62,3 +64,6 @@ class ToolContext:
     """How long a cancelled process group gets between TERM and KILL."""
     shutting_down: Callable[[], bool]
     """True when the task is being cancelled because the server is stopping."""
+    output_turns: anyio.CapacityLimiter
+    """Shared by every task's output copying, so a flood of output cannot crowd the protocol
+    out of the event loop: each loop pass does a bounded amount of it."""

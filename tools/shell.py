@@ -177,13 +177,17 @@ async def _feed_stdin(process: Process, text: str | None) -> None:
 
 
 async def _pump_output(process: Process, ctx: ToolContext, eof: anyio.Event) -> int:
-    assert process.stdout is not None
+    """Copies the pipe into the task's output, taking turns with every other task's pump."""
+    stream = process.stdout
+    assert stream is not None
     total = 0
     try:
-        async for chunk in process.stdout:
-            total += len(chunk)
-            ctx.write_output(chunk)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        while True:
+            async with ctx.output_turns:
+                chunk = await stream.receive(READ_CHUNK_BYTES)
+                total += len(chunk)
+                ctx.write_output(chunk)
+    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
         pass
     finally:
         eof.set()
