@@ -146,20 +146,38 @@ async def inproc_fire(quick: bool) -> CaseResult:
 
 
 async def shell_fan_out(quick: bool) -> CaseResult:
-    """N x `sleep 1` fired over stdio, then one poll_output(all)."""
+    return await _shell_fan_out(quick, concurrent=False)
+
+
+async def shell_fan_out_parallel(quick: bool) -> CaseResult:
+    return await _shell_fan_out(quick, concurrent=True)
+
+
+async def _shell_fan_out(quick: bool, concurrent: bool) -> CaseResult:
+    """N x `sleep 1` fired over stdio, then one poll_output(all).
+
+    Sequential: each fire_tool waits for the previous reply. Concurrent: all calls in flight at
+    once, as a client sends an assistant's parallel tool calls.
+    """
     n = 50 if quick else 200
-    result = CaseResult(f"shell fan-out ({n} x sleep 1)")
+    result = CaseResult(f"shell fan-out ({n} x sleep 1, {'concurrent' if concurrent else 'one by one'})")
     async with stdio_client("legacy", "--max-concurrency", str(n)) as client:
         started = time.perf_counter()
-        ids = []
-        for _ in range(n):
-            reply = await client.call_tool("fire_tool", {"tool": "shell", "arguments": {"command": "sleep 1"}})
-            ids.append(reply.structured_content["task_id"])  # type: ignore[index]
+        ids: list[str] = []
+
+        async def fire() -> None:
+            ids.append(await _fire(client, "sleep 1"))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(n):
+                if concurrent:
+                    tg.start_soon(fire)
+                else:
+                    await fire()
         fired_s = time.perf_counter() - started
-        poll = await client.call_tool("poll_output", {"task_ids": ids, "timeout_s": 55, "max_bytes": 0})
+        poll = _data(await client.call_tool("poll_output", {"task_ids": ids, "timeout_s": 55, "max_bytes": 0}))
         total_s = time.perf_counter() - started
-        done = poll.structured_content["done"]  # type: ignore[index]
-    ok = len(done) == n and all(v["status"] == "completed" for v in done)
+    ok = len(poll["done"]) == n and all(v["status"] == "completed" for v in poll["done"])
     result.add("all fired after", fired_s * 1000, "ms")
     result.add("all results in hand after", total_s, "s", "<= 1.5 s", total_s <= 1.5 and ok)
     return result
@@ -438,6 +456,7 @@ CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "fire_latency_idle": fire_latency_idle,
     "inproc_fire": inproc_fire,
     "shell_fan_out": shell_fan_out,
+    "shell_fan_out_parallel": shell_fan_out_parallel,
     "naive": naive_vs_fire,
     "inproc_fan_out": inproc_fan_out,
     "idle_waiting": idle_waiting,

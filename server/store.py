@@ -104,6 +104,7 @@ class Store:
         _require_writable(root)
         for sub in ("output", "instances"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+            (root / sub).chmod(0o700)  # output of every command: private to the user
         instance = secrets.token_hex(8)
         lock_fd = _hold_lock(root / "instances" / f"{instance}.lock")
         return cls(root, _connect(root / DB_NAME), instance, lock_fd)
