@@ -5,6 +5,7 @@ Errors the model can correct (`RequestError`) become tool errors with their text
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, Literal
@@ -205,5 +206,14 @@ def build_server(runtime: Runtime) -> OffloadServer:
     async def list_fireable_tools() -> Catalog:
         """Tools fire_tool accepts, with their argument schemas and flags."""
         return runtime.catalog()
+
+    @server.resource(
+        "offload://stats",
+        name="stats",
+        mime_type="application/json",
+        description="Tasks by status, queue depth, cache hit rates, shared clients, memory held.",
+    )
+    async def stats() -> str:
+        return json.dumps(runtime.stats(), indent=1)
 
     return server

@@ -17,6 +17,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import ConfigError
+from tools.clients import ClientsConfig
 from tools.shell import SECRET_MARKERS, Preset, ShellConfig
 
 ENV_PREFIX = "OFFLOAD_"
@@ -64,6 +65,14 @@ class Settings(BaseModel):
     shell_secret_markers: tuple[str, ...] = SECRET_MARKERS
     shell_pass_env: tuple[str, ...] = ()
     presets: dict[str, PresetSettings] = {}
+    http_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 100
+    github_base_url: str | None = None
+    """GitHub Enterprise (https://HOST/api/v3) or a local test server; default api.github.com."""
+    github_token_env: str = "GITHUB_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+    anthropic_base_url: str | None = None
+    anthropic_key_env: str = "ANTHROPIC_API_KEY"
+    anthropic_model: str = "claude-sonnet-5-5"
+    anthropic_max_retries: Annotated[int, Field(ge=0, le=10)] = 2
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def shell_config(self) -> ShellConfig:
@@ -84,6 +93,18 @@ class Settings(BaseModel):
             detach=self.detach,
             presets=presets,
         )
+
+
+def clients_config(settings: Settings) -> ClientsConfig:
+    return ClientsConfig(
+        http_max_connections=settings.http_max_connections,
+        github_token_env=settings.github_token_env,
+        github_base_url=settings.github_base_url,
+        anthropic_key_env=settings.anthropic_key_env,
+        anthropic_base_url=settings.anthropic_base_url,
+        anthropic_model=settings.anthropic_model,
+        anthropic_max_retries=settings.anthropic_max_retries,
+    )
 
 
 def data_dir(settings: Settings) -> Path:

@@ -7,6 +7,7 @@
         ├── InvalidArgumentsError  arguments do not fit the tool's input schema
         ├── UnknownTaskError    no task with that id belongs to the caller
         ├── ExpiredTaskError    the task existed but its result has expired
+        ├── UnavailableToolError  the tool cannot run here (a credential is missing)
         ├── TooManyTasksError   the caller has the most queued + running tasks allowed
         └── ForeignTaskError    cancelling a task another server process (same data dir) runs
 
@@ -96,3 +97,11 @@ class ForeignTaskError(RequestError):
             f"Task {task_id!r} is run by another Offload server process sharing this data directory; "
             "cancel it through the client connected to that server."
         )
+
+
+class UnavailableToolError(RequestError):
+    """Raised by `fire_tool` for a listed tool that cannot run here, before anything starts."""
+
+    def __init__(self, tool: str, reason: str) -> None:
+        self.tool = tool
+        super().__init__(f"{tool!r} cannot run on this server: {reason}. Nothing was started.")

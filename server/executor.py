@@ -16,7 +16,7 @@ import logging
 import secrets
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
@@ -32,6 +32,7 @@ from server.errors import (
     ForeignTaskError,
     InvalidArgumentsError,
     TooManyTasksError,
+    UnavailableToolError,
     UnknownTaskError,
     UnknownToolError,
 )
@@ -69,6 +70,8 @@ class Counters:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    cache_lookups: Counter[str] = field(default_factory=Counter)
+    cache_reuses: Counter[str] = field(default_factory=Counter)
 
 
 class Executor:
@@ -82,11 +85,12 @@ class Executor:
         self._clock = clock
         self._tg = task_group
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
-        self._tool_limiters = {
-            spec.name: anyio.CapacityLimiter(limit)
-            for spec in registry
-            if (limit := settings.tool_concurrency.get(spec.name, spec.max_concurrency)) is not None
-        }
+        self._tool_limiters: dict[str, anyio.CapacityLimiter] = {}
+        for spec in registry:
+            group = spec.limit_group or spec.name
+            limit = settings.tool_concurrency.get(group, settings.tool_concurrency.get(spec.name, spec.max_concurrency))
+            if limit is not None and group not in self._tool_limiters:
+                self._tool_limiters[group] = anyio.CapacityLimiter(limit)
         self._active: dict[str, Task] = {}
         self._output_turns = anyio.CapacityLimiter(OUTPUT_TURNS)
         self._active_per_owner: Counter[str] = Counter()
@@ -121,12 +125,16 @@ class Executor:
         spec = self.registry.get(tool)
         if spec is None:
             raise UnknownToolError(tool, self.registry.names())
+        if spec.unavailable is not None:
+            raise UnavailableToolError(tool, spec.unavailable)
         try:
             parsed = spec.input_model.model_validate(arguments)
         except ValidationError as exc:
             raise InvalidArgumentsError(tool, _problems(exc)) from exc
         timeout = self._timeout(spec, timeout_s)
-        key = result_key(owner, tool, parsed) if spec.cacheable else None
+        key = result_key(owner, tool, parsed) if spec.is_cacheable(parsed) else None
+        if key is not None:
+            self.counters.cache_lookups[tool] += 1
         if key is not None and use_cache and (reused := self._reusable(key)) is not None:
             return reused
         if self._active_per_owner[owner] >= self.settings.max_active_per_owner:
@@ -170,12 +178,14 @@ class Executor:
         task_id = self._reuse.get(key)
         if task_id is not None and (task := self._active.get(task_id)) is not None:
             self.counters.joined += 1
+            self.counters.cache_reuses[task.tool] += 1
             return Fired(task, deduplicated=True)
         task = self._finished.get(task_id) if task_id is not None else None
         if task is None and (stored_id := self.store.reusable(key, self._clock())) is not None:
             task = self._load(stored_id)
         if task is not None and task.status is Status.COMPLETED:
             self.counters.cache_hits += 1
+            self.counters.cache_reuses[task.tool] += 1
             return Fired(task, cached=True)
         return None
 
@@ -186,7 +196,7 @@ class Executor:
         await anyio.lowlevel.checkpoint()
         try:
             with task.scope:
-                tool_limiter = self._tool_limiters.get(task.tool)
+                tool_limiter = self._tool_limiters.get(_limit_key(task))
                 if self._limiter.available_tokens < 1 or (tool_limiter and tool_limiter.available_tokens < 1):
                     task.started.set()  # waiters learn it is queued
                 async with self._limiter, tool_limiter or contextlib.nullcontext():
@@ -413,6 +423,11 @@ class Executor:
                 await anyio.to_thread.run_sync(self.store.checkpoint)
             except Exception:
                 log.exception("store upkeep failed; will try again")
+
+
+def _limit_key(task: Task) -> str:
+    spec = task.spec
+    return spec.limit_group or spec.name if spec is not None else task.tool
 
 
 def _no_output(_data: bytes) -> None:

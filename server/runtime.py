@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from server.cache import Clock
-from server.config import Settings, data_dir
+from server.config import Settings, clients_config, data_dir
 from server.executor import Executor, ProgressFn, ReturnWhen
 from server.recovery import recover
 from server.store import Store
@@ -36,6 +36,10 @@ from server.tasks import (
     TaskView,
     summary_of,
 )
+from tools.claude import claude_specs
+from tools.clients import ClientPool
+from tools.github import github_specs
+from tools.http import http_specs
 from tools.registry import Registry, ToolSpec
 from tools.shell import shell_specs
 
@@ -49,9 +53,10 @@ SPAWN_WAIT_S = 5.0
 
 
 class Runtime:
-    def __init__(self, settings: Settings, executor: Executor) -> None:
+    def __init__(self, settings: Settings, executor: Executor, pool: ClientPool) -> None:
         self.settings = settings
         self.executor = executor
+        self.pool = pool
 
     def __repr__(self) -> str:
         return f"<Runtime {self.executor!r}>"
@@ -67,7 +72,16 @@ class Runtime:
         load_plugins: bool = True,
     ) -> AsyncIterator[Runtime]:
         _use_pidfd_child_watcher()
-        registry = Registry([*shell_specs(settings.shell_config()), *extra_tools])
+        pool = ClientPool(clients_config(settings))
+        registry = Registry(
+            [
+                *shell_specs(settings.shell_config()),
+                *http_specs(pool),
+                *github_specs(pool),
+                *claude_specs(pool),
+                *extra_tools,
+            ]
+        )
         if load_plugins:
             registry.load_entry_points()
         store = Store.open(data_dir(settings))
@@ -78,10 +92,11 @@ class Runtime:
                 executor.sweep()
                 tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
                 try:
-                    yield cls(settings, executor)
+                    yield cls(settings, executor, pool)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await executor.shutdown()
+                        await pool.aclose()
                     tg.cancel_scope.cancel()
         finally:
             with contextlib.suppress(sqlite3.Error):
@@ -175,6 +190,30 @@ class Runtime:
         wanted = None if status is None else status.value
         rows = self.executor.store.rows(owner, self.executor.now(), wanted, tool, limit)
         return TaskList(tasks=[summary_of(row) for row in rows])
+
+    def stats(self, owner: str = LOCAL_OWNER) -> dict[str, Any]:
+        """What `offload://stats` shows: the work, the reuse, the clients, the memory held."""
+        executor = self.executor
+        counters = executor.counters
+        active = executor.active_tasks()
+        per_tool = {
+            tool: {
+                "lookups": lookups,
+                "reused": counters.cache_reuses[tool],
+                "hit_rate": round(counters.cache_reuses[tool] / lookups, 3),
+            }
+            for tool, lookups in counters.cache_lookups.items()
+        }
+        return {
+            "tasks_by_status": executor.store.count_by_status(owner, executor.now()),
+            "queue_depth": sum(t.status is Status.QUEUED for t in active),
+            "running": sum(t.status is Status.RUNNING for t in active),
+            "fired": counters.fired,
+            "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
+            "clients": self.pool.stats(),
+            "output_bytes_held": sum(t.output.held_bytes for t in active),
+            "data_dir": str(executor.store.root),
+        }
 
     async def cancel(self, task_id: str, owner: str = LOCAL_OWNER) -> TaskView:
         task = await self.executor.cancel(owner, task_id)

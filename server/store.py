@@ -162,6 +162,14 @@ class Store:
         ).fetchone()
         return None if found is None else str(found[0])
 
+    def count_by_status(self, owner: str, now: float) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT status, count(*) FROM tasks WHERE owner = ? AND (expires_at IS NULL OR expires_at > ?) "
+            "GROUP BY status",
+            (owner, now),
+        )
+        return {str(status): int(count) for status, count in rows}
+
     def count_active(self, owner: str) -> int:
         found = self._db.execute(
             "SELECT count(*) FROM tasks WHERE owner = ? AND status IN ('queued', 'running') AND instance = ?",

@@ -36,11 +36,17 @@ class ToolSpec:
     handler: Handler
     cacheable: bool = False
     """Read-only and deterministic enough that an identical call may reuse a finished result."""
+    cache_if: Callable[[Any], bool] | None = None
+    """For a tool cacheable only for some arguments (HTTP GET, not POST)."""
     destructive: bool = False
     open_world: bool = False
     default_timeout_s: float | None = None
     max_concurrency: int | None = None
     """Per-tool limit on top of the global one; `None` means only the global limit applies."""
+    limit_group: str | None = None
+    """Tools of one group share one limit (every github.* tool counts against GitHub's)."""
+    unavailable: str | None = None
+    """Why firing this tool cannot work here (a missing credential); fire_tool refuses it with this."""
     note: str | None = None
     """Shown in the catalog, e.g. a missing credential."""
     reattach: Reattach | None = None
@@ -48,6 +54,9 @@ class ToolSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_schema", self.input_model.model_json_schema())
+
+    def is_cacheable(self, arguments: Any) -> bool:
+        return self.cacheable and (self.cache_if is None or self.cache_if(arguments))
 
     def flags(self) -> list[str]:
         named = {
