@@ -17,12 +17,14 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import httpx
 from anyio.abc import Process
 from mcp import Client, StdioServerParameters
 from pydantic import BaseModel
 
 from server.config import Settings
 from server.runtime import Runtime
+from server.tasks import Task
 from tools.context import JSON, ToolContext
 from tools.registry import ToolSpec
 
@@ -229,6 +231,9 @@ class _Lines:
             message: dict[str, Any] = json.loads(line)
             if message.get("id") == self.next_id:
                 return message
+
+
+TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 
 # ---- helpers that read the server process from /proc ----
@@ -451,6 +456,58 @@ async def shutdown(quick: bool) -> CaseResult:
     return result
 
 
+async def client_reuse(quick: bool) -> CaseResult:
+    """500 `http.request` tasks: the shared client against a fresh client per request; and 200 GitHub
+    reads fired then collected against the same reads made one after another. Local servers."""
+    sys.path.insert(0, TESTS_DIR)
+    from fakes import GITHUB_TOKEN, github_app, plain_app, serve  # the tests' local servers
+
+    n_http, n_github = (100, 20) if quick else (500, 200)
+    result = CaseResult("client reuse (local servers)")
+    os.environ["GITHUB_TOKEN"] = GITHUB_TOKEN
+    async with (
+        serve(plain_app()) as (web, _),
+        serve(github_app()) as (gh_url, gh_traffic),
+        bench_runtime(github_base_url=gh_url, max_concurrency=256, max_active_per_owner=1000) as runtime,
+    ):
+        executor = runtime.executor
+        started = time.perf_counter()
+        tasks = [executor.fire("local", "http.request", {"url": f"{web}/hello?i={i}"}).task for i in range(n_http)]
+        await executor.wait(tasks, 60, "all")
+        shared_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for i in range(n_http):
+                tg.start_soon(_fresh_client_get, f"{web}/hello?i={i}")
+        fresh_s = time.perf_counter() - started
+
+        def read(i: int) -> Task:
+            arguments = {"owner": "o", "repo": "slow", "number": i}
+            return executor.fire("local", "github.get_issue", arguments, use_cache=False).task
+
+        started = time.perf_counter()
+        await executor.wait([read(i) for i in range(1, n_github + 1)], 60, "all")
+        concurrent_s = time.perf_counter() - started
+        started = time.perf_counter()
+        for i in range(1, n_github + 1):
+            await executor.wait([read(i)], 60, "all")
+        sequential_s = time.perf_counter() - started
+    result.add(f"{n_http} GETs, shared client", shared_s * 1000, "ms")
+    result.add(f"{n_http} GETs, a client per request", fresh_s * 1000, "ms")
+    result.add("per-request / shared", fresh_s / shared_s, "x")
+    result.add(f"{n_github} GitHub reads (200 ms each), fired then collected", concurrent_s, "s")
+    result.add(f"{n_github} GitHub reads, one after another", sequential_s, "s")
+    result.add("sequential / concurrent (GitHub limit: 8 at once)", sequential_s / concurrent_s, "x")
+    result.add("TCP connections the GitHub server saw", len(gh_traffic.connections), "")
+    return result
+
+
+async def _fresh_client_get(url: str) -> None:
+    async with httpx.AsyncClient() as client:
+        (await client.get(url)).raise_for_status()
+
+
 CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "fire_latency": fire_latency,
     "fire_latency_idle": fire_latency_idle,
@@ -465,4 +522,5 @@ CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "memory": memory,
     "store_fire": store_fire,
     "shutdown": shutdown,
+    "client_reuse": client_reuse,
 }

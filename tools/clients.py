@@ -104,8 +104,11 @@ class ClientPool:
 
     async def aclose(self) -> None:
         for key, client in list(self._clients.items()):
+            close = getattr(client, "aclose", None) or getattr(client, "close", None)
+            if close is None:  # a GitHub client: its connections are in the transports closed below
+                continue
             try:
-                await client.aclose() if hasattr(client, "aclose") else await client.close()
+                await close()
             except Exception:
                 log.exception("closing the %s client failed", key[0])
         for transport in self._transports:
