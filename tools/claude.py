@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from tools.clients import ClientPool
 from tools.context import JSON, TaskFailure, ToolContext
+from tools.http import failure_for_status
 from tools.registry import ToolSpec
-
-if TYPE_CHECKING:
-    import anthropic
 
 
 class Message(BaseModel):
@@ -61,7 +59,7 @@ async def message(args: Any, pool: ClientPool) -> JSON:
     try:
         reply = await client.messages.create(**request)
     except anthropic.APIStatusError as exc:
-        raise _failure_for_status(exc, what) from exc
+        raise failure_for_status(exc.status_code, exc.response.headers, what) from exc
     except anthropic.APITimeoutError as exc:
         raise TaskFailure("timeout", f"{what} timed out") from exc
     except anthropic.APIConnectionError as exc:
@@ -73,20 +71,6 @@ async def message(args: Any, pool: ClientPool) -> JSON:
         "model": reply.model,
         "usage": {"input_tokens": reply.usage.input_tokens, "output_tokens": reply.usage.output_tokens},
     }
-
-
-def _failure_for_status(exc: anthropic.APIStatusError, what: str) -> TaskFailure:
-    status = exc.status_code
-    if status == 429:
-        retry = exc.response.headers.get("retry-after")
-        return TaskFailure(
-            "rate_limited", f"{what} was rate limited (HTTP 429)" + (f"; retry after {retry} s" if retry else "")
-        )
-    if status in (401, 403):
-        return TaskFailure("auth", f"{what} was refused (HTTP {status}): check the API key")
-    if status == 404:
-        return TaskFailure("not_found", f"{what}: not found (HTTP 404); is the model name right?")
-    return TaskFailure("http_status", f"{what} failed with HTTP {status}")
 
 
 def claude_specs(pool: ClientPool) -> list[ToolSpec]:

@@ -6,7 +6,6 @@ server errors) but read raw JSON, trimmed to the fields an assistant needs.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import httpx
@@ -15,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tools.clients import ClientPool
 from tools.context import JSON, TaskFailure, ToolContext
 from tools.http import failure_for_status, failure_for_transport
-from tools.registry import ToolSpec
+from tools.registry import Handler, ToolSpec
 
 BODY_MAX_CHARS = 4000
 Name = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -202,61 +201,51 @@ def github_specs(pool: ClientPool) -> list[ToolSpec]:
         path = f"/repos/{a.owner}/{a.repo}/issues/{a.number}/comments"
         return _comment(await _call(pool, "POST", path, f"commenting on #{a.number}", json={"body": a.body}))
 
-    def read(
-        name: str, text: str, model: type[BaseModel], fn: Callable[[Any, ToolContext], Awaitable[JSON]]
-    ) -> ToolSpec:
+    def spec(name: str, text: str, model: type[BaseModel], fn: Handler, *, write: bool = False) -> ToolSpec:
         return ToolSpec(
             name=f"github.{name}",
             description=text,
             input_model=model,
             handler=fn,
-            cacheable=True,
+            cacheable=not write,
+            destructive=write,
             open_world=True,
             max_concurrency=8,
             limit_group="github",
-            note=read_note,
-        )
-
-    def write(
-        name: str, text: str, model: type[BaseModel], fn: Callable[[Any, ToolContext], Awaitable[JSON]]
-    ) -> ToolSpec:
-        return ToolSpec(
-            name=f"github.{name}",
-            description=text,
-            input_model=model,
-            handler=fn,
-            destructive=True,
-            open_world=True,
-            max_concurrency=8,
-            limit_group="github",
-            unavailable=write_block,
-            note=write_block,
+            unavailable=write_block if write else None,
+            note=write_block if write else read_note,
         )
 
     return [
-        read("get_issue", "One issue: title, state, labels, author, body (trimmed).", IssueArgs, get_issue),
-        read(
+        spec("get_issue", "One issue: title, state, labels, author, body (trimmed).", IssueArgs, get_issue),
+        spec(
             "list_issue_comments",
             "Comments of an issue or pull request, a page at a time.",
             PagedIssueArgs,
             list_issue_comments,
         ),
-        read(
+        spec(
             "list_issues", "Issues of a repository by state and labels, a page at a time.", ListIssuesArgs, list_issues
         ),
-        read("get_pull_request", "One pull request: branches, mergeability, size, body.", IssueArgs, get_pull_request),
-        read(
+        spec("get_pull_request", "One pull request: branches, mergeability, size, body.", IssueArgs, get_pull_request),
+        spec(
             "list_pull_request_files",
             "Files a pull request changes, with trimmed patches.",
             PagedIssueArgs,
             list_pull_request_files,
         ),
-        read(
+        spec(
             "list_workflow_runs",
             "Recent GitHub Actions runs, by branch and status.",
             WorkflowRunsArgs,
             list_workflow_runs,
         ),
-        write("add_labels", "Add labels to an issue or pull request.", AddLabelsArgs, add_labels),
-        write("create_issue_comment", "Comment on an issue or pull request.", CommentArgs, create_issue_comment),
+        spec("add_labels", "Add labels to an issue or pull request.", AddLabelsArgs, add_labels, write=True),
+        spec(
+            "create_issue_comment",
+            "Comment on an issue or pull request.",
+            CommentArgs,
+            create_issue_comment,
+            write=True,
+        ),
     ]
