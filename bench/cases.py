@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,7 +16,6 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import httpx
-from anyio.abc import Process
 from mcp import Client, StdioServerParameters
 from pydantic import BaseModel
 
@@ -206,31 +203,6 @@ async def naive_vs_fire(quick: bool) -> CaseResult:
     result.add("fire all, then collect", offload_s, "s")
     result.add("speed-up", speedup, "x", ">= 15" if n == 20 else "", speedup >= 15 if n == 20 else None)
     return result
-
-
-class _Lines:
-    """JSON-RPC over a subprocess's pipes, one message per line."""
-
-    def __init__(self, process: Process) -> None:
-        self.process = process
-        self.buffer = b""
-        self.next_id = 0
-
-    async def send(self, message: dict[str, Any]) -> None:
-        assert self.process.stdin is not None
-        await self.process.stdin.send(json.dumps(message).encode() + b"\n")
-
-    async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        self.next_id += 1
-        await self.send({"jsonrpc": "2.0", "id": self.next_id, "method": method, "params": params})
-        assert self.process.stdout is not None
-        while True:
-            while b"\n" not in self.buffer:
-                self.buffer += await self.process.stdout.receive()
-            line, self.buffer = self.buffer.split(b"\n", 1)
-            message: dict[str, Any] = json.loads(line)
-            if message.get("id") == self.next_id:
-                return message
 
 
 TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
@@ -424,31 +396,20 @@ async def shutdown(quick: bool) -> CaseResult:
     """stdin closed → server exited, with five running command trees to kill."""
     runs = 3 if quick else 10
     result = CaseResult("shutdown on stdin EOF")
+    sys.path.insert(0, TESTS_DIR)
+    from rawserver import start_server  # the tests' raw JSON-RPC speaker
+
     timings = []
     for _ in range(runs):
         with tempfile.TemporaryDirectory(prefix="offload-bench-") as data:
-            env = {**os.environ, "OFFLOAD_LOG_LEVEL": "WARNING", "OFFLOAD_DATA_DIR": data}
-            process = await anyio.open_process([sys.executable, "-m", "server"], env=env, stderr=subprocess.DEVNULL)
-            async with process:
-                lines = _Lines(process)
-                await lines.request(
-                    "initialize",
-                    {
-                        "protocolVersion": "2025-11-25",
-                        "capabilities": {},
-                        "clientInfo": {"name": "bench", "version": "0"},
-                    },
-                )
-                await lines.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+            server = await start_server(Path(data))
+            async with server.process:
                 for _ in range(5):
-                    await lines.request(
-                        "tools/call",
-                        {"name": "run_shell_background", "arguments": {"command": "sleep 300 & sleep 300; wait"}},
-                    )
+                    await server.call("run_shell_background", command="sleep 300 & sleep 300; wait")
                 began = time.perf_counter()
-                assert process.stdin is not None
-                await process.stdin.aclose()
-                await process.wait()
+                assert server.process.stdin is not None
+                await server.process.stdin.aclose()
+                await server.process.wait()
                 timings.append(time.perf_counter() - began)
     med_ms, worst_ms = statistics.median(timings) * 1000, max(timings) * 1000
     result.add("median", med_ms, "ms")
