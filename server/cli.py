@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, overrides=overrides)
     except ConfigError as exc:
-        print(f"offload-mcp: {exc}", file=sys.stderr)
+        sys.stderr.write(f"offload-mcp: {exc}\n")  # logging is not set up yet: the settings failed
         return 2
     _log_to_stderr(settings.log_level)
     if args.command == "demo":

@@ -25,7 +25,10 @@ def _command(name: str, seconds: float) -> str:
 
 
 def _say(text: str) -> None:
-    print(text, flush=True)
+    """The demo is the client, in a process of its own: its stdout is the user's terminal. The server it
+    starts is another process, whose stdout is the protocol."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 async def run_demo(server_argv: list[str]) -> int:

@@ -409,17 +409,20 @@ class Executor:
             for task in active:
                 await task.released.wait()
 
-    def sweep(self) -> int:
-        """Expires old results in both tiers; returns how many rows went."""
+    async def sweep(self) -> int:
+        """Expires old results in both tiers and deletes their files (in a worker thread); returns how many."""
         self._finished.expire()
-        return self.store.sweep(self._clock(), self.settings.tombstones_max)
+        expired = self.store.sweep(self._clock(), self.settings.tombstones_max)
+        if expired:
+            await anyio.to_thread.run_sync(self.store.remove_files, expired)
+        return len(expired)
 
     async def upkeep_forever(self) -> None:
         """Expires old results and checkpoints the store's WAL, off the commit path."""
         while True:
             await anyio.sleep(self.settings.sweep_interval_s)
             try:
-                self.sweep()
+                await self.sweep()
                 await anyio.to_thread.run_sync(self.store.checkpoint)
             except Exception:
                 log.exception("store upkeep failed; will try again")

@@ -89,7 +89,7 @@ class Runtime:
             async with anyio.create_task_group() as tg:
                 executor = Executor(registry, settings, clock, tg, store)
                 await recover(executor)
-                executor.sweep()
+                await executor.sweep()
                 tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
                 try:
                     yield cls(settings, executor, pool)

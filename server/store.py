@@ -170,13 +170,6 @@ class Store:
         )
         return {str(status): int(count) for status, count in rows}
 
-    def count_active(self, owner: str) -> int:
-        found = self._db.execute(
-            "SELECT count(*) FROM tasks WHERE owner = ? AND status IN ('queued', 'running') AND instance = ?",
-            (owner, self.instance),
-        ).fetchone()
-        return int(found[0])
-
     def tombstone(self, task_id: str) -> Expired | None:
         found = self._db.execute("SELECT owner, at, reason FROM tombstones WHERE id = ?", (task_id,)).fetchone()
         return None if found is None else Expired(found[0], found[1], found[2])
@@ -219,13 +212,13 @@ class Store:
 
     # ---- expiry ----
 
-    def sweep(self, now: float, tombstones_max: int) -> int:
-        """Deletes expired tasks and their files, leaving bounded tombstones; returns how many."""
+    def sweep(self, now: float, tombstones_max: int) -> list[str]:
+        """Deletes expired task rows, leaving bounded tombstones; returns their ids (see `remove_files`)."""
         expired = self._db.execute(
             "SELECT id, owner, expires_at FROM tasks WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
         ).fetchall()
         if not expired:
-            return 0
+            return []
         with self._transaction():
             self._db.executemany(
                 "INSERT OR REPLACE INTO tombstones (id, owner, at, reason) VALUES (?, ?, ?, 'expired')",
@@ -236,11 +229,14 @@ class Store:
                 "DELETE FROM tombstones WHERE id NOT IN (SELECT id FROM tombstones ORDER BY at DESC LIMIT ?)",
                 (tombstones_max,),
             )
-        for row in expired:
-            for path in (self.output_path(row[0]), self.exit_path(row[0])):
+        return [row[0] for row in expired]
+
+    def remove_files(self, task_ids: list[str]) -> None:
+        """Blocking file I/O, two unlinks a task: run it in a worker thread."""
+        for task_id in task_ids:
+            for path in (self.output_path(task_id), self.exit_path(task_id)):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-        return len(expired)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -203,43 +203,33 @@ class Task:
         )
 
     def row(self, instance: str) -> dict[str, Any]:
-        """The columns the store keeps, as of now."""
-        layout = self.output.layout()
+        """Every column the store keeps, as of now."""
         process = self.process
         return {
             "id": self.id,
             "owner": self.owner,
             "tool": self.tool,
             "arguments": "{}" if self.arguments is None else self.arguments.model_dump_json(by_alias=True),
-            "status": self.status.value,
             "instance": instance,
             "created_at": self.created_at,
             "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "expires_at": self.expires_at,
             "ttl_s": self.ttl_s,
             "timeout_s": self.timeout_s,
             "cache_key": self.cache_key,
-            "result": None if self.result is None else json.dumps(self.result, separators=(",", ":")),
-            "error_kind": None if self.error is None else self.error.kind,
-            "error_message": None if self.error is None else self.error.message,
             "pid": None if process is None else process.pid,
             "start_ticks": None if process is None else process.start_ticks,
             "boot_id": None if process is None else process.boot_id,
             "detached": int(self.detached),
             "output_external": int(isinstance(self.output, FileLog)),
-            "output_total": layout.total_bytes,
-            "output_head": layout.head_bytes,
-            "output_ring": layout.ring_bytes,
-            "output_lost_from": layout.lost_from,
-            "output_inline": self.output.inline_bytes()
-            if isinstance(self.output, OutputLog) and self.finished_at
-            else None,
+            **self.final_columns(),
         }
 
     def final_columns(self) -> dict[str, Any]:
         """What changes when a task finishes: its outcome and where its output is."""
-        layout = self.output.layout()
+        output = self.output
+        layout = output.layout()
+        # Only a finished task's output can be whole in its row; a running one's is still coming.
+        inline = output.inline_bytes() if isinstance(output, OutputLog) and self.finished_at is not None else None
         return {
             "status": self.status.value,
             "finished_at": self.finished_at,
@@ -251,7 +241,7 @@ class Task:
             "output_head": layout.head_bytes,
             "output_ring": layout.ring_bytes,
             "output_lost_from": layout.lost_from,
-            "output_inline": self.output.inline_bytes() if isinstance(self.output, OutputLog) else None,
+            "output_inline": inline,
         }
 
     @classmethod

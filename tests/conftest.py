@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import pytest
@@ -164,23 +165,31 @@ async def finish(client: Client, task_id: str, timeout_s: float = 20) -> dict[st
     return reply["done"][0]
 
 
-TREE = "sleep 300 & sleep 300 & echo ready; wait"
-"""A command with two background children; it prints `ready` once all three processes exist."""
+T = TypeVar("T")
+
+
+async def when_tree_runs(start: Callable[[str], Awaitable[T]], timeout_s: float = 5) -> T:
+    """Starts, through `start(command)`, a command with two background children, and returns once
+    all its processes exist: the command says so by writing to a FIFO, whose read end turns readable
+    then. An event, bounded by `timeout_s`; no polling."""
+    with tempfile.TemporaryDirectory(prefix="offload-tree-") as folder:
+        fifo = Path(folder) / "ready"
+        os.mkfifo(fifo)
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # held open first, so the writer never blocks
+        try:
+            started = await start(f"sleep 300 & sleep 300 & echo ready; echo ready > {fifo}; wait")
+            with anyio.fail_after(timeout_s):
+                await anyio.wait_readable(fd)
+        finally:
+            os.close(fd)
+    return started
 
 
 async def start_tree(client: Client, **arguments: Any) -> tuple[str, int]:
-    """Starts TREE and returns (task_id, pgid) once its whole process tree is running."""
-    reply = await call(client, "run_shell_background", command=TREE, **arguments)
-    await wait_for_text(client, reply["task_id"], "ready")
+    """Starts the tree command; returns (task_id, pgid) once its whole process tree is running."""
+    reply = await when_tree_runs(lambda command: call(client, "run_shell_background", command=command, **arguments))
     assert len(live_group_members(reply["pid"])) == 4  # wrapper, command shell, two sleeps
     return reply["task_id"], reply["pid"]
-
-
-async def wait_for_text(client: Client, task_id: str, text: str, timeout_s: float = 5) -> None:
-    """Output has no completion event to wait on: read it until `text` shows, bounded."""
-    with anyio.fail_after(timeout_s):
-        while text not in (await call(client, "get_cached_output", task_id=task_id))["output"]["text"]:  # noqa: ASYNC110
-            await anyio.sleep(0.01)
 
 
 def live_group_members(pgid: int) -> list[int]:

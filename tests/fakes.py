@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -44,21 +45,19 @@ class Traffic:
 @asynccontextmanager
 async def serve(app: Starlette) -> AsyncIterator[tuple[str, Traffic]]:
     traffic = Traffic()
-    config = uvicorn.Config(
-        traffic.wrap(app), host="127.0.0.1", port=0, log_level="warning", lifespan="off", timeout_graceful_shutdown=1
-    )
+    config = uvicorn.Config(traffic.wrap(app), log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(5):
-            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
-                await anyio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        try:
-            yield f"http://127.0.0.1:{port}", traffic
-        finally:
-            server.should_exit = True
+    # The socket listens before the server runs: connections wait in its backlog, so nothing waits for startup.
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    with listener:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [listener])
+            try:
+                yield f"http://127.0.0.1:{port}", traffic
+            finally:
+                server.should_exit = True
 
 
 def _issue(owner: str, repo: str, number: int) -> dict[str, Any]:
@@ -96,7 +95,7 @@ def github_app() -> Starlette:
         if repo == "missing":
             return JSONResponse({"message": "Not Found"}, status_code=404)
         if repo == "slow":
-            await anyio.sleep(0.2)
+            await anyio.sleep(0.2)  # upstream latency being modelled (no test waits on it): reads overlap
         return None
 
     async def with_etag(request: Request, payload: Any) -> Response:
@@ -260,9 +259,9 @@ def plain_app() -> Starlette:
             headers={"etag": '"v1"', "x-secret-header": "not kept"},
         )
 
-    async def slow(request: Request) -> Response:
-        await anyio.sleep(float(request.query_params.get("s", 1)))
-        return Response("late")
+    async def hang(request: Request) -> Response:
+        await anyio.sleep_forever()  # never answers: the client's timeout is what ends the request
+        raise AssertionError("unreachable")
 
     async def echo(request: Request) -> Response:
         return JSONResponse({"got": (await request.body()).decode(), "method": request.method})
@@ -273,7 +272,7 @@ def plain_app() -> Starlette:
     return Starlette(
         routes=[
             Route("/hello", hello, methods=["GET", "HEAD"]),
-            Route("/slow", slow),
+            Route("/hang", hang),
             Route("/echo", echo, methods=["POST", "PUT"]),
             Route("/missing", missing),
         ]

@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 from anyio.abc import Process
-from conftest import TREE, live_group_members
+from conftest import live_group_members, when_tree_runs
 
 
 def server_env(tmp_path: Path, data_dir: Path | None = None) -> dict[str, str]:
@@ -76,18 +76,8 @@ class RawServer:
         await self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
     async def start_tree(self) -> int:
-        """Starts a command with two background children; returns its pid once all three exist."""
-        reply = await self.request(
-            "tools/call",
-            {
-                "name": "run_shell_background",
-                "arguments": {"command": TREE},
-            },
-        )
-        task = reply["result"]["structuredContent"]
-        with anyio.fail_after(5):
-            while "ready" not in (await self.call("get_cached_output", task_id=task["task_id"]))["output"]["text"]:  # noqa: ASYNC110
-                await anyio.sleep(0.01)
+        """Starts a command with two background children; returns its pid once all of them exist."""
+        task = await when_tree_runs(lambda command: self.call("run_shell_background", command=command))
         assert len(live_group_members(task["pid"])) == 4
         return int(task["pid"])
 
@@ -95,14 +85,3 @@ class RawServer:
         reply = await self.request("tools/call", {"name": mcp_tool, "arguments": arguments})
         result: dict[str, Any] = reply["result"]["structuredContent"]
         return result
-
-
-async def _start(tmp_path: Path) -> RawServer:
-    process = await anyio.open_process(
-        [sys.executable, "-m", "server"],
-        env=server_env(tmp_path),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    return RawServer(process)

@@ -95,7 +95,7 @@ async def test_http_errors_become_task_failures(connected: tuple[Runtime, Client
         client,
         "fire_tool",
         tool="http.request",
-        arguments={"url": f"{upstreams.web_url}/slow?s=5", "timeout_s": 0.2},
+        arguments={"url": f"{upstreams.web_url}/hang", "timeout_s": 0.2},
         wait_s=10,
     )
     assert slow["task"]["error"]["kind"] == "timeout"

@@ -86,9 +86,10 @@ async def test_detached_commands_outlive_the_server_and_are_followed_again(tmp_p
     server = await start_server(tmp_path, "--detach")
     quick = await server.call("run_shell_background", command="echo start; sleep 0.3; echo end")
     slow_gate = tmp_path / "gate"
+    os.mkfifo(slow_gate)
     slow = await server.call(
         "run_shell_background",
-        command=f"echo waiting; while [ ! -e {slow_gate} ]; do sleep 0.05; done; echo free; exit 4",
+        command=f"echo waiting; read line < {slow_gate}; echo $line; exit 4",
     )
     assert server.process.stdin is not None
     await server.process.stdin.aclose()  # a clean shutdown leaves detached commands running
@@ -107,7 +108,8 @@ async def test_detached_commands_outlive_the_server_and_are_followed_again(tmp_p
         still = await again.call("get_cached_output", task_id=slow["task_id"])
         assert still["status"] == "running"  # followed again, not called a failure
         assert still["output"]["text"] == "waiting\n"
-        slow_gate.touch()
+        with anyio.fail_after(5):  # the open returns once the command has the FIFO open for reading
+            await anyio.to_thread.run_sync(slow_gate.write_text, "free\n", abandon_on_cancel=True)
         polled = await again.call("poll_output", task_ids=[slow["task_id"]], timeout_s=20)
         assert polled["pending"] == []
         ended = polled["done"][0]
