@@ -6,17 +6,20 @@ Errors the model can correct (`RequestError`) become tool errors with their text
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
+from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import InputRequiredResult, ToolAnnotations
 from mcp_types import Tool as MCPTool
-from mcp_types import ToolAnnotations
-from pydantic import Field
+from pydantic import AnyUrl, Field
 
 from server import __version__
+from server.auth import LOCAL_OWNER, owner_of_request
 from server.errors import RequestError
 from server.runtime import Runtime
 from server.tasks import Catalog, FireReply, PollReply, ShellReply, Status, TaskList, TaskView
@@ -36,11 +39,19 @@ TimeoutS = Annotated[float | None, Field(gt=0, description="Kill the task after 
 
 
 @contextmanager
-def _as_tool_errors() -> Iterator[None]:
+def _as_tool_errors(runtime: Runtime) -> Iterator[None]:
     try:
         yield
     except RequestError as exc:
-        raise ToolError(str(exc)) from exc
+        raise ToolError(runtime.redactor.text(str(exc))) from exc
+
+
+_reader: ContextVar[str] = ContextVar("offload_resource_reader", default=LOCAL_OWNER)
+
+
+def _owner(ctx: Context) -> str:
+    """Whose tasks this request may see: the bearer token's owner over HTTP, the local owner otherwise."""
+    return owner_of_request(ctx.request_context.request)
 
 
 def _hints(*, read_only: bool, destructive: bool = False, idempotent: bool, open_world: bool) -> ToolAnnotations:
@@ -68,6 +79,17 @@ class OffloadServer(MCPServer):
             )
             for tool in await super().list_tools()
         ]
+
+    async def read_resource(
+        self, uri: AnyUrl | str, context: Context[Any, Any] | None = None
+    ) -> Iterable[ReadResourceContents] | InputRequiredResult:
+        """The SDK gives static resources no Context: the reader's owner reaches them through a ContextVar."""
+        request = None if context is None or context._request_context is None else context.request_context.request
+        token = _reader.set(owner_of_request(request))
+        try:
+            return await super().read_resource(uri, context)
+        finally:
+            _reader.reset(token)
 
     async def run_streams(self, read_stream: Any, write_stream: Any) -> None:
         """Serves one connection over streams we opened (`server.stdio`); the SDK's
@@ -136,11 +158,19 @@ def build_server(runtime: Runtime) -> OffloadServer:
             float,
             Field(ge=0, le=MAX_POLL_TIMEOUT_S, description="Wait up to this long; a finished task comes back whole."),
         ] = 0,
+        *,
+        ctx: Context,
     ) -> FireReply:
         """Start a tool in the background and return its task_id at once."""
-        with _as_tool_errors():
+        with _as_tool_errors(runtime):
             return await runtime.fire(
-                tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s, use_cache=use_cache, wait_s=wait_s
+                tool,
+                arguments,
+                timeout_s=timeout_s,
+                ttl_s=ttl_s,
+                use_cache=use_cache,
+                wait_s=wait_s,
+                owner=_owner(ctx),
             )
 
     @server.tool(annotations=_hints(read_only=True, idempotent=True, open_world=False))
@@ -149,10 +179,14 @@ def build_server(runtime: Runtime) -> OffloadServer:
         offset: Annotated[int, Field(ge=0, description="Byte offset to read from (next_offset of the last read).")] = 0,
         max_bytes: Annotated[int, Field(ge=1, le=1024 * 1024, description="Most bytes of output to return.")] = 16384,
         tail_bytes: Annotated[int | None, Field(ge=1, description="Return only the last N bytes.")] = None,
+        *,
+        ctx: Context,
     ) -> TaskView:
         """A task's status, result or error, and output from an offset. Never blocks."""
-        with _as_tool_errors():
-            return runtime.get_output(task_id, offset=offset, max_bytes=max_bytes, tail_bytes=tail_bytes)
+        with _as_tool_errors(runtime):
+            return runtime.get_output(
+                task_id, offset=offset, max_bytes=max_bytes, tail_bytes=tail_bytes, owner=_owner(ctx)
+            )
 
     @server.tool(annotations=_hints(read_only=True, idempotent=True, open_world=False))
     async def poll_output(
@@ -169,9 +203,14 @@ def build_server(runtime: Runtime) -> OffloadServer:
         async def progress(done: int, total: int) -> None:
             await ctx.report_progress(done, total, f"{done}/{total} tasks finished")
 
-        with _as_tool_errors():
+        with _as_tool_errors(runtime):
             return await runtime.poll(
-                task_ids, timeout_s=timeout_s, return_when=return_when, max_bytes=max_bytes, on_progress=progress
+                task_ids,
+                timeout_s=timeout_s,
+                return_when=return_when,
+                max_bytes=max_bytes,
+                on_progress=progress,
+                owner=_owner(ctx),
             )
 
     @server.tool(annotations=_hints(read_only=False, destructive=True, idempotent=False, open_world=True))
@@ -181,26 +220,30 @@ def build_server(runtime: Runtime) -> OffloadServer:
         env: Annotated[dict[str, str] | None, Field(description="Extra environment variables.")] = None,
         timeout_s: TimeoutS = None,
         stdin: Annotated[str | None, Field(description="Text fed to stdin, which is then closed.")] = None,
+        *,
+        ctx: Context,
     ) -> ShellReply:
         """Start a shell command in the background; returns task_id and pid at once."""
         arguments = {"command": command, "cwd": cwd, "env": env, "stdin": stdin}
-        with _as_tool_errors():
-            return await runtime.run_shell(arguments, timeout_s=timeout_s)
+        with _as_tool_errors(runtime):
+            return await runtime.run_shell(arguments, timeout_s=timeout_s, owner=_owner(ctx))
 
     @server.tool(annotations=_hints(read_only=True, idempotent=True, open_world=False))
     async def list_tasks(
         status: Status | None = None,
         tool: str | None = None,
         limit: Annotated[int, Field(ge=1, le=500)] = 50,
+        *,
+        ctx: Context,
     ) -> TaskList:
         """Your tasks, newest first."""
-        return runtime.list_tasks(status=status, tool=tool, limit=limit)
+        return runtime.list_tasks(status=status, tool=tool, limit=limit, owner=_owner(ctx))
 
     @server.tool(annotations=_hints(read_only=False, destructive=True, idempotent=True, open_world=False))
-    async def cancel_task(task_id: TaskId) -> TaskView:
+    async def cancel_task(task_id: TaskId, ctx: Context) -> TaskView:
         """Cancel a task: its process group gets TERM, then KILL after a grace period."""
-        with _as_tool_errors():
-            return await runtime.cancel(task_id)
+        with _as_tool_errors(runtime):
+            return await runtime.cancel(task_id, owner=_owner(ctx))
 
     @server.tool(annotations=_hints(read_only=True, idempotent=True, open_world=False))
     async def list_fireable_tools() -> Catalog:
@@ -214,6 +257,6 @@ def build_server(runtime: Runtime) -> OffloadServer:
         description="Tasks by status, queue depth, cache hit rates, shared clients, memory held.",
     )
     async def stats() -> str:
-        return json.dumps(runtime.stats(), indent=1)
+        return json.dumps(runtime.stats(owner=_reader.get()), indent=1)
 
     return server

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -44,6 +45,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="task database and output files (default: platform state dir)")
     p.add_argument("--detach", action="store_true", default=None, help="shell commands outlive the server")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="stderr log level")
+    p.add_argument(
+        "--transport",
+        choices=["stdio", "sse", "http"],
+        help="stdio (default), sse (/sse) or http (streamable HTTP, /mcp)",
+    )
+    p.add_argument("--host", help="address the HTTP transports bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port of the HTTP transports (default 8000; 0 picks a free one)")
+    p.add_argument(
+        "--auth-token-env",
+        metavar="NAME",
+        help="environment variable holding the bearer token clients must send (default OFFLOAD_AUTH_TOKEN)",
+    )
     return p
 
 
@@ -56,6 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "data_dir": args.data_dir,
         "detach": args.detach,
         "log_level": args.log_level,
+        "transport": args.transport,
+        "host": args.host,
+        "port": args.port,
+        "auth_token_env": args.auth_token_env,
     }
     try:
         settings = load_settings(args.config, overrides=overrides)
@@ -67,13 +84,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         from server.demo import run_demo
 
         return anyio.run(run_demo, argv_for_server(args))
-    anyio.run(serve_stdio, settings)
+    try:
+        if settings.transport == "stdio":
+            anyio.run(serve_stdio, settings)
+        else:
+            from server.auth import Credentials
+            from server.web import serve_http
+
+            anyio.run(serve_http, settings, Credentials.load(settings, os.environ))
+    except ConfigError as exc:
+        log.error("%s", exc)  # noqa: TRY400 - the message is the whole story; a traceback would bury it
+        return 2
     return 0
 
 
 def argv_for_server(args: argparse.Namespace) -> list[str]:
     """The demo's server gets the same settings the demo was given (and keeps quiet unless asked)."""
-    forwarded: list[str] = [] if args.log_level else ["--log-level", "WARNING"]
+    forwarded: list[str] = ["--transport", "stdio"] + ([] if args.log_level else ["--log-level", "WARNING"])
     for flag in ("config", "max_concurrency", "default_timeout_s", "ttl_s", "data_dir", "log_level"):
         value = getattr(args, flag)
         if value is not None:

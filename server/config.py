@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from server.errors import ConfigError
 from tools.clients import ClientsConfig
+from tools.policy import ShellPolicy
 from tools.shell import SECRET_MARKERS, Preset, ShellConfig
 
 ENV_PREFIX = "OFFLOAD_"
@@ -75,6 +76,33 @@ class Settings(BaseModel):
     anthropic_max_retries: Annotated[int, Field(ge=0, le=10)] = 2
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    transport: Literal["stdio", "sse", "http"] = "stdio"
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    """0 picks a free port (logged at start)."""
+    auth_token_env: str = "OFFLOAD_AUTH_TOKEN"  # noqa: S105 - the name of a variable, not a secret
+    """The variable holding the bearer token of the single owner "default" (HTTP transports)."""
+    auth_tokens: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], str] = {}
+    """Several owners: owner name -> name of the variable holding that owner's bearer token."""
+    allowed_hosts: tuple[str, ...] = ()
+    """Host headers accepted on a non-loopback bind (DNS-rebinding protection), e.g. "offload.lan:*"."""
+    allowed_origins: tuple[str, ...] = ()
+    max_request_body_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
+    max_argument_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
+    """Largest JSON of a fired tool's arguments (and of a command, its stdin and env together)."""
+    shell_mode: Literal["off", "deny-list", "allow-list"] = "off"
+    shell_allow: tuple[str, ...] = ()
+    """allow-list rules: a command prefix in words ("git status") or a regex ("re:^pytest( .*)?$")."""
+    shell_deny: tuple[str, ...] = ()
+    shell_roots: tuple[str, ...] = ()
+    """Working directories commands may use (symlinks resolved); empty means any."""
+
+    @model_validator(mode="after")
+    def _shell_policy_is_valid(self) -> Settings:
+        """Bad roots or rules fail at start, named, not at the first command."""
+        self.shell_config()
+        return self
+
     def shell_config(self) -> ShellConfig:
         presets = {
             name: Preset(
@@ -92,6 +120,9 @@ class Settings(BaseModel):
             kill_grace_s=self.kill_grace_s,
             detach=self.detach,
             presets=presets,
+            policy=ShellPolicy.build(
+                mode=self.shell_mode, allow=self.shell_allow, deny=self.shell_deny, roots=self.shell_roots
+            ),
         )
 
 
@@ -147,7 +178,12 @@ def _read_toml(path: Path, *, required: bool) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
 
 
-_NOT_SETTINGS = {"CONFIG"}
+_NOT_SETTINGS = {"CONFIG", "AUTH_TOKEN"}
+"""OFFLOAD_CONFIG names the file; OFFLOAD_AUTH_TOKEN is a secret, read only by `server.auth`."""
+
+
+_TABLES = ("presets", "tool_concurrency", "auth_tokens")
+"""Settings that only the TOML file can give."""
 
 
 def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -160,10 +196,10 @@ def _from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
         if key in _NOT_SETTINGS:
             continue
         field = key.lower()
-        if field not in fields or field in ("presets", "tool_concurrency"):
+        if field not in fields or field in _TABLES:
             raise ConfigError(
                 f"unknown environment setting {name}; known: "
-                + ", ".join(ENV_PREFIX + f.upper() for f in fields if f not in ("presets", "tool_concurrency"))
+                + ", ".join(ENV_PREFIX + f.upper() for f in fields if f not in _TABLES)
             )
         found[field] = raw.split(",") if typing.get_origin(fields[field].annotation) is tuple else raw
     return found

@@ -105,3 +105,21 @@ class UnavailableToolError(RequestError):
     def __init__(self, tool: str, reason: str) -> None:
         self.tool = tool
         super().__init__(f"{tool!r} cannot run on this server: {reason}. Nothing was started.")
+
+
+class RefusedError(RequestError):
+    """Raised by `fire_tool` when the operator's policy forbids the arguments, before anything starts."""
+
+    def __init__(self, tool: str, reason: str) -> None:
+        self.tool = tool
+        super().__init__(f"{tool!r} refused: {reason}. Nothing was started.")
+
+
+class TooLargeError(RequestError):
+    """An argument is larger than this server accepts."""
+
+    def __init__(self, what: str, size_bytes: int, limit_bytes: int) -> None:
+        super().__init__(
+            f"{what} is {size_bytes} bytes, above this server's limit of {limit_bytes} bytes; "
+            "send less (pass big inputs as a file path, or raise max_argument_bytes in the server's config)"
+        )

@@ -31,6 +31,8 @@ from server.errors import (
     ExpiredTaskError,
     ForeignTaskError,
     InvalidArgumentsError,
+    RefusedError,
+    TooLargeError,
     TooManyTasksError,
     UnavailableToolError,
     UnknownTaskError,
@@ -127,10 +129,18 @@ class Executor:
             raise UnknownToolError(tool, self.registry.names())
         if spec.unavailable is not None:
             raise UnavailableToolError(tool, spec.unavailable)
+        size_bytes = len(json.dumps(arguments, separators=(",", ":"), default=str))
+        if size_bytes > self.settings.max_argument_bytes:
+            raise TooLargeError(f"the arguments of {tool!r}", size_bytes, self.settings.max_argument_bytes)
         try:
             parsed = spec.input_model.model_validate(arguments)
         except ValidationError as exc:
             raise InvalidArgumentsError(tool, _problems(exc)) from exc
+        if spec.check is not None:
+            try:
+                spec.check(parsed)
+            except ValueError as exc:
+                raise RefusedError(tool, str(exc)) from exc
         timeout = self._timeout(spec, timeout_s)
         key = result_key(owner, tool, parsed) if spec.is_cacheable(parsed) else None
         if key is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sqlite3
 import sys
@@ -19,10 +20,12 @@ from typing import Any
 
 import anyio
 
+from server.auth import LOCAL_OWNER
 from server.cache import Clock
 from server.config import Settings, clients_config, data_dir
 from server.executor import Executor, ProgressFn, ReturnWhen
 from server.recovery import recover
+from server.redact import Redactor
 from server.store import Store
 from server.tasks import (
     Catalog,
@@ -45,7 +48,6 @@ from tools.shell import shell_specs
 
 log = logging.getLogger(__name__)
 
-LOCAL_OWNER = "local"
 FIRE_REPLY_BYTES = 16 * 1024
 """Output (the tail) included when `fire_tool(wait_s=…)` returns a finished task."""
 SPAWN_WAIT_S = 5.0
@@ -53,10 +55,11 @@ SPAWN_WAIT_S = 5.0
 
 
 class Runtime:
-    def __init__(self, settings: Settings, executor: Executor, pool: ClientPool) -> None:
+    def __init__(self, settings: Settings, executor: Executor, pool: ClientPool, redactor: Redactor) -> None:
         self.settings = settings
         self.executor = executor
         self.pool = pool
+        self.redactor = redactor
 
     def __repr__(self) -> str:
         return f"<Runtime {self.executor!r}>"
@@ -92,7 +95,7 @@ class Runtime:
                 await executor.sweep()
                 tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
                 try:
-                    yield cls(settings, executor, pool)
+                    yield cls(settings, executor, pool, Redactor.from_environ(secret_variables(settings)))
                 finally:
                     with anyio.CancelScope(shield=True):
                         await executor.shutdown()
@@ -158,12 +161,15 @@ class Runtime:
         task = self.executor.get(owner, task_id)
         return self.output_view(task, offset, max_bytes, tail_bytes)
 
-    @staticmethod
-    def output_view(task: Task, offset: int, max_bytes: int, tail_bytes: int | None) -> TaskView:
+    def output_view(self, task: Task, offset: int, max_bytes: int, tail_bytes: int | None) -> TaskView:
+        """The task whole, with output from `offset`; the server's secrets masked throughout."""
         start = offset
         if tail_bytes is not None:
             start = max(offset, task.output.tail(tail_bytes))
-        return task.view(task.output.read(start, max_bytes))
+        chunk = task.output.read(start, max_bytes)
+        if self.redactor:
+            chunk = dataclasses.replace(chunk, data=self.redactor.chunk(task.output, chunk))
+        return self.redactor.model(task.view(chunk))
 
     async def poll(
         self,
@@ -233,6 +239,16 @@ class Runtime:
                 for spec in self.executor.registry
             ]
         )
+
+
+def secret_variables(settings: Settings) -> list[str]:
+    """The variables this server reads credentials from: their values are masked in every reply."""
+    return [
+        settings.github_token_env,
+        settings.anthropic_key_env,
+        settings.auth_token_env,
+        *settings.auth_tokens.values(),
+    ]
 
 
 def _use_pidfd_child_watcher() -> None:

@@ -12,7 +12,7 @@ import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import uvicorn
@@ -43,9 +43,9 @@ class Traffic:
 
 
 @asynccontextmanager
-async def serve(app: Starlette) -> AsyncIterator[tuple[str, Traffic]]:
+async def serve(app: ASGIApp, *, lifespan: Literal["on", "off"] = "off") -> AsyncIterator[tuple[str, Traffic]]:
     traffic = Traffic()
-    config = uvicorn.Config(traffic.wrap(app), log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+    config = uvicorn.Config(traffic.wrap(app), log_level="warning", lifespan=lifespan, timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     # The socket listens before the server runs: connections wait in its backlog, so nothing waits for startup.

@@ -50,6 +50,8 @@ class ToolSpec:
     note: str | None = None
     """Shown in the catalog, e.g. a missing credential."""
     reattach: Reattach | None = None
+    check: Callable[[Any], None] | None = None
+    """Refuses arguments the operator's policy forbids (raises ValueError saying why) before anything starts."""
     input_schema: JSON = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -26,6 +26,7 @@ from anyio.abc import Process
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tools.context import JSON, LeftRunning, ProcessInfo, TaskFailure, ToolContext
+from tools.policy import ShellPolicy
 from tools.registry import ToolSpec
 
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
@@ -47,6 +48,7 @@ class ShellConfig:
     detach: bool = False
     """Commands outlive the server (they are not killed at shutdown) and are followed again after a restart."""
     presets: Mapping[str, Preset] = field(default_factory=dict)
+    policy: ShellPolicy = field(default_factory=ShellPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -440,8 +442,16 @@ def _outcome(returncode: int | None, duration_s: float, output_bytes: int) -> JS
 
 
 def shell_spec(config: ShellConfig) -> ToolSpec:
+    policy = config.policy
+
+    def check(args: ShellArgs) -> None:
+        policy.command_to_run(args.command, args.env)
+        policy.cwd_to_use(args.cwd)
+
     async def handler(args: ShellArgs, ctx: ToolContext) -> JSON:
-        return await run_command(args.command, ctx, config, cwd=args.cwd, env=args.env, stdin=args.stdin)
+        command = policy.command_to_run(args.command, args.env)
+        cwd = policy.cwd_to_use(args.cwd)
+        return await run_command(command, ctx, config, cwd=cwd, env=args.env, stdin=args.stdin)
 
     return ToolSpec(
         name="shell",
@@ -451,6 +461,7 @@ def shell_spec(config: ShellConfig) -> ToolSpec:
         destructive=True,
         open_world=True,
         reattach=functools.partial(reattach, config=config),
+        check=check,
     )
 
 

@@ -1,0 +1,131 @@
+"""Bearer tokens for the HTTP transports: who is calling, and so whose tasks they see.
+
+Each configured token is an owner. With no token (a loopback-only server) every connection
+is the one local owner, so a task fired on one connection is collected on another.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.config import Settings
+from server.errors import ConfigError
+
+LOCAL_OWNER = "local"
+DEFAULT_OWNER = "default"
+"""The owner behind the single token of `auth_token_env`."""
+MIN_TOKEN_CHARS = 16
+OWNER_SCOPE_KEY = "offload.owner"
+"""Where the middleware leaves the caller's owner in the ASGI scope, for the tools to read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    tokens: tuple[tuple[str, bytes], ...] = ()
+    """(owner, token) pairs."""
+
+    @classmethod
+    def load(cls, settings: Settings, environ: Mapping[str, str]) -> Credentials:
+        """Tokens from the variables the settings name; a named but empty or short variable is a
+        ConfigError (a typo must not silently turn authentication off)."""
+        named = dict(settings.auth_tokens)
+        if settings.auth_token_env in environ or not named:
+            named.setdefault(DEFAULT_OWNER, settings.auth_token_env)
+        tokens = []
+        for owner, variable in named.items():
+            value = environ.get(variable, "")
+            if not value and owner == DEFAULT_OWNER and not settings.auth_tokens:
+                continue  # no token at all: the loopback-only case, checked by `check_bind`
+            if len(value) < MIN_TOKEN_CHARS:
+                raise ConfigError(
+                    f"the token of owner {owner!r} (environment variable {variable}) is "
+                    f"{'missing' if not value else 'too short'}: set it to a random string of at least "
+                    f"{MIN_TOKEN_CHARS} characters, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+                )
+            tokens.append((owner, value.encode()))
+        return cls(tuple(tokens))
+
+    def __bool__(self) -> bool:
+        return bool(self.tokens)
+
+    def owner_of(self, authorization: bytes | None) -> str | None:
+        """The owner whose token `Authorization: Bearer …` carries, compared in constant time."""
+        if not self.tokens:
+            return LOCAL_OWNER
+        scheme, _, presented = (authorization or b"").partition(b" ")
+        if scheme.lower() != b"bearer":
+            presented = b""
+        found = None
+        for owner, token in self.tokens:  # every token compared: timing says nothing about which matched
+            if hmac.compare_digest(presented.strip(), token):
+                found = owner
+        return found
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, credentials: Credentials, token_env: str) -> None:
+    if not credentials and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {host!r} without a bearer token: anyone who can reach it could run commands. "
+            f"Set {token_env} (or --auth-token-env NAME, or [auth_tokens] in the config file), "
+            "or bind 127.0.0.1"
+        )
+
+
+class BearerAuth:
+    """ASGI middleware: 401 unless the request carries a known token; the owner goes into the scope."""
+
+    def __init__(self, app: ASGIApp, credentials: Credentials) -> None:
+        self.app = app
+        self.credentials = credentials
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization")
+        owner = self.credentials.owner_of(header)
+        if owner is None:
+            await _unauthorized(send, "missing bearer token" if header is None else "invalid bearer token")
+            return
+        scope[OWNER_SCOPE_KEY] = owner
+        await self.app(scope, receive, send)
+
+
+def owner_of_request(request: Any) -> str:
+    """The owner the middleware found; stdio and in-memory connections are the local owner."""
+    scope = getattr(request, "scope", None)
+    if isinstance(scope, dict):
+        return str(scope.get(OWNER_SCOPE_KEY, LOCAL_OWNER))
+    return LOCAL_OWNER
+
+
+async def _unauthorized(send: Send, reason: str) -> None:
+    body = json.dumps({"error": "invalid_token", "error_description": reason}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 401,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"www-authenticate", b'Bearer realm="offload", error="invalid_token"'),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,103 @@
+"""Masks the server's own secrets in everything returned to a client.
+
+A command can print `$GITHUB_TOKEN` from a file, an HTTP endpoint can echo a header back: the
+environment scrubbing keeps secrets out of commands, this keeps the ones that get in anyway
+out of replies. Masks keep the length of what they hide, so output offsets stay true and a
+secret split across two reads is still masked in each (reads look past their edges).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from server.output import Chunk, Output
+
+MIN_SECRET_CHARS = 8
+"""Shorter values are not treated as secrets: masking every "1" or "true" would wreck outputs."""
+SECRET_NAME_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "API_KEY", "APIKEY", "PRIVATE_KEY", "CREDENTIAL")
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def known_secrets(environ: Mapping[str, str], named: Iterable[str]) -> list[str]:
+    """Values of the variables the server reads credentials from, and of any that look secret."""
+    names = set(named) | {n for n in environ if any(m in n.upper() for m in SECRET_NAME_MARKERS)}
+    return [environ[n] for n in names if n in environ]
+
+
+class Redactor:
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        found = {s.strip() for s in secrets}
+        self._secrets = sorted((s.encode() for s in found if len(s) >= MIN_SECRET_CHARS), key=len, reverse=True)
+        self._texts = [s.decode() for s in self._secrets]
+        self.margin = max((len(s) for s in self._secrets), default=1) - 1
+
+    @classmethod
+    def from_environ(cls, named: Iterable[str], extra: Iterable[str] = ()) -> Redactor:
+        return cls([*known_secrets(os.environ, named), *extra])
+
+    def __bool__(self) -> bool:
+        return bool(self._secrets)
+
+    def data(self, data: bytes) -> bytes:
+        for secret in self._secrets:
+            if secret in data:
+                data = data.replace(secret, _mask(len(secret)))
+        return data
+
+    def text(self, text: str) -> str:
+        for secret in self._texts:
+            if secret in text:
+                text = text.replace(secret, _mask(len(secret.encode())).decode())
+        return text
+
+    def chunk(self, output: Output, chunk: Chunk) -> bytes:
+        """`chunk.data` masked, looking `margin` bytes past each edge for a secret the edge cuts."""
+        if not self._secrets or not chunk.data:
+            return chunk.data
+        start, end = chunk.offset, chunk.offset + len(chunk.data)
+        before = _exactly(output, max(start - self.margin, 0), start)
+        after = _exactly(output, end, min(end + self.margin, chunk.total_bytes))
+        masked = self.data(before + chunk.data + after)
+        return masked[len(before) : len(before) + len(chunk.data)]
+
+    def model(self, model: M) -> M:
+        """The same reply with every string masked; untouched (and not copied) when nothing matches."""
+        if not self._secrets:
+            return model
+        dumped = model.model_dump(mode="json", by_alias=True)
+        changed, masked = _walk(dumped, self.text)
+        return type(model).model_validate(masked) if changed else model
+
+
+def _exactly(output: Output, start: int, end: int) -> bytes:
+    """Bytes [start, end) of the output, or nothing when a gap or a boundary makes that range differ."""
+    if end <= start:
+        return b""
+    chunk = output.read(start, end - start)
+    return chunk.data if chunk.offset == start and len(chunk.data) == end - start else b""
+
+
+def _walk(value: Any, mask: Callable[[str], str]) -> tuple[bool, Any]:
+    if isinstance(value, str):
+        masked = mask(value)
+        return masked != value, masked
+    if isinstance(value, list):
+        pairs = [_walk(v, mask) for v in value]
+        return any(c for c, _ in pairs), [v for _, v in pairs]
+    if isinstance(value, dict):
+        items = {k: _walk(v, mask) for k, v in value.items()}
+        return any(c for c, _ in items.values()), {k: v for k, (_, v) in items.items()}
+    return False, value
+
+
+def _mask(length: int) -> bytes:
+    """`[redacted]` when it fits, padded with `*` to the secret's length."""
+    label = b"[redacted]"
+    if length < len(label):
+        return b"*" * length
+    return label[:-1] + b"*" * (length - len(label)) + b"]"

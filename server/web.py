@@ -1,0 +1,128 @@
+"""The HTTP transports: SSE (`/sse`) and streamable HTTP (`/mcp`), behind bearer auth.
+
+The Runtime is opened before the web server and closed after it, never per connection: the
+SDK runs a server session (and the MCP lifespan) per SSE connection, and a client that
+disconnects must not take its running tasks along.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Iterator
+from typing import Literal
+
+import anyio
+import uvicorn
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.types import ASGIApp
+
+from server import __version__
+from server.app import OffloadServer, build_server
+from server.auth import BearerAuth, Credentials, check_bind, is_loopback
+from server.config import Settings
+from server.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 1
+"""Open SSE streams never end on their own: at shutdown they get this long, then are closed."""
+PATHS = {"sse": "/sse", "http": "/mcp"}
+
+
+def security(settings: Settings) -> TransportSecuritySettings:
+    """Host/Origin checks (DNS-rebinding protection): on for loopback binds, and wherever hosts are listed."""
+    if settings.allowed_hosts:
+        return TransportSecuritySettings(
+            allowed_hosts=list(settings.allowed_hosts), allowed_origins=list(settings.allowed_origins)
+        )
+    if is_loopback(settings.host):
+        return TransportSecuritySettings(
+            allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
+            allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *settings.allowed_origins],
+        )
+    log.warning(
+        "Host/Origin checks are off: %s is not a loopback address and no allowed_hosts are configured",
+        settings.host,
+    )
+    return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+
+
+def web_app(server: OffloadServer, settings: Settings, credentials: Credentials) -> ASGIApp:
+    transport: Literal["sse", "http"] = "sse" if settings.transport == "sse" else "http"
+    if transport == "sse":
+        app = server.sse_app(
+            max_request_body_size=settings.max_request_body_bytes,
+            transport_security=security(settings),
+            host=settings.host,
+        )
+    else:
+        app = server.streamable_http_app(
+            max_request_body_size=settings.max_request_body_bytes,
+            transport_security=security(settings),
+            host=settings.host,
+        )
+    return BearerAuth(app, credentials)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Uvicorn(uvicorn.Server):
+    """Signals are ours: uvicorn's handlers re-raise the signal when it stops, which would kill the
+    process before the Runtime has stopped the tasks and flushed the store."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve_http(settings: Settings, credentials: Credentials) -> None:
+    """Serves until SIGTERM/SIGINT; then stops taking requests, cancels every task and kills their groups."""
+    check_bind(settings.host, credentials, settings.auth_token_env)
+    if not settings.shell_roots:
+        log.warning("no shell_roots configured: shell commands may run in any directory this user can reach")
+    sock = bind(settings.host, settings.port)
+    async with Runtime.open(settings) as runtime:
+        server = build_server(runtime)
+        config = uvicorn.Config(
+            web_app(server, settings, credentials),
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+        web = _Uvicorn(config)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        log.info(
+            "offload-mcp %s serving MCP (%s) on http://%s:%d%s%s",
+            __version__,
+            settings.transport,
+            shown,
+            port,
+            PATHS[settings.transport],
+            " with bearer auth" if credentials else "",
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_exit_on_signal, web)
+            await web.serve(sockets=[sock])
+            tg.cancel_scope.cancel()
+        log.info("web server stopped; shutting down the tasks")
+
+
+async def _exit_on_signal(web: uvicorn.Server) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s; shutting down", signal.Signals(signum).name)
+            web.should_exit = True
+            return
