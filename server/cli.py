@@ -125,7 +125,7 @@ async def serve_stdio(settings: Settings) -> None:
         tg.start_soon(_stop_on_signal, tg.cancel_scope)
         log.info("offload-mcp %s serving MCP on stdio", __version__)
         server = build_server(runtime)
-        async with loop_stdio_server() as (read_stream, write_stream):
+        async with loop_stdio_server(settings.max_request_body_bytes) as (read_stream, write_stream):
             await server.run_streams(read_stream, write_stream)
         log.info("stdin closed; shutting down")
         tg.cancel_scope.cancel()

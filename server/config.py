@@ -67,6 +67,8 @@ class Settings(BaseModel):
     shell_pass_env: tuple[str, ...] = ()
     presets: dict[str, PresetSettings] = {}
     http_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 100
+    http_private_networks: bool = True
+    """False: http.request refuses hosts resolving to loopback/private/link-local addresses (SSRF guard)."""
     github_base_url: str | None = None
     """GitHub Enterprise (https://HOST/api/v3) or a local test server; default api.github.com."""
     github_token_env: str = "GITHUB_TOKEN"  # noqa: S105 - the name of a variable, not a secret
@@ -129,6 +131,7 @@ class Settings(BaseModel):
 def clients_config(settings: Settings) -> ClientsConfig:
     return ClientsConfig(
         http_max_connections=settings.http_max_connections,
+        http_private_networks=settings.http_private_networks,
         github_token_env=settings.github_token_env,
         github_base_url=settings.github_base_url,
         anthropic_key_env=settings.anthropic_key_env,

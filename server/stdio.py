@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
+import logging
 import os
+import re
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,24 +26,94 @@ from typing import Any, cast
 
 from mcp.server.stdio import stdio_server
 
-MAX_LINE_BYTES = 64 * 1024 * 1024
-"""One JSON-RPC message per line; the SDK's default reader has no limit either."""
+log = logging.getLogger(__name__)
+
+HEAD_BYTES = 4096
+"""Of a message over the size limit, this much is kept to find its id and answer it."""
 
 
 class _Lines:
-    """Enough of `anyio.AsyncFile[str]` for the SDK's reader: async iteration over lines."""
+    """Enough of `anyio.AsyncFile[str]` for the SDK's reader: async iteration over lines. A line over
+    the limit is skipped, never held whole, and its request answered with an error saying why."""
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int) -> None:
         self._reader = reader
+        self._writer = writer
+        self._max_bytes = max_bytes
 
     def __aiter__(self) -> _Lines:
         return self
 
     async def __anext__(self) -> str:
-        line = await self._reader.readline()
-        if not line:
-            raise StopAsyncIteration
-        return line.decode("utf-8", errors="replace")
+        while True:
+            try:
+                line = await self._reader.readuntil(b"\n")
+            except asyncio.IncompleteReadError as exc:
+                if not exc.partial:
+                    raise StopAsyncIteration from None
+                line = exc.partial
+            except asyncio.LimitOverrunError:
+                await self._refuse_long_line()
+                continue
+            return line.decode("utf-8", errors="replace")
+
+    async def _refuse_long_line(self) -> None:
+        head = await self._reader.read(HEAD_BYTES)
+        size = len(head)
+        while True:
+            try:
+                size += len(await self._reader.readuntil(b"\n"))
+                break
+            except asyncio.LimitOverrunError as exc:
+                size += len(await self._reader.read(max(exc.consumed, HEAD_BYTES)))
+            except asyncio.IncompleteReadError as exc:
+                size += len(exc.partial)
+                break
+        message = f"message of {size} bytes is above this server's limit of {self._max_bytes} (max_request_body_bytes)"
+        log.warning("stdio: dropped a %s", message)
+        request_id = top_level_id(head)
+        if request_id is not None:
+            error = {"code": -32600, "message": f"Invalid request: {message}; send smaller arguments"}
+            reply = {"jsonrpc": "2.0", "id": request_id, "error": error}
+            self._writer.write(json.dumps(reply).encode() + b"\n")
+            await self._writer.drain()
+
+
+def top_level_id(head: bytes) -> str | int | None:
+    """The `id` member of the JSON object `head` begins, if it appears (at depth 1) within `head`."""
+    text = head.decode("utf-8", errors="replace")
+    depth, i = 0, 0
+    while i < len(text):
+        char = text[i]
+        if char == '"':
+            end = _string_end(text, i)
+            if end < 0:
+                return None
+            if depth == 1 and text[i : end + 1] == '"id"':
+                found = _ID_VALUE.match(text, end + 1)
+                return json.loads(found.group(1)) if found else None
+            i = end
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+        i += 1
+    return None
+
+
+_ID_VALUE = re.compile(r'\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
+
+
+def _string_end(text: str, start: int) -> int:
+    i = start + 1
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == '"':
+            return i
+        i += 1
+    return -1
 
 
 class _Writer:
@@ -62,7 +135,7 @@ def _is_pipe_like(fd: int) -> bool:
 
 
 @asynccontextmanager
-async def loop_stdio_server() -> AsyncIterator[tuple[Any, Any]]:
+async def loop_stdio_server(max_message_bytes: int) -> AsyncIterator[tuple[Any, Any]]:
     """Like `mcp.server.stdio.stdio_server()`, with the pipes on the event loop when they are pipes."""
     if not (_is_pipe_like(0) and _is_pipe_like(1)):
         async with stdio_server() as streams:  # regular files: the SDK's threaded path works
@@ -76,14 +149,16 @@ async def loop_stdio_server() -> AsyncIterator[tuple[Any, Any]]:
     os.close(null)
     os.dup2(2, 1)
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
+    reader = asyncio.StreamReader(limit=max_message_bytes)
     read_transport, _ = await loop.connect_read_pipe(
         lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(in_fd, "rb", buffering=0)
     )
     write_transport, write_protocol = await loop.connect_write_pipe(_FlowControl, os.fdopen(out_fd, "wb", buffering=0))
     writer = asyncio.StreamWriter(write_transport, write_protocol, None, loop)
     try:
-        async with stdio_server(cast(Any, _Lines(reader)), cast(Any, _Writer(writer))) as streams:
+        async with stdio_server(
+            cast(Any, _Lines(reader, writer, max_message_bytes)), cast(Any, _Writer(writer))
+        ) as streams:
             yield streams
     finally:
         read_transport.close()

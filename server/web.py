@@ -89,6 +89,8 @@ class _Uvicorn(uvicorn.Server):
 async def serve_http(settings: Settings, credentials: Credentials) -> None:
     """Serves until SIGTERM/SIGINT; then stops taking requests, cancels every task and kills their groups."""
     check_bind(settings.host, credentials, settings.auth_token_env)
+    if settings.http_private_networks and not is_loopback(settings.host):
+        log.warning("http.request may reach this host's private networks; set http_private_networks = false to refuse")
     if not settings.shell_roots:
         log.warning("no shell_roots configured: shell commands may run in any directory this user can reach")
     sock = bind(settings.host, settings.port)

@@ -269,3 +269,17 @@ async def test_anthropic_rate_limit(connected: tuple[Runtime, Client], upstreams
     assert upstreams.anthropic.requests["POST /v1/messages"] == 2  # the SDK's own retry, bounded (1 here)
     view = await finish(client, reply["task_id"])
     assert ANTHROPIC_KEY not in json.dumps(view)
+
+
+async def test_private_addresses_can_be_refused(
+    upstreams: Upstreams, tmp_path: Path, clock: FakeClock, gate: Gate
+) -> None:
+    """With http_private_networks = false, loopback URLs (one a live local server) are refused unsent."""
+    settings = Settings(data_dir=tmp_path / "d", http_private_networks=False)
+    async with open_client(settings, clock, gate) as (_, client):
+        for url in [f"{upstreams.web_url}/hello", "http://localhost:1/", "http://[::1]:1/"]:
+            reply = await call(client, "fire_tool", tool="http.request", arguments={"url": url}, wait_s=10)
+            error = reply["task"]["error"]
+            assert error["kind"] == "refused", error
+            assert "non-public address" in error["message"]
+    assert sum(upstreams.web.requests.values()) == 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from server.config import load_settings
+from server.config import Settings, load_settings
 from server.errors import ConfigError
 
 
@@ -58,3 +60,13 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
 def test_shell_markers_from_environment_are_a_list() -> None:
     settings = load_settings(None, environ={"OFFLOAD_SHELL_PASS_ENV": "GH_TOKEN,NPM_TOKEN"})
     assert settings.shell_pass_env == ("GH_TOKEN", "NPM_TOKEN")
+
+
+def test_the_readme_configuration_example_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = re.search(r"```toml\n(max_concurrency.*?)```", readme, re.S)
+    assert example is not None
+    values = tomllib.loads(example.group(1))
+    values["shell_roots"] = [str(tmp_path)]  # the example's ~/src need not exist here
+    settings = Settings.model_validate(values)
+    assert settings.shell_mode == "off" and settings.presets["build"].command == "npm run build"

@@ -20,7 +20,7 @@ import httpx2
 import pytest
 from conftest import ERAS, FakeClock, Gate, data, error_text, live_group_members, when_tree_runs
 from fakes import serve
-from mcp import Client
+from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from rawserver import server_env
@@ -214,6 +214,11 @@ async def test_sigterm_stops_an_http_server_and_its_commands(tmp_path: Path, tra
         with anyio.fail_after(10):
             assert await process.wait() == 0
         assert live_group_members(pgid) == []
+        # The store was flushed: the next server on the same data dir knows how the task ended.
+        params = StdioServerParameters(command=sys.executable, args=["-m", "server"], env=server_env(tmp_path))
+        async with Client(params) as client:
+            view = await tool(client, "get_cached_output", task_id=reply["task_id"])
+            assert view["status"] == "cancelled" and view["error"]["kind"] == "shutdown", view
     finally:
         if process.returncode is None:
             process.kill()

@@ -75,3 +75,18 @@ async def test_stdin_eof_during_a_long_poll_still_exits_promptly(tmp_path: Path)
         with anyio.fail_after(5):
             await server.process.wait()
     assert live_group_members(pgid) == []
+
+
+async def test_an_oversize_message_is_answered_with_an_error_and_skipped(tmp_path: Path) -> None:
+    """Never read whole, never a crash: the request gets an error naming the limit; the next one works."""
+    server = await start_server(tmp_path, "--log-level", "ERROR")
+    async with server.process:
+        huge = "x" * (2 * 1024 * 1024)  # the default limit is 1 MiB
+        reply = await server.request("tools/call", {"name": "fire_tool", "arguments": {"tool": huge}})
+        assert reply["error"]["code"] == -32600
+        assert "above this server's limit of 1048576" in reply["error"]["message"]
+        listed = await server.call("list_tasks")
+        assert listed["tasks"] == []
+        await server.process.stdin.aclose()  # type: ignore[union-attr]
+        with anyio.fail_after(5):
+            assert await server.process.wait() == 0

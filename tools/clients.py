@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import httpx
 
 if TYPE_CHECKING:  # imported when first built: anthropic alone takes ~1.7 s to import
@@ -39,6 +42,8 @@ class ClientsConfig:
     anthropic_base_url: str | None = None
     anthropic_model: str = "claude-sonnet-5-5"
     anthropic_max_retries: int = 2
+    http_private_networks: bool = True
+    """False: `http.request` refuses hosts that resolve to loopback, private or link-local addresses."""
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
 
     def secret(self, name: str) -> str | None:
@@ -144,7 +149,12 @@ class ClientPool:
             timeout=self.config.http_timeout_s,
             http2=_h2_installed(),
             follow_redirects=True,
-            event_hooks={"request": [self._counting_hook("http")]},
+            event_hooks={
+                "request": [
+                    self._counting_hook("http"),
+                    *([] if self.config.http_private_networks else [refuse_private_addresses]),
+                ]
+            },
         )
 
     def _build_github(self, token: str) -> GitHub[Any]:
@@ -179,6 +189,26 @@ class ClientPool:
 def _fingerprint(secret: str) -> str:
     """Keys the pool by credential without keeping the credential itself as a key."""
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
+
+
+class PrivateAddressError(Exception):
+    """The URL's host is not a public address and the operator has `http_private_networks = false`."""
+
+
+async def refuse_private_addresses(request: httpx.Request) -> None:
+    """Runs for every request, redirects included. A guard-rail: a host whose DNS answer changes between
+    this lookup and the connection gets through; a firewall is the real fence."""
+    host = request.url.host
+    try:
+        infos = await anyio.getaddrinfo(host, request.url.port or 443, type=socket.SOCK_STREAM)
+    except OSError:
+        return  # the connection will fail with the resolver's own error
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(sockaddr[0])
+        if not address.is_global:
+            raise PrivateAddressError(
+                f"{host} resolves to {address}, a non-public address, and this server has http_private_networks = false"
+            )
 
 
 def _h2_installed() -> bool:

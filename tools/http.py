@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tools.clients import ClientPool
+from tools.clients import ClientPool, PrivateAddressError
 from tools.context import JSON, TaskFailure, ToolContext
 from tools.registry import ToolSpec
 
@@ -85,6 +85,8 @@ async def request(args: HttpArgs, ctx: ToolContext, pool: ClientPool) -> JSON:
             timeout=args.timeout_s,
         ) as response:
             body, truncated = await _read_bounded(response, args.max_bytes)
+    except PrivateAddressError as exc:
+        raise TaskFailure("refused", f"{what} refused: {exc}") from exc
     except httpx.TransportError as exc:
         raise failure_for_transport(exc, what) from exc
     except httpx.HTTPError as exc:  # invalid URL, redirect loops, ...

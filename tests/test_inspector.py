@@ -1,0 +1,96 @@
+"""The official MCP Inspector (npm `@modelcontextprotocol/inspector`, CLI mode) as a client nobody here wrote.
+
+`.ci/run` installs it (and Node 22 from the npm registry) and sets MCP_INSPECTOR_BIN; without it these
+tests skip locally, and fail in CI, where REQUIRE_MCP_INSPECTOR is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from rawserver import server_env
+from test_http import _served_url
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def inspector_path() -> Path:
+    found = os.environ.get("MCP_INSPECTOR_BIN")
+    if found and Path(found).is_file():
+        return Path(found)
+    if os.environ.get("REQUIRE_MCP_INSPECTOR"):
+        pytest.fail(f"REQUIRE_MCP_INSPECTOR is set but MCP_INSPECTOR_BIN ({found!r}) is not the inspector")
+    pytest.skip("MCP Inspector not installed (.ci/run installs it and sets MCP_INSPECTOR_BIN)")
+
+
+async def inspect(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """One Inspector run (one connection); its JSON result."""
+    inspector = inspector_path()
+    env = {
+        **server_env(tmp_path),
+        "PATH": f"{inspector.parent}{os.pathsep}{os.environ['PATH']}",  # its `node` (22) comes first
+        "HOME": str(tmp_path / "home"),
+        "MCP_CATALOG_PATH": str(tmp_path / "catalog.json"),
+    }
+    with anyio.fail_after(60):
+        done = await anyio.run_process([str(inspector), "--cli", "--format", "json", "-q", *args], env=env, check=False)
+    assert done.returncode == 0, (done.returncode, done.stdout.decode(), done.stderr.decode())
+    result: dict[str, Any] = json.loads(done.stdout)["result"]
+    return result
+
+
+@asynccontextmanager
+async def http_server(tmp_path: Path) -> AsyncIterator[str]:
+    process = await anyio.open_process(
+        [sys.executable, "-m", "server", "--transport", "http", "--port", "0", "--log-level", "INFO"],
+        env=server_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    async with process:
+        try:
+            yield await _served_url(process)
+        finally:
+            process.terminate()
+            with anyio.fail_after(10):
+                await process.wait()
+
+
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+async def test_inspector_lists_the_tools_over_stdio(tmp_path: Path, era: str) -> None:
+    server = [sys.executable, "-m", "server", "--data-dir", str(tmp_path / "data")]
+    listed = await inspect(tmp_path, "--protocol-era", era, "--cwd", str(ROOT), "--method", "tools/list", "--", *server)
+    names = {tool["name"] for tool in listed["tools"]}
+    assert {"fire_tool", "get_cached_output", "poll_output", "run_shell_background", "cancel_task"} <= names
+
+
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+async def test_inspector_fires_then_collects_on_later_connections(tmp_path: Path, era: str) -> None:
+    async with http_server(tmp_path) as url:
+
+        async def call(tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+            args = ["--protocol-era", era, "--method", "tools/call", "--tool-name", tool]
+            result = await inspect(tmp_path, url, *args, "--tool-args-json", json.dumps(arguments))
+            assert not result.get("isError"), result
+            structured: dict[str, Any] = result["structuredContent"]
+            return structured
+
+        fired = await call("fire_tool", {"tool": "shell", "arguments": {"command": "echo from the inspector"}})
+        polled = await call("poll_output", {"task_ids": [fired["task_id"]], "timeout_s": 30})
+        assert polled["pending"] == []
+        got = await call("get_cached_output", {"task_id": fired["task_id"]})
+        assert got["status"] == "completed"
+        assert got["output"]["text"] == "from the inspector\n"
+        assert got["result"]["exit_code"] == 0
