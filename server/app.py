@@ -5,25 +5,58 @@ Errors the model can correct (`RequestError`) become tool errors with their text
 
 from __future__ import annotations
 
+import fnmatch
 import json
-from collections.abc import Iterable, Iterator
+import logging
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
+from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import InputRequiredResult, ToolAnnotations
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.shared.exceptions import MCPError
+from mcp_types import (
+    INVALID_PARAMS,
+    EmptyResult,
+    InputRequiredResult,
+    SubscribeRequestParams,
+    ToolAnnotations,
+    UnsubscribeRequestParams,
+)
 from mcp_types import Tool as MCPTool
 from pydantic import AnyUrl, Field
 
 from server import __version__
 from server.auth import LOCAL_OWNER, owner_of_request
 from server.errors import RequestError
+from server.notify import RECENT_URI
 from server.runtime import Runtime
+from server.sdk_compat import connection_of, lowlevel_of
+from server.task_extension import TasksExtension
 from server.tasks import Catalog, FireReply, PollReply, ShellReply, Status, TaskList, TaskView
+from tools.registry import ToolSpec
 
+log = logging.getLogger(__name__)
+
+OWN_TOOLS = frozenset(
+    {
+        "fire_tool",
+        "get_cached_output",
+        "poll_output",
+        "run_shell_background",
+        "list_tasks",
+        "cancel_task",
+        "list_fireable_tools",
+    }
+)
+TASK_URI = re.compile(r"task://([A-Za-z0-9_-]{1,64})(?:/output)?")
+TASK_TAIL_BYTES = 4096
+"""Output tail in the `task://{id}` view; the whole output is `task://{id}/output`."""
+OUTPUT_RESOURCE_BYTES = 64 * 1024
 MAX_POLL_IDS = 500
 MAX_POLL_TIMEOUT_S = 55.0
 """Clients cut a call off at about 60 s; a poll must answer before that."""
@@ -69,8 +102,11 @@ def _hints(*, read_only: bool, destructive: bool = False, idempotent: bool, open
 class OffloadServer(MCPServer):
     """Lists compact schemas: every byte of tools/list is paid in every conversation's context."""
 
+    exposed: Sequence[MCPTool] = ()
+    """Fireable tools served as MCP tools too (`expose`); `TasksExtension` answers their calls."""
+
     async def list_tools(self) -> list[MCPTool]:
-        return [
+        own = [
             tool.model_copy(
                 update={
                     "input_schema": compact_schema(tool.input_schema),
@@ -79,6 +115,7 @@ class OffloadServer(MCPServer):
             )
             for tool in await super().list_tools()
         ]
+        return [*own, *self.exposed]
 
     async def read_resource(
         self, uri: AnyUrl | str, context: Context[Any, Any] | None = None
@@ -141,7 +178,49 @@ def _compact(schema: Any) -> Any:
 
 def build_server(runtime: Runtime) -> OffloadServer:
     """Every tool is `async def`: the SDK runs plain functions in a worker thread, a hop per call."""
-    server = OffloadServer("offload", version=__version__, instructions=INSTRUCTIONS)
+    exposed = exposed_specs(runtime)
+    server = OffloadServer(
+        "offload",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        subscriptions=runtime.notifier.bus,
+        extensions=[TasksExtension(runtime, exposed)],
+    )
+    server.exposed = [_as_mcp_tool(spec) for spec in exposed]
+    _add_tools(server, runtime)
+    _add_resources(server, runtime)
+    _add_legacy_subscriptions(server, runtime)
+    return server
+
+
+def exposed_specs(runtime: Runtime) -> list[ToolSpec]:
+    patterns = runtime.settings.expose
+    chosen = []
+    for spec in runtime.executor.registry:
+        if not any(fnmatch.fnmatchcase(spec.name, pattern) for pattern in patterns):
+            continue
+        if spec.name in OWN_TOOLS or spec.unavailable is not None:
+            log.warning("not exposing %r: %s", spec.name, spec.unavailable or "an Offload tool has that name")
+            continue
+        chosen.append(spec)
+    return chosen
+
+
+def _as_mcp_tool(spec: ToolSpec) -> MCPTool:
+    return MCPTool(
+        name=spec.name,
+        description=f"{spec.description} Task-capable: with the tasks extension the call returns a task at once.",
+        input_schema=compact_schema(spec.input_schema),
+        annotations=_hints(
+            read_only=spec.cacheable and not spec.destructive,
+            destructive=spec.destructive,
+            idempotent=spec.cacheable,
+            open_world=spec.open_world,
+        ),
+    )
+
+
+def _add_tools(server: OffloadServer, runtime: Runtime) -> None:
 
     @server.tool(annotations=_hints(read_only=False, destructive=True, idempotent=False, open_world=True))
     async def fire_tool(
@@ -250,6 +329,8 @@ def build_server(runtime: Runtime) -> OffloadServer:
         """Tools fire_tool accepts, with their argument schemas and flags."""
         return runtime.catalog()
 
+
+def _add_resources(server: OffloadServer, runtime: Runtime) -> None:
     @server.resource(
         "offload://stats",
         name="stats",
@@ -259,4 +340,92 @@ def build_server(runtime: Runtime) -> OffloadServer:
     async def stats() -> str:
         return json.dumps(runtime.stats(owner=_reader.get()), indent=1)
 
-    return server
+    @server.resource(
+        "task://{task_id}",
+        name="task",
+        mime_type="application/json",
+        description="A task's status, result or error, and its output's tail. Subscribe to hear when it finishes.",
+    )
+    async def task(task_id: str, ctx: Context) -> str:
+        with _as_resource_errors(runtime):
+            view = runtime.get_output(
+                task_id, offset=0, max_bytes=TASK_TAIL_BYTES, tail_bytes=TASK_TAIL_BYTES, owner=_owner(ctx)
+            )
+        return view.model_dump_json(indent=1, exclude_none=True)
+
+    @server.resource(
+        "task://{task_id}/output",
+        name="task output",
+        mime_type="text/plain",
+        description=f"A task's output, its last {OUTPUT_RESOURCE_BYTES // 1024} KiB; earlier bytes by offset "
+        "with get_cached_output.",
+    )
+    async def output(task_id: str, ctx: Context) -> str:
+        with _as_resource_errors(runtime):
+            view = runtime.get_output(
+                task_id,
+                offset=0,
+                max_bytes=OUTPUT_RESOURCE_BYTES,
+                tail_bytes=OUTPUT_RESOURCE_BYTES,
+                owner=_owner(ctx),
+            )
+        shown = view.output
+        assert shown is not None
+        if shown.offset == 0:
+            return shown.text
+        return (
+            f"[offload: bytes {shown.offset}-{shown.next_offset} of {shown.total_bytes}; read the rest with "
+            f"get_cached_output(task_id={task_id!r}, offset=0)]\n{shown.text}"
+        )
+
+    @server.resource(
+        RECENT_URI,
+        name="recent tasks",
+        mime_type="application/json",
+        description="Your 50 most recent tasks, newest first.",
+    )
+    async def recent() -> str:
+        listed = runtime.list_tasks(status=None, tool=None, limit=50, owner=_reader.get())
+        return listed.model_dump_json(indent=1, exclude_none=True)
+
+
+def _add_legacy_subscriptions(server: OffloadServer, runtime: Runtime) -> None:
+    """2025-11-25 clients subscribe per resource; the 2026-07-28 route is the SDK's `subscriptions/listen`."""
+
+    async def subscribe(ctx: ServerRequestContext[Any, Any], params: SubscribeRequestParams) -> EmptyResult:
+        owner = owner_of_request(ctx.request)
+        _check_subscribable(runtime, params.uri, owner)
+        runtime.notifier.subscribe(connection_of(ctx), owner, params.uri)
+        return EmptyResult()
+
+    async def unsubscribe(ctx: ServerRequestContext[Any, Any], params: UnsubscribeRequestParams) -> EmptyResult:
+        runtime.notifier.unsubscribe(connection_of(ctx), params.uri)
+        return EmptyResult()
+
+    lowlevel = lowlevel_of(server)
+    lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, subscribe)
+    lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, unsubscribe)
+
+
+def _check_subscribable(runtime: Runtime, uri: str, owner: str) -> None:
+    """Only resources that can change; a task of another owner reads like an unknown one."""
+    if uri == RECENT_URI:
+        return
+    found = TASK_URI.fullmatch(uri)
+    if found is None:
+        raise MCPError(
+            INVALID_PARAMS,
+            f"cannot subscribe to {uri!r}: only task://{{task_id}}, task://{{task_id}}/output and {RECENT_URI} change",
+        )
+    try:
+        runtime.executor.get(owner, found.group(1))
+    except RequestError as exc:
+        raise MCPError(INVALID_PARAMS, runtime.redactor.text(str(exc))) from exc
+
+
+@contextmanager
+def _as_resource_errors(runtime: Runtime) -> Iterator[None]:
+    try:
+        yield
+    except RequestError as exc:
+        raise ResourceNotFoundError(runtime.redactor.text(str(exc))) from exc

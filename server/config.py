@@ -92,6 +92,10 @@ class Settings(BaseModel):
     max_request_body_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
     max_argument_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
     """Largest JSON of a fired tool's arguments (and of a command, its stdin and env together)."""
+    expose: tuple[str, ...] = ()
+    """Fireable tools also served as MCP tools of their own name ("shell", "github.*"): task-capable
+    (SEP-2663) for clients with the tasks extension, answered inline within expose_wait_s for others."""
+    expose_wait_s: Annotated[float, Field(ge=0, le=55)] = 45.0
     shell_mode: Literal["off", "deny-list", "allow-list"] = "off"
     shell_allow: tuple[str, ...] = ()
     """allow-list rules: a command prefix in words ("git status") or a regex ("re:^pytest( .*)?$")."""

@@ -98,6 +98,8 @@ class Executor:
         self._active_per_owner: Counter[str] = Counter()
         self._finished = FinishedTasks(settings.finished_tasks_max, clock, on_drop=self._forget_key)
         self._reuse: dict[str, str] = {}
+        self.watchers: list[Callable[[Task], None]] = []
+        """Called (synchronously, must not raise or block) when a task starts running or finishes."""
         """result key → id of the task that holds it (running, or finished and hot)."""
         self._waiting = 0
         self._no_waiters = anyio.Event()
@@ -263,6 +265,7 @@ class Executor:
         task.status = Status.RUNNING
         task.started_at = task.started_at or self._clock()
         self.store.update(task.id, status=task.status.value, started_at=task.started_at)
+        self._tell_watchers(task)
 
     def _finish(self, task: Task, status: Status, error: TaskError | None = None, result: JSON | None = None) -> None:
         """Synchronous on purpose: no await, so cancellation cannot come between a change and its record."""
@@ -279,6 +282,14 @@ class Executor:
         task.done.set()
         for listener in task.listeners:
             listener.set()
+        self._tell_watchers(task)
+
+    def _tell_watchers(self, task: Task) -> None:
+        for watcher in self.watchers:
+            try:
+                watcher(task)
+            except Exception:  # a watcher's bug must not break the task's bookkeeping
+                log.exception("task watcher %r raised", watcher)
 
     def _release(self, task: Task) -> None:
         if self._active.pop(task.id, None) is not None:

@@ -24,6 +24,7 @@ from server.auth import LOCAL_OWNER
 from server.cache import Clock
 from server.config import Settings, clients_config, data_dir
 from server.executor import Executor, ProgressFn, ReturnWhen
+from server.notify import Notifier
 from server.recovery import recover
 from server.redact import Redactor
 from server.store import Store
@@ -38,6 +39,7 @@ from server.tasks import (
     TaskList,
     TaskView,
     summary_of,
+    task_uri,
 )
 from tools.claude import claude_specs
 from tools.clients import ClientPool
@@ -55,11 +57,14 @@ SPAWN_WAIT_S = 5.0
 
 
 class Runtime:
-    def __init__(self, settings: Settings, executor: Executor, pool: ClientPool, redactor: Redactor) -> None:
+    def __init__(
+        self, settings: Settings, executor: Executor, pool: ClientPool, redactor: Redactor, notifier: Notifier
+    ) -> None:
         self.settings = settings
         self.executor = executor
         self.pool = pool
         self.redactor = redactor
+        self.notifier = notifier
 
     def __repr__(self) -> str:
         return f"<Runtime {self.executor!r}>"
@@ -94,12 +99,17 @@ class Runtime:
                 await recover(executor)
                 await executor.sweep()
                 tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
+                notifier = Notifier()
+                executor.watchers.append(notifier.task_changed)
+                tg.start_soon(notifier.run, name="offload notifications")
+                redactor = Redactor.from_environ(secret_variables(settings))
                 try:
-                    yield cls(settings, executor, pool, Redactor.from_environ(secret_variables(settings)))
+                    yield cls(settings, executor, pool, redactor, notifier)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await executor.shutdown()
                         await pool.aclose()
+                    notifier.close()
                     tg.cancel_scope.cancel()
         finally:
             with contextlib.suppress(sqlite3.Error):
@@ -130,6 +140,7 @@ class Runtime:
         full = self.output_view(task, 0, FIRE_REPLY_BYTES, FIRE_REPLY_BYTES) if task.status.finished else None
         return FireReply(
             task_id=task.id,
+            resource=task_uri(task.id),
             tool=task.tool,
             status=task.status,
             cached=fired.cached,
@@ -147,7 +158,7 @@ class Runtime:
         task = self.executor.fire(owner, "shell", arguments, timeout_s=timeout_s, use_cache=False).task
         with anyio.move_on_after(SPAWN_WAIT_S):
             await task.started.wait()
-        return ShellReply(task_id=task.id, pid=task.pid, status=task.status)
+        return ShellReply(task_id=task.id, resource=task_uri(task.id), pid=task.pid, status=task.status)
 
     def get_output(
         self,

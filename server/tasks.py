@@ -101,6 +101,7 @@ _SAME_AS_GET = "a task view, as get_cached_output returns"
 
 class FireReply(_View):
     task_id: str
+    resource: str
     tool: str
     status: Status
     cached: bool
@@ -112,6 +113,7 @@ class FireReply(_View):
 
 class ShellReply(_View):
     task_id: str
+    resource: str
     pid: int | None
     status: Status
 
@@ -279,6 +281,11 @@ class Task:
             detached=bool(row["detached"]),
             local=local,
         )
+
+
+def task_uri(task_id: str) -> str:
+    """The task as an MCP resource: read it for its view, subscribe to it to hear when it changes."""
+    return f"task://{task_id}"
 
 
 def summary_of(row: Row) -> TaskSummary:

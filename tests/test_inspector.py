@@ -51,10 +51,10 @@ async def inspect(tmp_path: Path, *args: str) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def http_server(tmp_path: Path) -> AsyncIterator[str]:
+async def http_server(tmp_path: Path, **env: str) -> AsyncIterator[str]:
     process = await anyio.open_process(
         [sys.executable, "-m", "server", "--transport", "http", "--port", "0", "--log-level", "INFO"],
-        env=server_env(tmp_path),
+        env={**server_env(tmp_path), **env},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -94,3 +94,19 @@ async def test_inspector_fires_then_collects_on_later_connections(tmp_path: Path
         assert got["status"] == "completed"
         assert got["output"]["text"] == "from the inspector\n"
         assert got["result"]["exit_code"] == 0
+
+
+async def test_the_inspector_runs_an_exposed_tool_as_a_task(tmp_path: Path) -> None:
+    """With no inline wait at all, only a client that took the task handle and followed it with
+    tasks/get can come back with the finished result: the Inspector (2026-07-28) does; on the
+    2025-11-25 era it has no tasks extension and gets the "still running" answer instead."""
+    async with http_server(tmp_path, OFFLOAD_EXPOSE="shell", OFFLOAD_EXPOSE_WAIT_S="0") as url:
+        command = json.dumps({"command": "sleep 0.5; echo done as a task"})
+        args = ["--method", "tools/call", "--tool-name", "shell", "--tool-args-json", command]
+        modern = await inspect(tmp_path, url, "--protocol-era", "modern", *args)
+        assert not modern.get("isError"), modern
+        assert modern["structuredContent"]["status"] == "completed"
+        assert modern["structuredContent"]["output"]["text"] == "done as a task\n"
+        legacy = await inspect(tmp_path, url, "--protocol-era", "legacy", *args)
+        assert legacy["structuredContent"]["status"] in ("queued", "running")
+        assert legacy["content"][0]["text"].startswith("Still running after the inline wait")

@@ -1,0 +1,90 @@
+"""Tells subscribed clients when a task changes: starts running, or finishes however it finishes.
+
+Two protocol eras, two routes. 2026-07-28 clients open `subscriptions/listen` (served by the SDK
+from our subscription bus); 2025-11-25 clients send `resources/subscribe` and receive
+`notifications/resources/updated` on their connection's standalone stream. The executor reports a
+change synchronously; delivery happens in `run`, so a slow client never holds up a task.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import anyio
+from mcp.server.connection import Connection
+from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
+
+from server.tasks import Task, task_uri
+
+log = logging.getLogger(__name__)
+
+RECENT_URI = "tasks://recent"
+MAX_PENDING_CHANGES = 10_000
+"""Changes waiting for delivery; past it the oldest news is dropped (and logged), never the server."""
+SEND_TIMEOUT_S = 5.0
+
+
+def uris_of(task_id: str) -> list[str]:
+    """What changes when a task does: its view, its output, and the recent list."""
+    return [task_uri(task_id), f"{task_uri(task_id)}/output", RECENT_URI]
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    connection: Connection
+    owner: str
+    uris: set[str] = field(default_factory=set)
+
+
+class Notifier:
+    def __init__(self) -> None:
+        self.bus = InMemorySubscriptionBus()
+        self._subscribers: dict[Connection, _Subscriber] = {}
+        self._send, self._receive = anyio.create_memory_object_stream[tuple[str, str]](MAX_PENDING_CHANGES)
+
+    def task_changed(self, task: Task) -> None:
+        try:
+            self._send.send_nowait((task.id, task.owner))
+        except anyio.WouldBlock:
+            log.warning(
+                "notifications are %d changes behind; dropped the news about task %s", MAX_PENDING_CHANGES, task.id
+            )
+
+    def subscribe(self, connection: Connection, owner: str, uri: str) -> None:
+        subscriber = self._subscribers.get(connection)
+        if subscriber is None:
+            subscriber = self._subscribers[connection] = _Subscriber(connection, owner)
+            connection.exit_stack.callback(self._subscribers.pop, connection, None)
+        subscriber.uris.add(uri)
+
+    def unsubscribe(self, connection: Connection, uri: str) -> None:
+        subscriber = self._subscribers.get(connection)
+        if subscriber is not None:
+            subscriber.uris.discard(uri)
+
+    def close(self) -> None:
+        self._send.close()
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    async def run(self) -> None:
+        """Delivers changes until cancelled."""
+        async with self._receive:
+            async for task_id, owner in self._receive:
+                uris = uris_of(task_id)
+                for uri in uris:
+                    await self.bus.publish(ResourceUpdated(uri))
+                for subscriber in list(self._subscribers.values()):
+                    if subscriber.owner == owner:  # another owner's task does not exist for them
+                        for uri in subscriber.uris.intersection(uris):
+                            await self._tell(subscriber.connection, uri)
+
+    @staticmethod
+    async def _tell(connection: Connection, uri: str) -> None:
+        with anyio.move_on_after(SEND_TIMEOUT_S) as scope:
+            await connection.send_resource_updated(uri)
+        if scope.cancelled_caught:
+            log.warning("a client did not take a resource update within %g s; skipped it", SEND_TIMEOUT_S)
