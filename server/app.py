@@ -24,6 +24,7 @@ from mcp_types import (
     EmptyResult,
     InputRequiredResult,
     SubscribeRequestParams,
+    SubscriptionsListenRequestParams,
     ToolAnnotations,
     UnsubscribeRequestParams,
 )
@@ -183,13 +184,13 @@ def build_server(runtime: Runtime) -> OffloadServer:
         "offload",
         version=__version__,
         instructions=INSTRUCTIONS,
-        subscriptions=runtime.notifier.bus,
+        subscriptions=False,  # served below, per owner
         extensions=[TasksExtension(runtime, exposed)],
     )
     server.exposed = [_as_mcp_tool(spec) for spec in exposed]
     _add_tools(server, runtime)
     _add_resources(server, runtime)
-    _add_legacy_subscriptions(server, runtime)
+    _add_subscriptions(server, runtime)
     return server
 
 
@@ -389,8 +390,8 @@ def _add_resources(server: OffloadServer, runtime: Runtime) -> None:
         return listed.model_dump_json(indent=1, exclude_none=True)
 
 
-def _add_legacy_subscriptions(server: OffloadServer, runtime: Runtime) -> None:
-    """2025-11-25 clients subscribe per resource; the 2026-07-28 route is the SDK's `subscriptions/listen`."""
+def _add_subscriptions(server: OffloadServer, runtime: Runtime) -> None:
+    """2025-11-25 clients subscribe per resource, 2026-07-28 clients listen; both kept per owner."""
 
     async def subscribe(ctx: ServerRequestContext[Any, Any], params: SubscribeRequestParams) -> EmptyResult:
         owner = owner_of_request(ctx.request)
@@ -403,6 +404,7 @@ def _add_legacy_subscriptions(server: OffloadServer, runtime: Runtime) -> None:
         return EmptyResult()
 
     lowlevel = lowlevel_of(server)
+    lowlevel.add_request_handler("subscriptions/listen", SubscriptionsListenRequestParams, runtime.notifier.listen)
     lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, subscribe)
     lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, unsubscribe)
 

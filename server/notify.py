@@ -1,20 +1,26 @@
 """Tells subscribed clients when a task changes: starts running, or finishes however it finishes.
 
-Two protocol eras, two routes. 2026-07-28 clients open `subscriptions/listen` (served by the SDK
-from our subscription bus); 2025-11-25 clients send `resources/subscribe` and receive
-`notifications/resources/updated` on their connection's standalone stream. The executor reports a
-change synchronously; delivery happens in `run`, so a slow client never holds up a task.
+Two protocol eras, two routes. 2026-07-28 clients open `subscriptions/listen`, served by the SDK's
+`ListenHandler` over a subscription bus of the caller's owner: one bus per owner, so no client
+hears of another owner's tasks (not even that `tasks://recent` changed). 2025-11-25 clients send
+`resources/subscribe` and receive `notifications/resources/updated` on their connection's standalone
+stream. The executor reports a change synchronously; delivery happens in `run`, so a slow client
+never holds up a task.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from mcp.server.connection import Connection
-from mcp.server.subscriptions import InMemorySubscriptionBus, ResourceUpdated
+from mcp.server.context import ServerRequestContext
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ResourceUpdated
+from mcp_types import SubscriptionsListenRequestParams, SubscriptionsListenResult
 
+from server.auth import owner_of_request
 from server.tasks import Task, task_uri
 
 log = logging.getLogger(__name__)
@@ -39,7 +45,7 @@ class _Subscriber:
 
 class Notifier:
     def __init__(self) -> None:
-        self.bus = InMemorySubscriptionBus()
+        self._listeners: dict[str, tuple[InMemorySubscriptionBus, ListenHandler]] = {}
         self._subscribers: dict[Connection, _Subscriber] = {}
         self._send, self._receive = anyio.create_memory_object_stream[tuple[str, str]](MAX_PENDING_CHANGES)
 
@@ -50,6 +56,16 @@ class Notifier:
             log.warning(
                 "notifications are %d changes behind; dropped the news about task %s", MAX_PENDING_CHANGES, task.id
             )
+
+    async def listen(
+        self, ctx: ServerRequestContext[Any, Any], params: SubscriptionsListenRequestParams
+    ) -> SubscriptionsListenResult:
+        """`subscriptions/listen`: one stream, for as long as the client keeps it open."""
+        owner = owner_of_request(ctx.request)
+        if owner not in self._listeners:
+            bus = InMemorySubscriptionBus()
+            self._listeners[owner] = (bus, ListenHandler(bus))
+        return await self._listeners[owner][1](ctx, params)
 
     def subscribe(self, connection: Connection, owner: str, uri: str) -> None:
         subscriber = self._subscribers.get(connection)
@@ -64,6 +80,9 @@ class Notifier:
             subscriber.uris.discard(uri)
 
     def close(self) -> None:
+        """Ends every listen stream gracefully (each sends its final result) and stops taking changes."""
+        for _, handler in self._listeners.values():
+            handler.close()
         self._send.close()
 
     @property
@@ -75,8 +94,10 @@ class Notifier:
         async with self._receive:
             async for task_id, owner in self._receive:
                 uris = uris_of(task_id)
-                for uri in uris:
-                    await self.bus.publish(ResourceUpdated(uri))
+                if owner in self._listeners:
+                    bus = self._listeners[owner][0]
+                    for uri in uris:
+                        await bus.publish(ResourceUpdated(uri))
                 for subscriber in list(self._subscribers.values()):
                     if subscriber.owner == owner:  # another owner's task does not exist for them
                         for uri in subscriber.uris.intersection(uris):

@@ -56,6 +56,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         github_base_url=CLOSED_PORT_URL,
         anthropic_base_url=CLOSED_PORT_URL,
         default_timeout_s=5,
+        expose=("shell", "test.boom"),
+        expose_wait_s=1,
         kill_grace_s=0.2,
     )
     with start_blocking_portal() as portal:
@@ -95,6 +97,8 @@ def assert_answered(result: CallToolResult) -> None:
         "list_tasks",
         "cancel_task",
         "list_fireable_tools",
+        "shell",  # exposed fireable tools, answered by the tasks extension's interceptor
+        "test.boom",
     ],
 )
 def test_any_arguments_get_an_answer_and_the_server_keeps_serving(served: Served, tool: str) -> None:

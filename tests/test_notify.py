@@ -209,3 +209,25 @@ def json_of(result: Any) -> dict[str, Any]:
 
     parsed: dict[str, Any] = json.loads(result.contents[0].text)
     return parsed
+
+
+async def test_listeners_hear_only_their_own_owners_tasks(gate: Gate) -> None:
+    """Bob's task finishes before Alice's starts, and the news is delivered in that order: if any of
+    Bob's news reached Alice's stream, it would be the first event she gets."""
+    tokens = {"alice": "ALICE_TOKEN", "bob": "BOB_TOKEN"}
+    async with (
+        web_server(gate, "http", TOKENS, auth_tokens=tokens) as url,
+        connect(url, ALICE) as alice,
+        connect(url, BOB) as bob,
+    ):
+        bobs = await call(bob, "fire_tool", tool="test.gate", arguments={"key": "bob"})
+        await gate.wait_entered("bob")
+        watched = [bobs["resource"], "tasks://recent"]
+        async with alice.listen(resource_subscriptions=watched) as subscription:
+            gate.release("bob")
+            assert (await call(bob, "poll_output", task_ids=[bobs["task_id"]]))["done"][0]["status"] == "completed"
+            gate.release("alice")
+            await call(alice, "fire_tool", tool="test.gate", arguments={"key": "alice"})
+            with anyio.fail_after(10):
+                first = await anext(aiter(subscription))
+        assert first.uri == "tasks://recent"  # type: ignore[union-attr]
