@@ -417,6 +417,117 @@ async def shutdown(quick: bool) -> CaseResult:
     return result
 
 
+NOTIFY_COMMAND = "sleep 0.05; date +%s.%N"
+"""The command's last act is to print the wall-clock time: the figures are from then to the client knowing."""
+
+
+async def notify_latency(quick: bool) -> CaseResult:
+    """How soon after a command ends does the client know, over stdio: a resource subscription
+    (2025-11-25), a listen stream (2026-07-28), a waiting poll_output, and the tasks extension
+    (fastmcp-tasks, which polls tasks/get with a backoff)."""
+    runs = 5 if quick else 30
+    result = CaseResult("completion news (stdio)")
+    ways = {
+        "subscribe (2025-11-25)": _via_subscription,
+        "listen (2026-07-28)": _via_listen,
+        "poll_output waiting": _via_poll,
+        "tasks extension (fastmcp-tasks)": _via_tasks_extension,
+    }
+    for name, way in ways.items():
+        lags = [lag for lag in await way(runs) if lag is not None]
+        med_ms, _ = _quantiles_ms(lags)
+        result.add(f"{name} median", med_ms, "ms")
+        result.add(f"{name} worst", max(lags) * 1000, "ms")
+    return result
+
+
+def _lag(output: str) -> float:
+    return time.time() - float(output.strip().splitlines()[-1])
+
+
+async def _via_subscription(runs: int) -> list[float]:
+    """Each command waits on a FIFO until the subscription is in place, then finishes."""
+    import warnings
+
+    from mcp_types import ResourceUpdatedNotification
+
+    heard: dict[str, anyio.Event] = {}
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, ResourceUpdatedNotification) and message.params.uri in heard:
+            heard[message.params.uri].set()
+
+    lags = []
+    with tempfile.TemporaryDirectory(prefix="offload-bench-") as data:
+        env = {**os.environ, "OFFLOAD_LOG_LEVEL": "WARNING", "OFFLOAD_DATA_DIR": data}
+        params = StdioServerParameters(command=sys.executable, args=["-m", "server"], env=env)
+        async with Client(params, mode="legacy", message_handler=on_message) as client:
+            for run in range(runs):
+                fifo = Path(data) / f"hold-{run}"
+                os.mkfifo(fifo)
+                command = f"head -c 1 {fifo} >/dev/null; {NOTIFY_COMMAND}"
+                reply = _data(await client.call_tool("run_shell_background", {"command": command}))
+                uri = reply["resource"]
+                heard[uri] = anyio.Event()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    await client.subscribe_resource(uri)
+                await anyio.to_thread.run_sync(fifo.write_text, "x")
+                while True:  # an update may be the start; the finish is the one wanted
+                    with anyio.fail_after(30):
+                        await heard[uri].wait()
+                    received = time.time()
+                    heard[uri] = anyio.Event()
+                    view = _data(await client.call_tool("get_cached_output", {"task_id": reply["task_id"]}))
+                    if view["status"] == "completed":
+                        lags.append(received - float(view["output"]["text"].strip()))
+                        break
+    return lags
+
+
+async def _via_listen(runs: int) -> list[float]:
+    lags = []
+    async with stdio_client("auto") as client:
+        for _ in range(runs):
+            async with client.listen(resources_list_changed=False, resource_subscriptions=["tasks://recent"]) as sub:
+                task_id = await _fire(client, NOTIFY_COMMAND)
+                with anyio.fail_after(30):
+                    async for _event in sub:
+                        received = time.time()
+                        view = _data(await client.call_tool("get_cached_output", {"task_id": task_id}))
+                        if view["status"] == "completed":
+                            lags.append(received - float(view["output"]["text"].strip()))
+                            break
+    return lags
+
+
+async def _via_poll(runs: int) -> list[float]:
+    lags = []
+    async with stdio_client() as client:
+        for _ in range(runs):
+            task_id = await _fire(client, NOTIFY_COMMAND)
+            reply = _data(await client.call_tool("poll_output", {"task_ids": [task_id], "timeout_s": 30}))
+            lags.append(_lag(reply["done"][0]["output"]["text"]))
+    return lags
+
+
+async def _via_tasks_extension(runs: int) -> list[float]:
+    from fastmcp import Client as FastMCPClient
+    from fastmcp.client.transports import StdioTransport
+    from fastmcp_tasks.client import call_tool_task
+
+    lags = []
+    with tempfile.TemporaryDirectory(prefix="offload-bench-") as data:
+        env = {**os.environ, "OFFLOAD_LOG_LEVEL": "WARNING", "OFFLOAD_DATA_DIR": data, "OFFLOAD_EXPOSE": "shell"}
+        transport = StdioTransport(command=sys.executable, args=["-m", "server"], env=env)
+        async with FastMCPClient(transport) as client:
+            for _ in range(runs):
+                handle = await call_tool_task(client, "shell", {"command": NOTIFY_COMMAND})
+                done = await handle.result()
+                lags.append(_lag(done.structured_content["output"]["text"]))  # type: ignore[index]
+    return lags
+
+
 async def client_reuse(quick: bool) -> CaseResult:
     """500 `http.request` tasks: the shared client against a fresh client per request; and 200 GitHub
     reads fired then collected against the same reads made one after another. Local servers."""
@@ -484,4 +595,5 @@ CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "store_fire": store_fire,
     "shutdown": shutdown,
     "client_reuse": client_reuse,
+    "notify_latency": notify_latency,
 }
