@@ -50,6 +50,8 @@ class Credentials:
                     f"{MIN_TOKEN_CHARS} characters, e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
                 )
             tokens.append((owner, value.encode()))
+        if len({token for _, token in tokens}) < len(tokens):
+            raise ConfigError("two owners have the same bearer token: give each owner its own, or they are one owner")
         return cls(tuple(tokens))
 
     def __bool__(self) -> bool:

@@ -9,6 +9,7 @@ import pytest
 from conftest import call, error_text
 from mcp import Client
 
+from server.app import OWN_TOOLS
 from server.runtime import Runtime
 
 pytestmark = pytest.mark.anyio
@@ -88,15 +89,7 @@ async def test_absurd_timeout_is_refused(client: Client, runtime: Runtime) -> No
 
 async def test_tool_definitions_fit_the_context_budget(client: Client) -> None:
     tools = (await client.list_tools()).tools
-    assert {t.name for t in tools} == {
-        "fire_tool",
-        "get_cached_output",
-        "poll_output",
-        "run_shell_background",
-        "list_tasks",
-        "cancel_task",
-        "list_fireable_tools",
-    }
+    assert {t.name for t in tools} == OWN_TOOLS
     wire = [
         json.dumps(t.model_dump(mode="json", by_alias=True, exclude_none=True), separators=(",", ":")) for t in tools
     ]

@@ -170,6 +170,8 @@ def test_a_named_token_that_is_missing_or_short_is_an_error() -> None:
         Credentials.load(Settings(auth_tokens={"bob": "BOB_TOKEN"}), {})
     with pytest.raises(ConfigError, match="too short"):
         Credentials.load(Settings(), {"OFFLOAD_AUTH_TOKEN": "short"})
+    with pytest.raises(ConfigError, match="the same bearer token"):
+        Credentials.load(Settings(auth_tokens={"a": "ALICE_TOKEN", "b": "SAME"}), {**TOKENS, "SAME": ALICE})
     loaded = Credentials.load(Settings(auth_tokens={"bob": "BOB_TOKEN"}), TOKENS)
     assert loaded.owner_of(f"Bearer {BOB}".encode()) == "bob"
     assert loaded.owner_of(f"Bearer {ALICE}".encode()) is None
@@ -203,7 +205,8 @@ async def test_sigterm_stops_an_http_server_and_its_commands(tmp_path: Path, tra
         stderr=subprocess.PIPE,
     )
     try:
-        url = await _served_url(process)
+        url, log = await served_log(process)
+        assert "no shell_roots configured: shell commands may run in any directory" in log
         async with connect(url) as client:
             reply = await when_tree_runs(
                 lambda command: tool(client, "run_shell_background", command=command), timeout_s=10
@@ -225,13 +228,13 @@ async def test_sigterm_stops_an_http_server_and_its_commands(tmp_path: Path, tra
         await process.aclose()
 
 
-async def _served_url(process: anyio.abc.Process) -> str:
-    """Reads the server's log (stderr) until it says where it listens."""
+async def served_log(process: anyio.abc.Process) -> tuple[str, str]:
+    """Reads the server's log (stderr) until it says where it listens: that URL, and the log so far."""
     assert process.stderr is not None
     seen = b""
     with anyio.fail_after(20):
         async for piece in process.stderr:
             seen += piece
             if found := re.search(rb"serving MCP \(\w+\) on (http://\S+)", seen):
-                return found.group(1).decode()
+                return found.group(1).decode(), seen.decode()
     raise AssertionError(f"the server never said where it listens: {seen.decode()!r}")

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import pytest
 from rawserver import server_env
-from test_http import _served_url
+from test_http import served_log
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -61,7 +61,7 @@ async def http_server(tmp_path: Path, **env: str) -> AsyncIterator[str]:
     )
     async with process:
         try:
-            yield await _served_url(process)
+            yield (await served_log(process))[0]
         finally:
             process.terminate()
             with anyio.fail_after(10):
