@@ -65,7 +65,8 @@ MAX_POLL_TIMEOUT_S = 55.0
 INSTRUCTIONS = (
     "Offload runs slow tools in the background. fire_tool (or run_shell_background) returns a task_id "
     "at once; keep working, then collect with poll_output (waits for completion) or get_cached_output "
-    "(never blocks; read output by offset). list_fireable_tools shows what can be fired."
+    "(never blocks; read output by offset). list_fireable_tools shows what can be fired. Each task is "
+    "also the resource task://{task_id}: subscribe to it to be told when it finishes instead of polling."
 )
 
 TaskId = Annotated[str, Field(min_length=1, max_length=64, description="Id returned by fire_tool.")]
@@ -122,7 +123,10 @@ class OffloadServer(MCPServer):
         self, uri: AnyUrl | str, context: Context[Any, Any] | None = None
     ) -> Iterable[ReadResourceContents] | InputRequiredResult:
         """The SDK gives static resources no Context: the reader's owner reaches them through a ContextVar."""
-        request = None if context is None or context._request_context is None else context.request_context.request
+        try:
+            request = None if context is None else context.request_context.request
+        except ValueError:  # a Context made outside a request
+            request = None
         token = _reader.set(owner_of_request(request))
         try:
             return await super().read_resource(uri, context)
@@ -132,7 +136,7 @@ class OffloadServer(MCPServer):
     async def run_streams(self, read_stream: Any, write_stream: Any) -> None:
         """Serves one connection over streams we opened (`server.stdio`); the SDK's
         `run_stdio_async` always opens its own threaded ones."""
-        lowlevel = self._lowlevel_server
+        lowlevel = lowlevel_of(self)
         await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
 
 
@@ -395,8 +399,11 @@ def _add_subscriptions(server: OffloadServer, runtime: Runtime) -> None:
 
     async def subscribe(ctx: ServerRequestContext[Any, Any], params: SubscribeRequestParams) -> EmptyResult:
         owner = owner_of_request(ctx.request)
-        _check_subscribable(runtime, params.uri, owner)
-        runtime.notifier.subscribe(connection_of(ctx), owner, params.uri)
+        try:
+            _check_subscribable(runtime, params.uri, owner)
+            runtime.notifier.subscribe(connection_of(ctx), owner, params.uri)
+        except RequestError as exc:
+            raise MCPError(INVALID_PARAMS, runtime.redactor.text(str(exc))) from exc
         return EmptyResult()
 
     async def unsubscribe(ctx: ServerRequestContext[Any, Any], params: UnsubscribeRequestParams) -> EmptyResult:
@@ -419,10 +426,7 @@ def _check_subscribable(runtime: Runtime, uri: str, owner: str) -> None:
             INVALID_PARAMS,
             f"cannot subscribe to {uri!r}: only task://{{task_id}}, task://{{task_id}}/output and {RECENT_URI} change",
         )
-    try:
-        runtime.executor.get(owner, found.group(1))
-    except RequestError as exc:
-        raise MCPError(INVALID_PARAMS, runtime.redactor.text(str(exc))) from exc
+    runtime.executor.get(owner, found.group(1))
 
 
 @contextmanager

@@ -123,3 +123,11 @@ class TooLargeError(RequestError):
             f"{what} is {size_bytes} bytes, above this server's limit of {limit_bytes} bytes; "
             "send less (pass big inputs as a file path, or raise max_argument_bytes in the server's config)"
         )
+
+
+class TooManySubscriptionsError(RequestError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this connection is subscribed to {limit} resources, the most it may be; "
+            "unsubscribe from finished tasks (resources/unsubscribe) first"
+        )

@@ -21,6 +21,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, Res
 from mcp_types import SubscriptionsListenRequestParams, SubscriptionsListenResult
 
 from server.auth import owner_of_request
+from server.errors import TooManySubscriptionsError
 from server.tasks import Task, task_uri
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ RECENT_URI = "tasks://recent"
 MAX_PENDING_CHANGES = 10_000
 """Changes waiting for delivery; past it the oldest news is dropped (and logged), never the server."""
 SEND_TIMEOUT_S = 5.0
+MAX_SUBSCRIPTIONS = 1000
+"""Resources one connection may be subscribed to at once."""
 
 
 def uris_of(task_id: str) -> list[str]:
@@ -52,6 +55,8 @@ class Notifier:
     def task_changed(self, task: Task) -> None:
         try:
             self._send.send_nowait((task.id, task.owner))
+        except anyio.ClosedResourceError:
+            pass  # shutting down: nobody is left to tell
         except anyio.WouldBlock:
             log.warning(
                 "notifications are %d changes behind; dropped the news about task %s", MAX_PENDING_CHANGES, task.id
@@ -68,10 +73,13 @@ class Notifier:
         return await self._listeners[owner][1](ctx, params)
 
     def subscribe(self, connection: Connection, owner: str, uri: str) -> None:
+        """Raises TooManySubscriptionsError past MAX_SUBSCRIPTIONS for one connection."""
         subscriber = self._subscribers.get(connection)
         if subscriber is None:
             subscriber = self._subscribers[connection] = _Subscriber(connection, owner)
             connection.exit_stack.callback(self._subscribers.pop, connection, None)
+        if uri not in subscriber.uris and len(subscriber.uris) >= MAX_SUBSCRIPTIONS:
+            raise TooManySubscriptionsError(MAX_SUBSCRIPTIONS)
         subscriber.uris.add(uri)
 
     def unsubscribe(self, connection: Connection, uri: str) -> None:
@@ -83,7 +91,7 @@ class Notifier:
         """Ends every listen stream gracefully (each sends its final result) and stops taking changes."""
         for _, handler in self._listeners.values():
             handler.close()
-        self._send.close()
+        self._send.close()  # `run` delivers what is queued, then returns
 
     @property
     def subscriber_count(self) -> int:

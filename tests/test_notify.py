@@ -231,3 +231,23 @@ async def test_listeners_hear_only_their_own_owners_tasks(gate: Gate) -> None:
             with anyio.fail_after(10):
                 first = await anext(aiter(subscription))
         assert first.uri == "tasks://recent"  # type: ignore[union-attr]
+
+
+async def test_one_connection_may_subscribe_to_a_bounded_number_of_resources() -> None:
+    from mcp.server.connection import Connection
+
+    from server.errors import TooManySubscriptionsError
+    from server.notify import MAX_SUBSCRIPTIONS, Notifier
+
+    notifier = Notifier()
+    connection = Connection(object(), protocol_version="2025-11-25")  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(notifier.run)
+        for n in range(MAX_SUBSCRIPTIONS):
+            notifier.subscribe(connection, "local", f"task://t{n}")
+        notifier.subscribe(connection, "local", "task://t0")  # again: not a new one
+        with pytest.raises(TooManySubscriptionsError, match="unsubscribe from finished tasks"):
+            notifier.subscribe(connection, "local", "task://one-more")
+        notifier.unsubscribe(connection, "task://t0")
+        notifier.subscribe(connection, "local", "task://one-more")
+        notifier.close()  # ends `run`
