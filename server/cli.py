@@ -17,7 +17,8 @@ from server import __version__
 from server.app import build_server
 from server.config import Settings, load_settings
 from server.errors import ConfigError
-from server.runtime import Runtime
+from server.redact import RedactingFilter, Redactor
+from server.runtime import Runtime, secret_variables
 from server.stdio import loop_stdio_server
 
 log = logging.getLogger("offload")
@@ -79,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"offload-mcp: {exc}\n")  # logging is not set up yet: the settings failed
         return 2
-    _log_to_stderr(settings.log_level)
+    _log_to_stderr(settings.log_level, Redactor.from_environ(secret_variables(settings)))
     if args.command == "demo":
         from server.demo import run_demo
 
@@ -110,10 +111,11 @@ def argv_for_server(args: argparse.Namespace) -> list[str]:
     return forwarded
 
 
-def _log_to_stderr(level: str) -> None:
-    """stdout is the protocol on stdio: every log line goes to stderr."""
+def _log_to_stderr(level: str, redactor: Redactor) -> None:
+    """stdout is the protocol on stdio: every log line goes to stderr, with the secrets masked."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter(redactor))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -8,6 +8,7 @@ secret split across two reads is still masked in each (reads look past their edg
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -72,6 +73,24 @@ class Redactor:
         dumped = model.model_dump(mode="json", by_alias=True)
         changed, masked = _walk(dumped, self.text)
         return type(model).model_validate(masked) if changed else model
+
+
+class RedactingFilter(logging.Filter):
+    """Masks the secrets in every log line, traceback included: a library's exception text may quote
+    a header or a URL holding one."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._redactor:
+            record.msg, record.args = self._redactor.text(record.getMessage()), None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = self._redactor.text(record.exc_text)
+        return True
 
 
 def _exactly(output: Output, start: int, end: int) -> bytes:

@@ -143,3 +143,32 @@ async def test_oversize_arguments_are_refused_clearly(clock: FakeClock, gate: Ga
         text = error_text(await client.call_tool("run_shell_background", {"command": "echo " + "x" * 5000}))
         assert "is 50" in text and "above this server's limit of 4096 bytes" in text
         assert (await call(client, "list_tasks"))["tasks"] == []
+
+
+def test_log_lines_and_tracebacks_mask_the_secrets() -> None:
+    import io
+    import logging
+
+    from server.redact import RedactingFilter, Redactor
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RedactingFilter(Redactor([SECRET])))
+    logger = logging.getLogger("offload.test.redaction")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("calling with token %s", SECRET)
+        try:
+            _fail_with(f"upstream echoed Authorization: Bearer {SECRET}")
+        except RuntimeError:
+            logger.exception("request failed")
+    finally:
+        logger.removeHandler(handler)
+    logged = stream.getvalue()
+    assert SECRET not in logged
+    assert logged.count("[redacted") == 2 and "Traceback" in logged
+
+
+def _fail_with(message: str) -> None:
+    raise RuntimeError(message)
