@@ -9,11 +9,14 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from cachetools import LRUCache
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
 from server.errors import ConfigError
@@ -23,6 +26,8 @@ DEFAULT_OWNER = "default"
 """The owner behind the single token of `auth_token_env`."""
 MIN_TOKEN_CHARS = 16
 OWNER_SCOPE_KEY = "offload.owner"
+MAX_SESSIONS_KEPT = 100_000
+_SSE_SESSION = re.compile(rb"event: endpoint\r?\ndata: [^\r\n]*[?&]session_id=([0-9a-fA-F-]{8,64})")
 """Where the middleware leaves the caller's owner in the ASGI scope, for the tools to read."""
 
 
@@ -95,18 +100,55 @@ class BearerAuth:
     def __init__(self, app: ASGIApp, credentials: Credentials) -> None:
         self.app = app
         self.credentials = credentials
+        self.sessions: LRUCache[str, str] = LRUCache(MAX_SESSIONS_KEPT)
+        """Transport session id → the owner that opened it, so no other owner can use it."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        header = dict(scope["headers"]).get(b"authorization")
+        headers = dict(scope["headers"])
+        header = headers.get(b"authorization")
         owner = self.credentials.owner_of(header)
         if owner is None:
-            await _unauthorized(send, "missing bearer token" if header is None else "invalid bearer token")
+            await _refuse(
+                send, 401, "invalid_token", "missing bearer token" if header is None else "invalid bearer token"
+            )
+            return
+        session = _session_of(scope, headers)
+        if session is not None and self.sessions.get(session, owner) != owner:
+            await _refuse(send, 404, "unknown_session", "no such session")  # what the transport says of a stranger's
             return
         scope[OWNER_SCOPE_KEY] = owner
-        await self.app(scope, receive, send)
+        await self.app(scope, receive, self._noting_sessions(send, owner) if session is None else send)
+
+    def _noting_sessions(self, send: Send, owner: str) -> Send:
+        """Records the session a response opens: the `mcp-session-id` header (streamable HTTP) or the
+        endpoint the first SSE event names."""
+
+        first_body = True
+
+        async def noting(message: Message) -> None:
+            nonlocal first_body
+            opened = None
+            if message["type"] == "http.response.start":
+                opened = dict(message.get("headers", [])).get(b"mcp-session-id")
+            elif message["type"] == "http.response.body" and first_body:  # later events are task data
+                first_body = False
+                found = _SSE_SESSION.match(message.get("body", b""))
+                opened = found.group(1) if found else None
+            if opened:
+                self.sessions.setdefault(opened.decode(), owner)  # never re-owned
+            await send(message)
+
+        return noting
+
+
+def _session_of(scope: Scope, headers: dict[bytes, bytes]) -> str | None:
+    if session := headers.get(b"mcp-session-id"):
+        return session.decode()
+    query = parse_qs(scope.get("query_string", b"").decode())
+    return query["session_id"][0] if "session_id" in query else None
 
 
 def owner_of_request(request: Any) -> str:
@@ -117,17 +159,10 @@ def owner_of_request(request: Any) -> str:
     return LOCAL_OWNER
 
 
-async def _unauthorized(send: Send, reason: str) -> None:
-    body = json.dumps({"error": "invalid_token", "error_description": reason}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 401,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"www-authenticate", b'Bearer realm="offload", error="invalid_token"'),
-            ],
-        }
-    )
+async def _refuse(send: Send, status: int, error: str, reason: str) -> None:
+    body = json.dumps({"error": error, "error_description": reason}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="offload", error="invalid_token"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

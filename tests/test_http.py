@@ -238,3 +238,35 @@ async def served_log(process: anyio.abc.Process) -> tuple[str, str]:
             if found := re.search(rb"serving MCP \(\w+\) on (http://\S+)", seen):
                 return found.group(1).decode(), seen.decode()
     raise AssertionError(f"the server never said where it listens: {seen.decode()!r}")
+
+
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}},
+}
+INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_session_belongs_to_the_owner_who_opened_it(gate: Gate, transport: str) -> None:
+    """Knowing another owner's session id gets you nothing: the server answers as for no such session."""
+    tokens = {"alice": "ALICE_TOKEN", "bob": "BOB_TOKEN"}
+    as_alice, as_bob = ({"Authorization": f"Bearer {t}"} for t in (ALICE, BOB))
+    async with web_server(gate, transport, TOKENS, auth_tokens=tokens) as url, httpx.AsyncClient() as http:
+        if transport == "http":
+            opened = await http.post(url, json=INITIALIZE, headers={**MCP_POST_HEADERS, **as_alice})
+            session = {"mcp-session-id": opened.headers["mcp-session-id"]}
+            theirs = await http.post(url, json=INITIALIZED, headers={**MCP_POST_HEADERS, **as_bob, **session})
+            mine = await http.post(url, json=INITIALIZED, headers={**MCP_POST_HEADERS, **as_alice, **session})
+        else:
+            async with http.stream("GET", url, headers=as_alice) as stream:
+                first = await anext(stream.aiter_text())
+                endpoint = re.search(r"data: (\S+)", first)
+                assert endpoint is not None, first
+                posts = url.removesuffix("/sse") + endpoint.group(1)
+                theirs = await http.post(posts, json=INITIALIZE, headers=as_bob)
+                mine = await http.post(posts, json=INITIALIZE, headers=as_alice)
+        assert theirs.status_code == 404 and "no such session" in theirs.text
+        assert mine.status_code in (200, 202), mine.text
