@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="offload-mcp",
         description="MCP server that runs slow tools in the background: fire now, collect later. "
-        "With no command it serves MCP over stdio (the form MCP clients launch).",
+        "With no command it serves MCP: over stdio (the form MCP clients launch), or with --transport "
+        "sse|http as a server several clients share.",
         epilog="Settings also come from OFFLOAD_* environment variables and the TOML file; flags win.",
     )
     p.add_argument(
@@ -36,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
         nargs="?",
         choices=["serve", "demo"],
         default="serve",
-        help="serve (default): MCP over stdio; demo: fire a few tasks through a real client",
+        help="serve (default): serve MCP; demo: fire a few tasks through a real client",
     )
     p.add_argument("--version", action="version", version=f"offload-mcp {__version__}")
     p.add_argument("--config", type=Path, help="TOML settings file (default: the platform config dir)")
