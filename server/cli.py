@@ -1,4 +1,4 @@
-"""Entry point: `offload-mcp` serves MCP over stdio; `offload-mcp demo` shows it working."""
+"""Entry point: `offload-mcp` serves MCP (stdio, or SSE / streamable HTTP); `offload-mcp demo` shows it working."""
 
 from __future__ import annotations
 
