@@ -114,6 +114,64 @@ async def _fire_latency(quick: bool, gap_s: float) -> CaseResult:
     return result
 
 
+async def http_fire_latency(quick: bool) -> CaseResult:
+    """The same three calls over streamable HTTP (one connection, legacy era for ping), calls 5 ms apart."""
+    n = 100 if quick else 500
+    result = CaseResult("fire latency (streamable HTTP, 5 ms apart)")
+    async with http_server() as url, Client(url, mode="legacy") as client:
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "ping": client.send_ping,
+            "no-op tools/call": lambda: client.call_tool("list_tasks", {"limit": 1, "status": "queued"}),
+            "fire_tool": lambda: client.call_tool("fire_tool", {"tool": "shell", "arguments": {"command": "true"}}),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(20):
+            for call in calls.values():
+                await call()
+        for _ in range(n):
+            for name, call in calls.items():
+                samples[name] += await _timed(call, 1)
+                await anyio.sleep(0.005)
+    for name, timings in samples.items():
+        median, p99 = _quantiles_ms(timings)
+        result.add(f"{name} median", median, "ms")
+        result.add(f"{name} p99", p99, "ms")
+    return result
+
+
+@asynccontextmanager
+async def http_server() -> AsyncIterator[str]:
+    """`offload-mcp --transport http` on a free port; yields its /mcp URL once it listens."""
+    import re
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="offload-bench-") as data:
+        env = {**os.environ, "OFFLOAD_LOG_LEVEL": "INFO", "OFFLOAD_DATA_DIR": data}
+        command = [sys.executable, "-m", "server", "--transport", "http", "--port", "0"]
+        async with await anyio.open_process(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        ) as process:
+            assert process.stderr is not None
+            seen = b""
+            with anyio.fail_after(30):
+                async for piece in process.stderr:
+                    seen += piece
+                    if found := re.search(rb"serving MCP \(http\) on (http://\S+)", seen):
+                        break
+            assert found is not None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_drain, process.stderr)  # a full pipe would stall the server's logging
+                try:
+                    yield found.group(1).decode()
+                finally:
+                    process.terminate()
+
+
+async def _drain(stream: Any) -> None:
+    async for _ in stream:
+        pass
+
+
 class _NoArgs(BaseModel):
     n: int = 0
 
@@ -583,6 +641,7 @@ async def _fresh_client_get(url: str) -> None:
 CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "fire_latency": fire_latency,
     "fire_latency_idle": fire_latency_idle,
+    "http_fire_latency": http_fire_latency,
     "inproc_fire": inproc_fire,
     "shell_fan_out": shell_fan_out,
     "shell_fan_out_parallel": shell_fan_out_parallel,

@@ -200,6 +200,10 @@ def build_server(runtime: Runtime) -> OffloadServer:
 
 def exposed_specs(runtime: Runtime) -> list[ToolSpec]:
     patterns = runtime.settings.expose
+    names = runtime.executor.registry.names()
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            log.warning("expose = %r matches no fireable tool; they are: %s", pattern, ", ".join(names))
     chosen = []
     for spec in runtime.executor.registry:
         if not any(fnmatch.fnmatchcase(spec.name, pattern) for pattern in patterns):

@@ -93,9 +93,12 @@ class Notifier:
             handler.close()
         self._send.close()  # `run` delivers what is queued, then returns
 
-    @property
-    def subscriber_count(self) -> int:
-        return len(self._subscribers)
+    def stats(self) -> dict[str, int]:
+        return {
+            "subscribed_connections": len(self._subscribers),
+            "subscribed_resources": sum(len(s.uris) for s in self._subscribers.values()),
+            "owners_listening": len(self._listeners),
+        }
 
     async def run(self) -> None:
         """Delivers changes until cancelled."""

@@ -229,6 +229,7 @@ class Runtime:
             "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
             "clients": self.pool.stats(),
             "output_bytes_held": sum(t.output.held_bytes for t in active),
+            "notifications": self.notifier.stats(),
             "data_dir": str(executor.store.root),
         }
 

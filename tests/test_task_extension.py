@@ -136,3 +136,19 @@ async def test_exposed_tools_are_listed_with_their_own_schemas(gate: Gate) -> No
         assert {"shell", "test.gate", "test.boom", "fire_tool"} <= set(tools)
         assert tools["shell"].input_schema["required"] == ["command"]
         assert "Task-capable" in (tools["shell"].description or "")
+
+
+async def test_an_expose_pattern_that_matches_nothing_is_reported(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from conftest import FakeClock, open_client
+
+    from server.config import Settings
+
+    settings = Settings(data_dir=tmp_path / "d", expose=("gihtub.*", "shell"))
+    async with open_client(settings, FakeClock(), Gate()) as (_, client):
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert "shell" in names and not any(n.startswith("github.") for n in names)
+        stats = await client.read_resource("offload://stats")
+        assert '"notifications"' in stats.contents[0].text  # type: ignore[union-attr]
+    assert "expose = 'gihtub.*' matches no fireable tool" in caplog.text
