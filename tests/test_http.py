@@ -194,8 +194,10 @@ def test_the_cli_refuses_a_public_bind_without_a_token(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_sigterm_stops_an_http_server_and_its_commands(tmp_path: Path, transport: str) -> None:
+@pytest.mark.parametrize(
+    ("transport", "signum"), [("http", signal.SIGTERM), ("sse", signal.SIGTERM), ("http", signal.SIGINT)]
+)
+async def test_a_signal_stops_an_http_server_and_its_commands(tmp_path: Path, transport: str, signum: int) -> None:
     """A real server process: a command tree started over HTTP dies with the server, which exits 0."""
     process = await anyio.open_process(
         [sys.executable, "-m", "server", "--transport", transport, "--port", "0", "--log-level", "INFO"],
@@ -213,7 +215,7 @@ async def test_sigterm_stops_an_http_server_and_its_commands(tmp_path: Path, tra
             )
         pgid = reply["pid"]
         assert len(live_group_members(pgid)) == 4
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         with anyio.fail_after(10):
             assert await process.wait() == 0
         assert live_group_members(pgid) == []
@@ -270,3 +272,14 @@ async def test_a_session_belongs_to_the_owner_who_opened_it(gate: Gate, transpor
                 mine = await http.post(posts, json=INITIALIZE, headers=as_alice)
         assert theirs.status_code == 404 and "no such session" in theirs.text
         assert mine.status_code in (200, 202), mine.text
+
+
+def test_host_checks_follow_the_bind() -> None:
+    from server.web import security
+
+    loopback = security(Settings(transport="http"))
+    assert loopback.enable_dns_rebinding_protection and "127.0.0.1:*" in loopback.allowed_hosts
+    listed = security(Settings(transport="http", host="0.0.0.0", allowed_hosts=("offload.lan:*",)))
+    assert listed.enable_dns_rebinding_protection and listed.allowed_hosts == ["offload.lan:*"]
+    public = security(Settings(transport="http", host="0.0.0.0"))
+    assert not public.enable_dns_rebinding_protection
