@@ -90,3 +90,26 @@ async def test_an_oversize_message_is_answered_with_an_error_and_skipped(tmp_pat
         await server.process.stdin.aclose()  # type: ignore[union-attr]
         with anyio.fail_after(5):
             assert await server.process.wait() == 0
+
+
+async def test_malformed_calls_are_answered_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    """What the SDK's client would never send, a raw speaker can: each gets an answer, none a crash."""
+    server = await start_server(tmp_path, "--log-level", "ERROR")
+    async with server.process:
+        for params in [
+            {"name": "fire_tool", "arguments": "not an object"},
+            {"name": "fire_tool", "arguments": [1, 2]},
+            {"name": "poll_output", "arguments": None},
+            {"name": 5, "arguments": {}},
+            {"name": "no_such_tool", "arguments": {}},
+            {"arguments": {"tool": "shell"}},
+        ]:
+            reply = await server.request("tools/call", params)
+            assert "error" in reply or reply["result"].get("isError"), (params, reply)
+        # Params that are not an object: the SDK drops such a message unanswered; what matters here
+        # is that the server goes on answering the next ones.
+        await server.send({"jsonrpc": "2.0", "id": 99, "method": "tools/call", "params": "garbage"})
+        assert (await server.call("list_tasks"))["tasks"] == []
+        await server.process.stdin.aclose()  # type: ignore[union-attr]
+        with anyio.fail_after(5):
+            assert await server.process.wait() == 0
