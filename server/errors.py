@@ -83,7 +83,7 @@ class TooManyTasksError(RequestError):
     def __init__(self, limit: int) -> None:
         self.limit = limit
         super().__init__(
-            f"You already have {limit} tasks queued or running, the most this server allows. "
+            f"You already have {limit} tasks queued or running, the most this server allows (max_active_per_owner). "
             "Collect finished ones with poll_output or cancel some with cancel_task, then fire again."
         )
 

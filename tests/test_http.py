@@ -283,3 +283,24 @@ def test_host_checks_follow_the_bind() -> None:
     assert listed.enable_dns_rebinding_protection and listed.allowed_hosts == ["offload.lan:*"]
     public = security(Settings(transport="http", host="0.0.0.0"))
     assert not public.enable_dns_rebinding_protection
+
+
+async def test_the_task_limit_is_per_owner(gate: Gate) -> None:
+    """One owner at its limit of queued + running tasks is refused clearly; another owner is not held up."""
+    tokens = {"alice": "ALICE_TOKEN", "bob": "BOB_TOKEN"}
+    async with (
+        web_server(gate, "http", TOKENS, auth_tokens=tokens, max_active_per_owner=2) as url,
+        connect(url, ALICE) as alice,
+        connect(url, BOB) as bob,
+    ):
+        for key in ("a1", "a2"):
+            await tool(alice, "fire_tool", tool="test.gate", arguments={"key": key})
+        refused = error_text(await alice.call_tool("fire_tool", {"tool": "test.gate", "arguments": {"key": "a3"}}))
+        assert "You already have 2 tasks queued or running" in refused and "cancel_task" in refused, refused
+        bobs = await tool(bob, "fire_tool", tool="test.gate", arguments={"key": "b1"})
+        assert bobs["status"] in ("queued", "running")
+        gate.release("a1")
+        await tool(alice, "poll_output", task_ids=[(await tool(alice, "list_tasks"))["tasks"][-1]["task_id"]])
+        assert (await tool(alice, "fire_tool", tool="test.gate", arguments={"key": "a3"}))["task_id"]
+        for key in ("a2", "a3", "b1"):
+            gate.release(key)
