@@ -142,7 +142,6 @@ async def http_fire_latency(quick: bool) -> CaseResult:
 @asynccontextmanager
 async def http_server() -> AsyncIterator[str]:
     """`offload-mcp --transport http` on a free port; yields its /mcp URL once it listens."""
-    import re
     import subprocess
 
     with tempfile.TemporaryDirectory(prefix="offload-bench-") as data:
@@ -151,18 +150,14 @@ async def http_server() -> AsyncIterator[str]:
         async with await anyio.open_process(
             command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
         ) as process:
-            assert process.stderr is not None
-            seen = b""
-            with anyio.fail_after(30):
-                async for piece in process.stderr:
-                    seen += piece
-                    if found := re.search(rb"serving MCP \(http\) on (http://\S+)", seen):
-                        break
-            assert found is not None
+            sys.path.insert(0, TESTS_DIR)
+            from rawserver import served_log  # the tests' reader of the server's log
+
+            url, _ = await served_log(process)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_drain, process.stderr)  # a full pipe would stall the server's logging
                 try:
-                    yield found.group(1).decode()
+                    yield url
                 finally:
                     process.terminate()
 
@@ -536,9 +531,8 @@ async def _via_subscription(runs: int) -> list[float]:
                         await heard[uri].wait()
                     received = time.time()
                     heard[uri] = anyio.Event()
-                    view = _data(await client.call_tool("get_cached_output", {"task_id": reply["task_id"]}))
-                    if view["status"] == "completed":
-                        lags.append(received - float(view["output"]["text"].strip()))
+                    if (lag := await _lag_if_done(client, reply["task_id"], received)) is not None:
+                        lags.append(lag)
                         break
     return lags
 
@@ -552,11 +546,18 @@ async def _via_listen(runs: int) -> list[float]:
                 with anyio.fail_after(30):
                     async for _event in sub:
                         received = time.time()
-                        view = _data(await client.call_tool("get_cached_output", {"task_id": task_id}))
-                        if view["status"] == "completed":
-                            lags.append(received - float(view["output"]["text"].strip()))
+                        if (lag := await _lag_if_done(client, task_id, received)) is not None:
+                            lags.append(lag)
                             break
     return lags
+
+
+async def _lag_if_done(client: Client, task_id: str, received: float) -> float | None:
+    """Seconds from the command's printed end to `received`, once the task is complete (news may be its start)."""
+    view = _data(await client.call_tool("get_cached_output", {"task_id": task_id}))
+    if view["status"] != "completed":
+        return None
+    return received - float(view["output"]["text"].strip())
 
 
 async def _via_poll(runs: int) -> list[float]:

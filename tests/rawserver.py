@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,15 @@ class RawServer:
         reply = await self.request("tools/call", {"name": mcp_tool, "arguments": arguments})
         result: dict[str, Any] = reply["result"]["structuredContent"]
         return result
+
+
+async def served_log(process: anyio.abc.Process) -> tuple[str, str]:
+    """Reads the server's log (stderr) until it says where it listens: that URL, and the log so far."""
+    assert process.stderr is not None
+    seen = b""
+    with anyio.fail_after(20):
+        async for piece in process.stderr:
+            seen += piece
+            if found := re.search(rb"serving MCP \(\w+\) on (http://\S+)", seen):
+                return found.group(1).decode(), seen.decode()
+    raise AssertionError(f"the server never said where it listens: {seen.decode()!r}")

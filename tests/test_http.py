@@ -23,7 +23,7 @@ from fakes import serve
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
-from rawserver import server_env
+from rawserver import served_log, server_env
 
 from server.app import build_server
 from server.auth import Credentials, check_bind
@@ -228,18 +228,6 @@ async def test_a_signal_stops_an_http_server_and_its_commands(tmp_path: Path, tr
         if process.returncode is None:
             process.kill()
         await process.aclose()
-
-
-async def served_log(process: anyio.abc.Process) -> tuple[str, str]:
-    """Reads the server's log (stderr) until it says where it listens: that URL, and the log so far."""
-    assert process.stderr is not None
-    seen = b""
-    with anyio.fail_after(20):
-        async for piece in process.stderr:
-            seen += piece
-            if found := re.search(rb"serving MCP \(\w+\) on (http://\S+)", seen):
-                return found.group(1).decode(), seen.decode()
-    raise AssertionError(f"the server never said where it listens: {seen.decode()!r}")
 
 
 INITIALIZE = {

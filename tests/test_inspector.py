@@ -17,8 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from rawserver import server_env
-from test_http import served_log
+from rawserver import served_log, server_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
