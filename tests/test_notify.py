@@ -25,6 +25,7 @@ from test_http import ALICE, BOB, TOKENS, connect, web_server
 
 from server.app import build_server
 from server.config import Settings
+from server.runtime import Runtime
 from server.sdk_compat import SDKChangedError, connection_of, lowlevel_of
 
 pytestmark = pytest.mark.anyio
@@ -251,3 +252,14 @@ async def test_one_connection_may_subscribe_to_a_bounded_number_of_resources() -
         notifier.unsubscribe(connection, "task://t0")
         notifier.subscribe(connection, "local", "task://one-more")
         notifier.close()  # ends `run`
+
+
+async def test_a_closed_connection_leaves_no_subscriptions_behind(tmp_path: Path, gate: Gate) -> None:
+    async with Runtime.open(Settings(data_dir=tmp_path / "d"), extra_tools=gate.specs(), load_plugins=False) as rt:
+        async with Client(build_server(rt), mode="legacy") as client:
+            fired = await call(client, "fire_tool", tool="test.gate", arguments={"key": "k"})
+            await _subscribe(client)(fired["resource"])
+            await _subscribe(client)("tasks://recent")
+            assert rt.notifier.stats()["subscribed_resources"] == 2
+        assert rt.notifier.stats()["subscribed_connections"] == 0
+        gate.release("k")
