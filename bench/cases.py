@@ -591,14 +591,14 @@ async def client_reuse(quick: bool) -> CaseResult:
     """500 `http.request` tasks: the shared client against a fresh client per request; and 200 GitHub
     reads fired then collected against the same reads made one after another. Local servers."""
     sys.path.insert(0, TESTS_DIR)
-    from fakes import GITHUB_TOKEN, github_app, plain_app, serve  # the tests' local servers
+    from fakes import GITHUB_TOKEN, SlowReads, github_app, plain_app, serve  # the tests' local servers
 
     n_http, n_github = (100, 20) if quick else (500, 200)
     result = CaseResult("client reuse (local servers)")
     os.environ["GITHUB_TOKEN"] = GITHUB_TOKEN
     async with (
         serve(plain_app()) as (web, _),
-        serve(github_app()) as (gh_url, gh_traffic),
+        serve(github_app(SlowReads(until=lambda: anyio.sleep(0.2)))) as (gh_url, gh_traffic),  # 200 ms upstream
         bench_runtime(github_base_url=gh_url, max_concurrency=256, max_active_per_owner=1000) as runtime,
     ):
         executor = runtime.executor

@@ -10,7 +10,7 @@ import hashlib
 import json
 import socket
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -79,7 +79,37 @@ def _issue(owner: str, repo: str, number: int) -> dict[str, Any]:
     }
 
 
-def github_app() -> Starlette:
+class SlowReads:
+    """Reads of the `slow` repo wait here until `until()` returns — by default until the test calls
+    `release()` — counting how many wait at once, so a test sees the client's concurrency as events."""
+
+    def __init__(self, until: Callable[[], Awaitable[object]] | None = None) -> None:
+        self.released = anyio.Event()
+        self._until = until or self.released.wait
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self._reached: dict[int, anyio.Event] = {}
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def wait_in_flight(self, count: int, timeout_s: float = 10) -> None:
+        with anyio.fail_after(timeout_s):
+            await self._reached.setdefault(count, anyio.Event()).wait()
+
+    async def hold(self) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        self._reached.setdefault(self.in_flight, anyio.Event()).set()
+        try:
+            await self._until()
+        finally:
+            self.in_flight -= 1
+
+
+def github_app(slow: SlowReads | None = None) -> Starlette:
+    slow = slow or SlowReads()
+
     async def guarded(request: Request) -> Response | None:
         repo = request.path_params.get("repo", "")
         if request.headers.get("authorization") != f"token {GITHUB_TOKEN}":
@@ -95,7 +125,7 @@ def github_app() -> Starlette:
         if repo == "missing":
             return JSONResponse({"message": "Not Found"}, status_code=404)
         if repo == "slow":
-            await anyio.sleep(0.2)  # upstream latency being modelled (no test waits on it): reads overlap
+            await slow.hold()
         return None
 
     async def with_etag(request: Request, payload: Any) -> Response:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FakeClock, Gate, call, error_text, finish, open_client
-from fakes import ANTHROPIC_KEY, GITHUB_TOKEN, Traffic, anthropic_app, github_app, plain_app, serve
+from fakes import ANTHROPIC_KEY, GITHUB_TOKEN, SlowReads, Traffic, anthropic_app, github_app, plain_app, serve
 from mcp import Client
 from starlette.applications import Starlette
 
@@ -28,13 +28,16 @@ class Upstreams:
     anthropic: Traffic
     web_url: str
     web: Traffic
+    slow: SlowReads
 
 
 @pytest.fixture
 async def upstreams() -> AsyncIterator[Upstreams]:
-    gh_app = github_app()
+    slow = SlowReads()
+    gh_app = github_app(slow)
     async with serve(gh_app) as (gh_url, gh), serve(anthropic_app()) as (an_url, an), serve(plain_app()) as (w_url, w):
-        yield Upstreams(gh_url, gh, gh_app, an_url, an, w_url, w)
+        yield Upstreams(gh_url, gh, gh_app, an_url, an, w_url, w, slow)
+        slow.release()  # nothing left held when the servers stop
 
 
 @pytest.fixture
@@ -126,7 +129,12 @@ async def test_fifty_github_reads_share_a_few_connections(
             client, "fire_tool", tool="github.get_issue", arguments={"owner": "octo", "repo": "slow", "number": number}
         )
         ids.append(fired["task_id"])
+    # GitHub's limit group lets 8 reads run at once: all 8 reach the server together, the rest wait here.
+    await upstreams.slow.wait_in_flight(8)
+    assert upstreams.slow.in_flight == 8
+    upstreams.slow.release()
     reply = await call(client, "poll_output", task_ids=ids, timeout_s=30)
+    assert upstreams.slow.most_in_flight == 8
     assert len(reply["done"]) == 50
     assert {v["status"] for v in reply["done"]} == {"completed"}
     assert upstreams.github.requests.total() == 50
