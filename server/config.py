@@ -52,10 +52,14 @@ class Settings(BaseModel):
     tombstones_max: Annotated[int, Field(ge=0)] = 20_000
     data_dir: Path | None = None
     """Where the task database and output files live (default: the platform state directory)."""
-    output_memory_max_bytes: Annotated[int, Field(ge=0)] = 256 * 1024
-    """Per-task output kept in memory; past it the output spills to a file in the data directory."""
+    output_memory_max_bytes: Annotated[int, Field(ge=0)] = 0
+    """No longer used: output is written through to the data directory as it arrives (kept so
+    configuration files that set it still load)."""
     output_file_max_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
     """Per-task output kept on disk; past it the head and the tail are kept and the middle dropped."""
+    lease_s: Annotated[float, Field(ge=1, le=600)] = 6.0
+    """A server that stops renewing its lease this long is taken for dead; any live server on the data
+    directory then settles its tasks (on one machine a dead server is known at once by its lock)."""
     detach: bool = False
     """Shell commands outlive the server and are followed again after a restart."""
     max_active_per_owner: Annotated[int, Field(ge=1)] = 1000

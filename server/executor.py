@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import secrets
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from server.errors import (
     UnknownTaskError,
     UnknownToolError,
 )
-from server.output import FileLog, OutputLog
+from server.output import OutputLog, StoredLog
 from server.store import Store
 from server.tasks import ErrorKind, Status, Task, TaskError, iso
 from tools.context import JSON, LeftRunning, ProcessInfo, TaskFailure, ToolContext
@@ -48,14 +49,9 @@ log = logging.getLogger(__name__)
 
 ReturnWhen = Literal["all", "any"]
 ProgressFn = Callable[[int, int], Awaitable[None]]
-OUTPUT_TURNS = 1
-"""Output chunks copied at once across all tasks (see ToolContext.output_turns). Measured with 200
-commands streaming 20 MB each: 1 turn gave fire_tool p99 9 ms, 4 turns 21 ms, none (no limit) 77 ms."""
 REPLY_HOPS = 6
 """Loop passes a new task yields before starting: a reply crosses a few tasks (the handler's, the
 session writer's, the HTTP response's) on its way to the socket."""
-INLINE_OUTPUT_MAX_BYTES = 4096
-"""A finished task's output up to this size is stored in its row: no file per small task."""
 FOREIGN_RECHECK_S = 1.0
 """Tasks of another server process send no events here: a wait re-reads them this often."""
 
@@ -97,7 +93,6 @@ class Executor:
             if limit is not None and group not in self._tool_limiters:
                 self._tool_limiters[group] = anyio.CapacityLimiter(limit)
         self._active: dict[str, Task] = {}
-        self._output_turns = anyio.CapacityLimiter(OUTPUT_TURNS)
         self._active_per_owner: Counter[str] = Counter()
         self._finished = FinishedTasks(settings.finished_tasks_max, clock, on_drop=self._forget_key)
         self._reuse: dict[str, str] = {}
@@ -161,11 +156,7 @@ class Executor:
             owner=owner,
             created_at=self._clock(),
             ttl_s=self.settings.ttl_s if ttl_s is None else ttl_s,
-            output=OutputLog(
-                self.store.output_path(task_id),
-                self.settings.output_memory_max_bytes,
-                self.settings.output_file_max_bytes,
-            ),
+            output=OutputLog(self.store.output_path(task_id), self.settings.output_file_max_bytes),
             spec=spec,
             arguments=parsed,
             timeout_s=timeout,
@@ -214,15 +205,14 @@ class Executor:
             with task.scope:
                 tool_limiter = self._tool_limiters.get(_limit_key(task))
                 if self._limiter.available_tokens < 1 or (tool_limiter and tool_limiter.available_tokens < 1):
-                    task.started.set()  # waiters learn it is queued
+                    task.queued.set()  # waiters learn it is queued
                 async with self._limiter, tool_limiter or contextlib.nullcontext():
                     self._mark_running(task)
                     with anyio.fail_after(task.timeout_s):
                         result = await handler(task.arguments, self._context(task))
                     self._finish(task, Status.COMPLETED, result=result)
             if not task.status.finished:
-                reason = task.cancel_reason or ErrorKind.CANCELLED_BY_CLIENT
-                self._finish(task, Status.CANCELLED, TaskError(kind=reason, message=_CANCEL_TEXT[reason]))
+                self._finish(task, Status.CANCELLED, _cancel_error(task))
         except TimeoutError:
             message = f"timed out after {task.timeout_s:g} s (timeout_s); its process group was killed"
             self._finish(task, Status.FAILED, TaskError(kind=ErrorKind.TIMEOUT, message=message))
@@ -237,33 +227,57 @@ class Executor:
             self._finish(task, Status.FAILED, error)
         finally:
             if task.id in self._active:  # the whole task group is going away
-                error = TaskError(kind=ErrorKind.SHUTDOWN, message=_CANCEL_TEXT[ErrorKind.SHUTDOWN])
-                self._finish(task, Status.CANCELLED, error)
+                task.cancel_reason = ErrorKind.SHUTDOWN
+                self._finish(task, Status.CANCELLED, _cancel_error(task))
 
     def _context(self, task: Task) -> ToolContext:
+        output = task.output
+
         def set_process(info: ProcessInfo) -> None:
             task.process = info
-            task.detached = self.settings.detach
+            task.detached = self.settings.detach or task.watcher is not None
             self.store.update(
                 task.id, pid=info.pid, start_ticks=info.start_ticks, boot_id=info.boot_id, detached=int(task.detached)
             )
             task.started.set()
 
-        def use_output_file() -> None:
-            task.output = FileLog(self.store.output_path(task.id))
-            self.store.update(task.id, output_external=1)
+        def set_watcher(info: ProcessInfo) -> None:
+            task.watcher, task.detached = info, True
+            if isinstance(task.output, OutputLog):
+                task.output.close()
+                task.output = StoredLog(task.output.path)  # the capture process writes it from now on
+            self.store.update(
+                task.id, watcher_pid=info.pid, watcher_ticks=info.start_ticks, boot_id=info.boot_id, detached=1
+            )
 
+        path = self.store.output_path(task.id)
         return ToolContext(
             task_id=task.id,
-            write_output=task.output.write if isinstance(task.output, OutputLog) else _no_output,
+            write_output=output.write if isinstance(output, OutputLog) else _no_output,
+            output_bytes=lambda: task.output.total_bytes,
             set_process=set_process,
-            use_output_file=use_output_file,
-            output_path=self.store.output_path(task.id),
+            set_watcher=set_watcher,
+            output_path=path,
             exit_path=self.store.exit_path(task.id),
+            capture_argv=self._capture_argv(task.id),
             kill_grace_s=self.settings.kill_grace_s,
             shutting_down=lambda: task.cancel_reason is ErrorKind.SHUTDOWN,
-            output_turns=self._output_turns,
         )
+
+    def _capture_argv(self, task_id: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "server.capture",
+            "--log",
+            str(self.store.output_path(task_id)),
+            "--exit",
+            str(self.store.exit_path(task_id)),
+            "--file-max",
+            str(self.settings.output_file_max_bytes),
+            "--grace",
+            str(self.settings.kill_grace_s),
+        ]
 
     def _mark_running(self, task: Task) -> None:
         task.status = Status.RUNNING
@@ -274,7 +288,7 @@ class Executor:
     def _finish(self, task: Task, status: Status, error: TaskError | None = None, result: JSON | None = None) -> None:
         """Synchronous on purpose: no await, so cancellation cannot come between a change and its record."""
         if isinstance(task.output, OutputLog):
-            task.output.finish(INLINE_OUTPUT_MAX_BYTES)
+            task.output.finish()
         task.status, task.error, task.result = status, error, result
         task.finished_at = self._clock()
         self.store.update(task.id, **task.final_columns())
@@ -310,15 +324,16 @@ class Executor:
     # ---- recovery of tasks an earlier run left unfinished ----
 
     def adopt(self, task: Task, handler: Handler) -> None:
-        """Follows a task from an earlier run (a detached command still running) as our own."""
+        """Runs `handler` as the task of a dead server this one claimed: following what still runs,
+        or settling it, with the same bookkeeping, notifications and limits as any task."""
         task.local = True
-        self.store.update(task.id, instance=self.store.instance)
         self._start(task, handler)
 
     def settle(self, task: Task, status: Status, error: TaskError | None, result: JSON | None) -> None:
-        """Records the truthful end of a task an earlier run left unfinished."""
+        """Records the truthful end of a claimed task of a dead server, nothing of which runs."""
         task.local = True
-        self.store.update(task.id, instance=self.store.instance)
+        self._active[task.id] = task
+        self._active_per_owner[task.owner] += 1
         self._finish(task, status, error, result)
 
     # ---- read ----
@@ -467,10 +482,13 @@ def _satisfied(tasks: Sequence[Task], return_when: ReturnWhen) -> bool:
     return all(finished) if return_when == "all" else any(finished) or not tasks
 
 
-_CANCEL_TEXT = {
-    ErrorKind.CANCELLED_BY_CLIENT: "cancelled by cancel_task; its process group was terminated",
-    ErrorKind.SHUTDOWN: "the server shut down while the task ran; its process group was terminated",
-}
+def _cancel_error(task: Task) -> TaskError:
+    reason = task.cancel_reason or ErrorKind.CANCELLED_BY_CLIENT
+    who = "cancelled by cancel_task" if reason is ErrorKind.CANCELLED_BY_CLIENT else "the server shut down"
+    if task.status is Status.QUEUED:
+        return TaskError(kind=reason, message=f"{who} while the task was queued; it never started")
+    ended = "its process group was terminated (TERM, then KILL)" if task.process is not None else "it was stopped"
+    return TaskError(kind=reason, message=f"{who} while the task ran; {ended}")
 
 
 def _problems(exc: ValidationError) -> list[str]:

@@ -1,25 +1,41 @@
-"""Task output: one byte stream per task, read by absolute offsets, bounded in memory and on disk.
+"""Task output: one byte stream per task, in one file, read by absolute offsets, bounded on disk.
 
-`OutputLog` keeps output in memory up to `memory_max_bytes`, then spills it to a file and
-appends there. Past `file_max_bytes` the file keeps the head (its first half) and a ring of
-the most recent bytes (the other half): the middle is dropped, reads say which range is gone,
-and offsets never shift, so a reader's `next_offset` stays valid. Any read costs the size of
-the range read, not of the log. A failing disk (ENOSPC, say) ends the capture: the bytes
-after that point are counted, reported as dropped, and the task's status stays its own.
+Invariants:
+- Every byte is in the file (page cache, no fsync) before any reader can see it: a reader learns
+  how many bytes exist only from the file's header, which is rewritten after the bytes it counts.
+  So what any reader saw survives a `kill -9` of the writer, and every process on the data
+  directory reads the same bytes.
+- Offsets are absolute and never shift. Past `file_max_bytes` the file keeps the head (its first
+  half) and a ring of the most recent bytes (the other half): the middle is dropped, reads say
+  which one range is gone, and a reader's `next_offset` stays valid.
+- A read costs the size of the range read, not of the log, and never splits a UTF-8 character,
+  at the live end of a running task included.
+- A failing disk (ENOSPC, say) ends the capture: later bytes are counted, reported as dropped,
+  and the task's status stays its own.
 
-`FileLog` is the read-only view of a file another process appends to (a detached command).
+The file is self-describing (a fixed header, then head and ring), so a log written by another
+process — a detached command's capture process, a server that died — reads like any other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 log = logging.getLogger(__name__)
+
+MAGIC = b"OFFLOG02"
+HEADER = struct.Struct("<8sQQQqB23x")
+"""magic, head bytes, ring bytes, total bytes, lost-from (-1: none), finished flag; 64 bytes."""
+READ_RETRIES = 4
+"""A read races a writer wrapping the ring over the bytes it read at most this often before
+reporting those bytes as dropped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,263 +56,314 @@ class Chunk:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """Where an `OutputLog`'s bytes are, enough to reopen it after a restart."""
+    """Where a log's bytes are: what the file header says."""
 
     total_bytes: int
     head_bytes: int
     ring_bytes: int
     lost_from: int | None = None
     """Set when writing failed: bytes from here on were never stored."""
-
-
-class Output(Protocol):
-    @property
-    def total_bytes(self) -> int: ...
-    @property
-    def held_bytes(self) -> int: ...
-    def read(self, offset: int, max_bytes: int) -> Chunk: ...
-    def tail(self, tail_bytes: int) -> int: ...
-    def layout(self) -> Layout: ...
-
-
-class OutputLog:
-    def __init__(self, path: Path, memory_max_bytes: int, file_max_bytes: int) -> None:
-        if file_max_bytes < 2 or memory_max_bytes < 0:
-            raise ValueError("file_max_bytes must be at least 2 and memory_max_bytes not negative")
-        self.path = path
-        self._memory_max = min(memory_max_bytes, file_max_bytes)
-        self._head = file_max_bytes // 2
-        self._ring = file_max_bytes - self._head
-        self._memory = bytearray()
-        self._fd: int | None = None
-        self._in_file = False
-        """Bytes live in the file (spilled, finished, or reopened), not in `_memory`."""
-        self._total = 0
-        self._lost_from: int | None = None
-
-    @classmethod
-    def reopen(cls, path: Path, layout: Layout) -> OutputLog:
-        """The log of a finished task from an earlier run, read from its file."""
-        opened = cls(path, 0, layout.head_bytes + layout.ring_bytes)
-        opened._head, opened._ring = layout.head_bytes, layout.ring_bytes
-        opened._total, opened._lost_from = layout.total_bytes, layout.lost_from
-        opened._in_file = True
-        return opened
-
-    # ---- writing ----
-
-    @property
-    def total_bytes(self) -> int:
-        return self._total
-
-    @property
-    def held_bytes(self) -> int:
-        """Bytes held in memory (the rest is on disk)."""
-        return len(self._memory)
-
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        start = self._total
-        self._total += len(data)
-        if self._lost_from is not None:
-            return
-        if self._fd is None and self._total <= self._memory_max:
-            self._memory += data
-            return
-        try:
-            if self._fd is None:
-                self._open_for_append()
-            self._store(start, data)
-        except OSError as exc:
-            self._lose(start, exc)
-
-    @classmethod
-    def inline(cls, path: Path, data: bytes) -> OutputLog:
-        """The log of a finished task whose small output was stored with its record."""
-        log = cls(path, len(data), max(len(data), 2))
-        log._memory, log._total = bytearray(data), len(data)
-        return log
-
-    def inline_bytes(self) -> bytes | None:
-        """The whole output, if it never left memory (small enough to store with the task's record)."""
-        return None if self._in_file or self._lost_from is not None else bytes(self._memory)
-
-    def finish(self, inline_max_bytes: int = 0) -> None:
-        """Makes the output durable and closes the file; output of at most `inline_max_bytes`
-        stays in memory, for the caller to store with the task's record."""
-        if not self._in_file and len(self._memory) <= inline_max_bytes:
-            return
-        try:
-            if self._memory and self._lost_from is None:
-                self._open_for_append()
-        except OSError as exc:
-            self._memory = bytearray()  # what is not on disk would not survive a restart either
-            self._lose(0, exc)
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def layout(self) -> Layout:
-        return Layout(self._total, self._head, self._ring, self._lost_from)
-
-    def _open_for_append(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        if self._memory:
-            _pwrite_all(self._fd, bytes(self._memory), 0)
-        self._memory = bytearray()
-        self._in_file = True
-
-    def _store(self, start: int, data: bytes) -> None:
-        """Writes `data` (absolute offset `start`) into the head and the ring."""
-        assert self._fd is not None
-        if start < self._head:
-            part = data[: self._head - start]
-            _pwrite_all(self._fd, part, start)
-            start, data = start + len(part), data[len(part) :]
-        if len(data) > self._ring:  # only the last ring's worth can survive
-            start, data = start + len(data) - self._ring, data[-self._ring :]
-        while data:
-            slot = (start - self._head) % self._ring
-            part = data[: self._ring - slot]
-            _pwrite_all(self._fd, part, self._head + slot)
-            start, data = start + len(part), data[len(part) :]
-
-    def _lose(self, at: int, exc: OSError) -> None:
-        self._lost_from = at
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
-        log.warning("output of %s stops being stored at byte %d: %s", self.path.name, at, reason)
-
-    # ---- reading ----
+    finished: bool = False
+    """The writer closed the log: no byte will follow."""
+    data_at: int = 64
+    """File position of absolute offset 0 (0 for a plain file of Offload 0.1)."""
 
     @property
     def dropped(self) -> tuple[int, int] | None:
         """The one range of absolute offsets whose bytes are gone, if any."""
-        kept_until = self._total if self._lost_from is None else self._lost_from
-        ring_start = kept_until - self._ring
-        if self._lost_from is None:
-            return (self._head, ring_start) if ring_start > self._head else None
-        if ring_start > self._head:  # the ring had wrapped too: keep it simple, only the head is sure
-            return (self._head, self._total)
-        return (self._lost_from, self._total) if self._total > self._lost_from else None
+        kept_until = self.total_bytes if self.lost_from is None else self.lost_from
+        if self.ring_bytes == 0:  # a plain file of an older version: everything or nothing
+            return None if self.lost_from is None else (self.lost_from, self.total_bytes)
+        ring_start = kept_until - self.ring_bytes
+        if self.lost_from is None:
+            return (self.head_bytes, ring_start) if ring_start > self.head_bytes else None
+        if ring_start > self.head_bytes:  # the ring had wrapped too: only the head is sure
+            return (self.head_bytes, self.total_bytes)
+        return (self.lost_from, self.total_bytes) if self.total_bytes > self.lost_from else None
 
-    def read(self, offset: int, max_bytes: int) -> Chunk:
-        """Up to `max_bytes` from `offset`, ending on a UTF-8 character boundary when it can."""
-        start = min(max(offset, 0), self._total)
-        gap = self.dropped
-        if gap is not None and gap[0] <= start < gap[1]:
-            start = gap[1]
-        end = min(start + max_bytes, self._total)
-        if gap is not None and start < gap[0] < end:
-            end = gap[0]
-        data = self._bytes(start, end)
-        if end < self._total:
-            data = _cut_to_boundary(data)
-        next_offset = start + len(data)
-        if gap is not None and next_offset == gap[0]:
-            next_offset = gap[1]  # the next read continues after the gap
-        return Chunk(data, start, next_offset, self._total, gap)
-
-    def tail(self, tail_bytes: int) -> int:
-        """The offset to read from to get (about) the last `tail_bytes`, on a character start."""
-        start = max(self._total - tail_bytes, 0)
-        gap = self.dropped
-        if gap is not None and gap[0] <= start < gap[1]:
-            start = gap[1]
-        probe = self._bytes(start, min(start + 4, self._total))
-        skip = next((i for i, byte in enumerate(probe) if not _is_continuation(byte)), len(probe))
-        return start + skip
-
-    def _bytes(self, start: int, end: int) -> bytes:
-        if end <= start:
-            return b""
-        if not self._in_file:
-            return bytes(self._memory[start:end])
-        return _read_file(self.path, self._file_ranges(start, end))
-
-    def _file_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
+    def file_ranges(self, start: int, end: int) -> list[tuple[int, int]]:
         """File (position, length) pieces holding absolute bytes [start, end)."""
+        if self.ring_bytes == 0:
+            return [(self.data_at + start, end - start)] if end > start else []
         pieces = []
-        if start < self._head:
-            stop = min(end, self._head)
-            pieces.append((start, stop - start))
+        if start < self.head_bytes:
+            stop = min(end, self.head_bytes)
+            pieces.append((self.data_at + start, stop - start))
             start = stop
         while start < end:
-            slot = (start - self._head) % self._ring
-            length = min(end - start, self._ring - slot)
-            pieces.append((self._head + slot, length))
+            slot = (start - self.head_bytes) % self.ring_bytes
+            length = min(end - start, self.ring_bytes - slot)
+            pieces.append((self.data_at + self.head_bytes + slot, length))
             start += length
         return pieces
 
 
-class FileLog:
-    """Output written to a file by someone else (a detached command); reads see it as it grows."""
+EMPTY = Layout(0, 0, 0)
+
+
+class Output(Protocol):
+    """A task's log: written here (`OutputLog`) or by someone else (`StoredLog`); read alike."""
+
+    @property
+    def total_bytes(self) -> int: ...
+    def read(self, offset: int, max_bytes: int) -> Chunk: ...
+    def tail(self, tail_bytes: int) -> int: ...
+
+
+class OutputLog:
+    """The writer of one task's log (and a reader of it, like any other)."""
+
+    def __init__(self, path: Path, file_max_bytes: int) -> None:
+        if file_max_bytes < 2:
+            raise ValueError("file_max_bytes must be at least 2")
+        self.path = path
+        head = file_max_bytes // 2
+        self._layout = Layout(0, head, file_max_bytes - head)
+        self._fd: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return self._layout.total_bytes
+
+    def layout(self) -> Layout:
+        return self._layout
+
+    def write(self, data: bytes) -> None:
+        """Stores `data`, then counts it in the header: a reader never sees a byte not yet stored."""
+        if not data:
+            return
+        layout = self._layout
+        start = layout.total_bytes
+        self._layout = replace(layout, total_bytes=start + len(data))
+        if layout.lost_from is not None:
+            return
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                _write_header(self._fd, layout)  # before any data: a reader never takes the file for a plain one
+            self._store(start, data)
+            _write_header(self._fd, self._layout)
+        except OSError as exc:
+            self._lose(start, exc)
+
+    def finish(self) -> None:
+        """No byte follows: says so in the header (readers stop waiting for a character's end)."""
+        self._layout = replace(self._layout, finished=True)
+        if self._fd is None and self._layout.total_bytes == 0:
+            return  # no output, no file
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            _write_header(self._fd, self._layout)
+        except OSError as exc:
+            log.warning("could not mark the output of %s finished: %s", self.path.name, exc)
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def read(self, offset: int, max_bytes: int) -> Chunk:
+        return read_log(self.path, offset, max_bytes, self._layout)
+
+    def tail(self, tail_bytes: int) -> int:
+        return tail_offset(self.path, tail_bytes, self._layout)
+
+    def _store(self, start: int, data: bytes) -> None:
+        """Writes `data` (absolute offset `start`) into the head and the ring."""
+        head = self._layout.head_bytes
+        view = memoryview(data)
+        if start < head:
+            part = view[: head - start]
+            self._pwrite_range(start, part)
+            start, view = start + len(part), view[len(part) :]
+        ring = self._layout.ring_bytes
+        if len(view) > ring:  # only the last ring's worth can survive
+            start, view = start + len(view) - ring, view[len(view) - ring :]
+        if view:
+            self._pwrite_range(start, view)
+
+    def _pwrite_range(self, start: int, data: memoryview) -> None:
+        assert self._fd is not None
+        index = 0
+        for position, length in self._layout.file_ranges(start, start + len(data)):
+            _pwrite_all(self._fd, data[index : index + length], position)
+            index += length
+
+    def _lose(self, at: int, exc: OSError) -> None:
+        self._layout = replace(self._layout, lost_from=at)
+        if self._fd is not None:
+            with contextlib.suppress(OSError):  # rewriting the header in place needs no new block
+                _write_header(self._fd, self._layout)
+        reason = "the disk is full" if exc.errno == errno.ENOSPC else str(exc)
+        log.warning("output of %s stops being stored at byte %d: %s", self.path.name, at, reason)
+
+
+# ---- reading (any process, any time) ----
+
+
+class StoredLog:
+    """A log written by someone else (another server, a capture process, an earlier run)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     @property
     def total_bytes(self) -> int:
-        try:
-            return self.path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    @property
-    def held_bytes(self) -> int:
-        return 0
-
-    def read(self, offset: int, max_bytes: int) -> Chunk:
-        total = self.total_bytes
-        start = min(max(offset, 0), total)
-        end = min(start + max_bytes, total)
-        data = _read_file(self.path, [(start, end - start)]) if end > start else b""
-        if end < total:
-            data = _cut_to_boundary(data)
-        return Chunk(data, start, start + len(data), total, None)
-
-    def tail(self, tail_bytes: int) -> int:
-        total = self.total_bytes
-        start = max(total - tail_bytes, 0)
-        probe = _read_file(self.path, [(start, min(4, total - start))]) if total > start else b""
-        return start + next((i for i, byte in enumerate(probe) if not _is_continuation(byte)), len(probe))
+        return read_layout(self.path).total_bytes
 
     def layout(self) -> Layout:
-        return Layout(self.total_bytes, 0, 0)
+        return read_layout(self.path)
+
+    def read(self, offset: int, max_bytes: int) -> Chunk:
+        return read_log(self.path, offset, max_bytes)
+
+    def tail(self, tail_bytes: int) -> int:
+        return tail_offset(self.path, tail_bytes)
 
 
-def _pwrite_all(fd: int, data: bytes, position: int) -> None:
+def read_layout(path: Path) -> Layout:
+    """The header of a log file; an absent file is an empty log."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return EMPTY
+    try:
+        return _header(fd)
+    finally:
+        os.close(fd)
+
+
+def read_log(path: Path, offset: int, max_bytes: int, known: Layout | None = None) -> Chunk:
+    """Up to `max_bytes` from `offset`, never ending inside a UTF-8 character unless that character
+    is wider than the read or the log is finished and it will never be whole.
+
+    `known` is the writer's own layout (no race with it: it writes on this thread); without it the
+    header is read, and the read repeated if the writer wrapped the ring over it meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+    if known is not None:
+        try:
+            return _read_once(fd, known, offset, max_bytes)[0]
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    if fd < 0:
+        return Chunk(b"", 0, 0, 0, None)
+    try:
+        layout = _header(fd)
+        for _ in range(READ_RETRIES):
+            chunk, start = _read_once(fd, layout, offset, max_bytes)
+            after = _header(fd)
+            if after.total_bytes == layout.total_bytes or not _overwritten(after, start):
+                return chunk
+            layout = after  # the ring wrapped over what we read: read again
+        return _read_once(fd, layout, offset, max_bytes)[0]
+    finally:
+        os.close(fd)
+
+
+def tail_offset(path: Path, tail_bytes: int, known: Layout | None = None) -> int:
+    """The offset to read from to get (about) the last `tail_bytes`, on a character start."""
+    layout = known or read_layout(path)
+    start = max(layout.total_bytes - tail_bytes, 0)
+    gap = layout.dropped
+    if gap is not None and gap[0] <= start < gap[1]:
+        start = gap[1]
+    probe = _pread(path, layout, start, min(start + 4, layout.total_bytes))
+    skip = next((i for i, byte in enumerate(probe) if not _is_continuation(byte)), len(probe))
+    return start + skip
+
+
+def _read_once(fd: int, layout: Layout, offset: int, max_bytes: int) -> tuple[Chunk, int]:
+    total = layout.total_bytes
+    start = min(max(offset, 0), total)
+    gap = layout.dropped
+    if gap is not None and gap[0] <= start < gap[1]:
+        start = gap[1]
+    end = min(start + max_bytes, total)
+    if gap is not None and start < gap[0] < end:
+        end = gap[0]
+    pieces = layout.file_ranges(start, end) if fd >= 0 else []
+    data = b"".join(os.pread(fd, length, position) for position, length in pieces)
+    if end < total or not layout.finished:
+        data = _cut_to_boundary(data, whole_or_nothing=end == total)
+    next_offset = start + len(data)
+    if gap is not None and next_offset == gap[0]:
+        next_offset = gap[1]  # the next read continues after the gap
+    return Chunk(data, start, next_offset, total, gap), start
+
+
+def _overwritten(after: Layout, start: int) -> bool:
+    """Could the writer have overwritten bytes from `start` on since the first header was read?"""
+    if after.ring_bytes == 0:
+        return False
+    return after.total_bytes - after.ring_bytes > max(start, after.head_bytes)
+
+
+def _pread(path: Path, layout: Layout, start: int, end: int) -> bytes:
+    if end <= start:
+        return b""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return b""
+    try:
+        return b"".join(os.pread(fd, length, position) for position, length in layout.file_ranges(start, end))
+    finally:
+        os.close(fd)
+
+
+def _header(fd: int) -> Layout:
+    raw = os.pread(fd, HEADER.size, 0)
+    if len(raw) < HEADER.size or raw[:8] != MAGIC:
+        return _legacy(fd, raw)
+    _magic, head, ring, total, lost_from, finished = HEADER.unpack(raw)
+    return Layout(total, head, ring, None if lost_from < 0 else lost_from, bool(finished))
+
+
+def _legacy(fd: int, raw: bytes) -> Layout:
+    """A file whose header is not written yet is empty; a plain file of Offload 0.1 (a detached
+    command's, or a log that never wrapped) is read whole, as a finished log."""
+    if (len(raw) < len(MAGIC) and MAGIC.startswith(raw)) or not raw.strip(b"\0"):
+        return EMPTY
+    return Layout(os.fstat(fd).st_size, 0, 0, finished=True, data_at=0)
+
+
+def _write_header(fd: int, layout: Layout) -> None:
+    lost = -1 if layout.lost_from is None else layout.lost_from
+    os.pwrite(
+        fd, HEADER.pack(MAGIC, layout.head_bytes, layout.ring_bytes, layout.total_bytes, lost, layout.finished), 0
+    )
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, position: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, position)
         view, position = view[written:], position + written
 
 
-def _read_file(path: Path, pieces: list[tuple[int, int]]) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return b""
-    try:
-        return b"".join(os.pread(fd, length, position) for position, length in pieces)
-    finally:
-        os.close(fd)
-
-
 def _is_continuation(byte: int) -> bool:
     return byte & 0xC0 == 0x80
 
 
-def _cut_to_boundary(data: bytes) -> bytes:
-    """Drops a multi-byte character split at the end, so the next read starts on it whole."""
+def _cut_to_boundary(data: bytes, *, whole_or_nothing: bool) -> bytes:
+    """Drops a multi-byte character split at the end, so the next read starts on it whole.
+
+    `whole_or_nothing` (at the live end): a lone incomplete character is held back too, since
+    its last bytes are still to come; elsewhere it is sent, so a tiny `max_bytes` still moves on.
+    """
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
         if not _is_continuation(byte):
             width = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
-            if width <= back or back == len(data):
-                return data  # complete, or a lone character wider than the read: send what there is
+            if width <= back:
+                return data  # complete
+            if back == len(data) and not whole_or_nothing:
+                return data  # a lone character wider than the read: send what there is
             return data[:-back]
     return data

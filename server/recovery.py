@@ -1,103 +1,105 @@
-"""Start-up recovery: the truthful end of tasks an earlier server process left unfinished.
+"""Settling the tasks of dead servers: at start-up, and every few seconds while running.
 
-For each task of a server instance that is gone (its lock is free):
-- queued → `failed`/`interrupted`: it never started;
-- its command's wrapper recorded an exit status → it finished while nobody watched:
-  `completed`, or `failed`/`exit_status`, with that code and its output;
-- detached and still the same process (pid and start time) → still running: follow it again;
-- otherwise → `failed`/`interrupted`, after killing what it left behind (identity checked, so
-  a recycled pid is never hit).
+A server is dead once its lease lapses (see `Store.orphaned`). Each of its unfinished tasks is
+claimed by exactly one live server (`Store.claim`), then:
+- queued, or never given a process → `failed`/`interrupted`: nothing of it ran or runs;
+- its tool has a `recover` hook → the hook runs as the task's handler, like any task: it
+  follows what still runs (a detached command), reports what finished meanwhile, or fails
+  `interrupted` after ending what is left;
+- otherwise → `failed`/`interrupted`, after killing its process group (identity checked, so a
+  recycled pid is never hit) and every process still carrying its marker.
+Either way the task then reads, cancels and notifies like any other, from every server.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
 
 from server.executor import Executor
 from server.tasks import ErrorKind, Status, Task, TaskError
-from tools.context import JSON, ProcessInfo, TaskFailure, ToolContext
-from tools.registry import Handler, Reattach
-from tools.shell import is_same_process, kill_left_behind, outcome_from_record, read_exit_file
+from tools.context import JSON, ToolContext
+from tools.process import end_marked, kill_left_behind, tend_orphans
+from tools.registry import Handler, Recover
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class Recovered:
-    finished: int = 0
+    claimed: int = 0
+    handed_to_tool: int = 0
     interrupted: int = 0
-    followed: int = 0
     groups_killed: int = 0
 
 
-async def recover(executor: Executor) -> Recovered:
+async def recover(executor: Executor, wall_clock: Callable[[], float] = time.time) -> Recovered:
     report = Recovered()
     store = executor.store
     tasks = [
         Task.from_row(row, store.output_path(row["id"]), executor.registry.get(row["tool"]), local=False)
-        for row in store.orphaned()
+        for row in store.orphaned(wall_clock())
+        if store.claim(row["id"], row["instance"])
     ]
     async with anyio.create_task_group() as tg:
         for task in tasks:
             tg.start_soon(_recover_one, executor, task, report)
+    report.claimed = len(tasks)
     if tasks:
         log.info(
-            "recovered %d unfinished tasks of an earlier run: %d finished meanwhile, %d interrupted, "
-            "%d still running and followed again, %d process groups killed",
+            "settled %d unfinished tasks of a server that is gone: %d handed to their tool, %d interrupted, "
+            "%d process groups killed",
             len(tasks),
-            report.finished,
+            report.handed_to_tool,
             report.interrupted,
-            report.followed,
             report.groups_killed,
         )
     return report
 
 
 async def _recover_one(executor: Executor, task: Task, report: Recovered) -> None:
-    info = task.process
-    if task.status is Status.QUEUED or info is None:
-        _interrupted(executor, task, "the server stopped before the task finished; nothing of it is running")
+    if task.status is Status.QUEUED or (task.process is None and task.watcher is None):
+        _interrupted(executor, task, "the server running it stopped before it started; nothing of it runs")
         report.interrupted += 1
         return
-    exit_path = executor.store.exit_path(task.id)
-    if read_exit_file(exit_path) is not None:
-        if not task.detached and await kill_left_behind(info, executor.settings.kill_grace_s):
-            report.groups_killed += 1  # background children of a command that had finished
-        _settle_from_record(executor, task)
-        report.finished += 1
+    hook = task.spec.recover if task.spec is not None else None
+    if hook is not None:
+        executor.adopt(task, _as_handler(hook, task))
+        report.handed_to_tool += 1
         return
-    reattach = task.spec.reattach if task.spec is not None else None
-    if task.detached and reattach is not None and is_same_process(info):
-        executor.adopt(task, _follow(reattach, info, task.started_at or task.created_at))
-        report.followed += 1
-        return
-    killed = await kill_left_behind(info, executor.settings.kill_grace_s)
+    grace_s = executor.settings.kill_grace_s
+    killed = task.process is not None and await kill_left_behind(task.process, grace_s)
+    killed = await end_marked(task.id, grace_s) > 0 or killed
     report.groups_killed += killed
     report.interrupted += 1
-    what = "its process group was killed" if killed else "its process was already gone"
-    _interrupted(executor, task, f"the server stopped while the task ran; {what}")
+    what = "what was left of it was killed" if killed else "nothing of it was still running"
+    _interrupted(executor, task, f"the server running it stopped before it finished; {what}")
 
 
-def _follow(reattach: Reattach, info: ProcessInfo, started_wall_s: float) -> Handler:
+def _as_handler(hook: Recover, task: Task) -> Handler:
+    orphan = task.orphan()
+
     async def follow(_arguments: object, ctx: ToolContext) -> JSON:
-        return await reattach(info, ctx, started_wall_s)
+        return await hook(orphan, ctx)
 
     return follow
 
 
-def _settle_from_record(executor: Executor, task: Task) -> None:
-    started = task.started_at or task.created_at
-    store = executor.store
-    try:
-        result = outcome_from_record(store.exit_path(task.id), store.output_path(task.id), started)
-    except TaskFailure as failure:
-        executor.settle(task, Status.FAILED, TaskError(kind=failure.kind, message=failure.message), failure.result)
-        return
-    executor.settle(task, Status.COMPLETED, None, result)
-
-
 def _interrupted(executor: Executor, task: Task, message: str) -> None:
     executor.settle(task, Status.FAILED, TaskError(kind=ErrorKind.INTERRUPTED, message=message), None)
+
+
+async def watch_peers(executor: Executor, interval_s: float, wall_clock: Callable[[], float] = time.time) -> None:
+    """Renews this server's lease, settles the tasks of servers that died, reaps our orphans."""
+    while True:
+        await anyio.sleep(interval_s)
+        try:
+            executor.store.heartbeat(wall_clock())
+            await recover(executor, wall_clock)
+            tend_orphans()
+        except Exception:
+            log.exception("checking on other servers failed; will try again")

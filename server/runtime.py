@@ -23,9 +23,10 @@ import anyio
 from server.auth import LOCAL_OWNER
 from server.cache import Clock
 from server.config import Settings, clients_config, data_dir
+from server.errors import RequestError
 from server.executor import Executor, ProgressFn, ReturnWhen
 from server.notify import Notifier
-from server.recovery import recover
+from server.recovery import recover, watch_peers
 from server.redact import Redactor
 from server.store import Store
 from server.tasks import (
@@ -38,6 +39,7 @@ from server.tasks import (
     Task,
     TaskList,
     TaskView,
+    UnknownTask,
     summary_of,
     task_uri,
 )
@@ -45,6 +47,7 @@ from tools.claude import claude_specs
 from tools.clients import ClientPool
 from tools.github import github_specs
 from tools.http import http_specs
+from tools.process import become_subreaper
 from tools.registry import Registry, ToolSpec
 from tools.shell import shell_specs
 
@@ -92,13 +95,15 @@ class Runtime:
         )
         if load_plugins:
             registry.load_entry_points()
-        store = Store.open(data_dir(settings))
+        become_subreaper()  # what leaves a command's process group comes back to us
+        store = Store.open(data_dir(settings), lease_s=settings.lease_s)
         try:
             async with anyio.create_task_group() as tg:
                 executor = Executor(registry, settings, clock, tg, store)
                 await recover(executor)
                 await executor.sweep()
                 tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
+                tg.start_soon(watch_peers, executor, settings.lease_s / 3, name="offload lease and peers")
                 notifier = Notifier()
                 executor.watchers.append(notifier.task_changed)
                 tg.start_soon(notifier.run, name="offload notifications")
@@ -115,10 +120,6 @@ class Runtime:
             with contextlib.suppress(sqlite3.Error):
                 store.checkpoint()
             store.close()
-
-    async def shutdown(self) -> None:
-        """Cancels every task and kills their process groups (bounded by shutdown_timeout_s)."""
-        await self.executor.shutdown()
 
     # ---- the MCP tools' logic ----
 
@@ -157,7 +158,14 @@ class Runtime:
     ) -> ShellReply:
         task = self.executor.fire(owner, "shell", arguments, timeout_s=timeout_s, use_cache=False).task
         with anyio.move_on_after(SPAWN_WAIT_S):
-            await task.started.wait()
+            async with anyio.create_task_group() as tg:  # the pid, or the news that it is queued
+
+                async def until(event: anyio.Event) -> None:
+                    await event.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(until, task.started)
+                tg.start_soon(until, task.queued)
         return ShellReply(task_id=task.id, resource=task_uri(task.id), pid=task.pid, status=task.status)
 
     def get_output(
@@ -192,8 +200,12 @@ class Runtime:
         on_progress: ProgressFn | None = None,
         owner: str = LOCAL_OWNER,
     ) -> PollReply:
-        unique = list(dict.fromkeys(task_ids))
-        tasks = [self.executor.get(owner, task_id) for task_id in unique]
+        tasks, unknown = [], []
+        for task_id in dict.fromkeys(task_ids):
+            try:
+                tasks.append(self.executor.get(owner, task_id))
+            except RequestError as exc:  # an unknown or expired id never fails the others
+                unknown.append(UnknownTask(task_id=task_id, message=self.redactor.text(str(exc))))
         if on_progress is not None:
             await on_progress(sum(t.status.finished for t in tasks), len(tasks))
         tasks, timed_out = await self.executor.wait(tasks, timeout_s, return_when, on_progress)
@@ -201,7 +213,7 @@ class Runtime:
         share = max_bytes // max(len(done), 1)
         views = [self.output_view(t, 0, share, share) for t in done]
         pending = [t.id for t in tasks if not t.status.finished]
-        return PollReply(done=views, pending=pending, timed_out=timed_out)
+        return PollReply(done=views, pending=pending, unknown=unknown, timed_out=timed_out)
 
     def list_tasks(self, *, status: Status | None, tool: str | None, limit: int, owner: str = LOCAL_OWNER) -> TaskList:
         wanted = None if status is None else status.value
@@ -228,7 +240,6 @@ class Runtime:
             "fired": counters.fired,
             "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
             "clients": self.pool.stats(),
-            "output_bytes_held": sum(t.output.held_bytes for t in active),
             "notifications": self.notifier.stats(),
             "data_dir": str(executor.store.root),
         }

@@ -5,19 +5,21 @@ the event loop: a commit in WAL mode with `synchronous=NORMAL` costs tens of mic
 (measured ~20 µs here), where handing each write to a writer thread cost ~0.9 ms through the
 GIL. Nothing a client has seen is lost to a kill -9. Output bytes go to files, never rows.
 
-Several servers may share a data directory (one per MCP client, as Claude Code starts them):
-each holds an flock on its own instance file, and recovery only touches the tasks of
-instances whose lock nobody holds any more.
+Several servers may share a data directory (one per MCP client, as Claude Code starts them).
+Each holds a lease: a row it renews (`heartbeat`) and an flock on its own instance file. A
+server is dead once its lock is free (it died on this machine: known at once) or its lease is
+older than `lease_s` (it stopped renewing, wherever it ran). Any live server may then settle
+its tasks, after claiming each one (`claim`), so no task is settled twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -30,7 +32,7 @@ from server.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DB_NAME = "offload.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -74,6 +76,17 @@ _MIGRATIONS: dict[int, str] = {
         );
         CREATE INDEX tombstones_at ON tombstones (at);
     """,
+    2: """
+        ALTER TABLE tasks ADD COLUMN watcher_pid INTEGER;
+        ALTER TABLE tasks ADD COLUMN watcher_ticks INTEGER;
+        CREATE TABLE instances (
+            id TEXT PRIMARY KEY,
+            pid INTEGER NOT NULL,
+            host TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL
+        );
+    """,
 }
 
 
@@ -85,10 +98,13 @@ class Expired:
 
 
 class Store:
-    def __init__(self, root: Path, connection: sqlite3.Connection, instance: str, lock_fd: int) -> None:
+    def __init__(
+        self, root: Path, connection: sqlite3.Connection, instance: str, lock_fd: int, lease_s: float = 10.0
+    ) -> None:
         self.root = root
         self.output_dir = root / "output"
         self.instance = instance
+        self.lease_s = lease_s
         self._db = connection
         self._lock_fd = lock_fd
 
@@ -98,7 +114,7 @@ class Store:
     # ---- opening ----
 
     @classmethod
-    def open(cls, root: Path) -> Store:
+    def open(cls, root: Path, *, lease_s: float = 10.0, now: float | None = None) -> Store:
         """Opens (or creates) the data directory; a corrupt database is moved aside, not fatal."""
         root = root.expanduser()
         _require_writable(root)
@@ -107,10 +123,17 @@ class Store:
             (root / sub).chmod(0o700)  # output of every command: private to the user
         instance = secrets.token_hex(8)
         lock_fd = _hold_lock(root / "instances" / f"{instance}.lock")
-        return cls(root, _connect(root / DB_NAME), instance, lock_fd)
+        store = cls(root, _connect(root / DB_NAME), instance, lock_fd, lease_s)
+        at = time.time() if now is None else now
+        store._db.execute(
+            "INSERT INTO instances (id, pid, host, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
+            (instance, os.getpid(), socket.gethostname(), at, at),
+        )
+        return store
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
+            self._db.execute("DELETE FROM instances WHERE id = ?", (self.instance,))
             self._db.execute("PRAGMA optimize")
         self._db.close()
         os.close(self._lock_fd)
@@ -174,18 +197,49 @@ class Store:
         found = self._db.execute("SELECT owner, at, reason FROM tombstones WHERE id = ?", (task_id,)).fetchone()
         return None if found is None else Expired(found[0], found[1], found[2])
 
-    def orphaned(self) -> list[sqlite3.Row]:
-        """Unfinished tasks of server instances that are gone (no one holds their lock)."""
+    # ---- leases ----
+
+    def heartbeat(self, now: float) -> None:
+        """Renews this server's lease (a row, re-inserted if a peer took it for dead and removed it)."""
+        self._db.execute(
+            "INSERT INTO instances (id, pid, host, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+            (self.instance, os.getpid(), socket.gethostname(), now, now),
+        )
+
+    def orphaned(self, now: float) -> list[sqlite3.Row]:
+        """Unfinished tasks of server instances that are gone: lock free, or lease expired."""
         rows = self._db.execute(
             "SELECT * FROM tasks WHERE status IN ('queued', 'running') AND instance != ?", (self.instance,)
         ).fetchall()
         dead: dict[str, bool] = {}
         for row in rows:
             if row["instance"] not in dead:
-                dead[row["instance"]] = self._instance_is_dead(row["instance"])
+                dead[row["instance"]] = self._instance_is_dead(row["instance"], now)
         return [row for row in rows if dead[row["instance"]]]
 
-    def _instance_is_dead(self, instance: str) -> bool:
+    def claim(self, task_id: str, from_instance: str) -> bool:
+        """Takes a dead server's task over; False if another live server got it first."""
+        cursor = self._db.execute(
+            "UPDATE tasks SET instance = ? WHERE id = ? AND instance = ? AND status IN ('queued', 'running')",
+            (self.instance, task_id, from_instance),
+        )
+        return cursor.rowcount == 1
+
+    def _instance_is_dead(self, instance: str, now: float) -> bool:
+        """On this host the lock says it at once (and a busy loop is no death); elsewhere the lease."""
+        lease = self._db.execute("SELECT heartbeat_at, host FROM instances WHERE id = ?", (instance,)).fetchone()
+        if lease is not None and lease["host"] != socket.gethostname():
+            stale = bool(lease["heartbeat_at"] < now - self.lease_s)
+            if stale:
+                self._db.execute("DELETE FROM instances WHERE id = ?", (instance,))
+            return stale
+        dead = self._lock_is_free(instance)
+        if dead:
+            self._db.execute("DELETE FROM instances WHERE id = ?", (instance,))
+        return dead
+
+    def _lock_is_free(self, instance: str) -> bool:
         path = self.root / "instances" / f"{instance}.lock"
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -232,9 +286,15 @@ class Store:
         return [row[0] for row in expired]
 
     def remove_files(self, task_ids: list[str]) -> None:
-        """Blocking file I/O, two unlinks a task: run it in a worker thread."""
+        """Blocking file I/O, a few unlinks a task: run it in a worker thread."""
         for task_id in task_ids:
-            for path in (self.output_path(task_id), self.exit_path(task_id)):
+            log_path = self.output_path(task_id)
+            for path in (
+                log_path,
+                self.exit_path(task_id),
+                log_path.with_suffix(".sh"),
+                log_path.with_suffix(".stdin"),
+            ):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
@@ -310,11 +370,3 @@ def _migrate(db: sqlite3.Connection) -> sqlite3.Connection:
     for target in range(version + 1, SCHEMA_VERSION + 1):
         db.executescript(f"BEGIN; {_MIGRATIONS[target]}; PRAGMA user_version = {target}; COMMIT;")
     return db
-
-
-def dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, separators=(",", ":"))
-
-
-def loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from server.output import Chunk, FileLog, Layout, Output, OutputLog
-from tools.context import ProcessInfo
+from server.output import Chunk, Output, OutputLog, StoredLog
+from tools.context import Orphan, ProcessInfo
 from tools.registry import ToolSpec
 
 
@@ -32,13 +32,24 @@ class Status(StrEnum):
 
 
 class ErrorKind(StrEnum):
+    """Every `error.kind` a task can carry, from the engine or from a tool (`TaskFailure.kind`)."""
+
     TIMEOUT = "timeout"
     EXIT_STATUS = "exit_status"
+    SIGNAL = "signal"
     EXCEPTION = "exception"
     INVALID_ARGUMENTS = "invalid_arguments"
+    REFUSED = "refused"
     INTERRUPTED = "interrupted"
     SHUTDOWN = "shutdown"
     CANCELLED_BY_CLIENT = "cancelled_by_client"
+    HTTP_STATUS = "http_status"
+    RATE_LIMITED = "rate_limited"
+    AUTH = "auth"
+    NOT_FOUND = "not_found"
+    CONNECTION = "connection"
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_EXITED = "upstream_exited"
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -118,11 +129,20 @@ class ShellReply(_View):
     status: Status
 
 
+class UnknownTask(_View):
+    task_id: str
+    message: str
+
+
 class PollReply(_View):
     done: Annotated[
         list[TaskView], WithJsonSchema({"type": "array", "items": {"type": "object"}, "description": _SAME_AS_GET})
     ]
     pending: list[str]
+    unknown: Annotated[
+        list[UnknownTask],
+        WithJsonSchema({"type": "array", "items": {"type": "object"}, "description": "ids not known: why, each"}),
+    ] = []
     timed_out: bool
 
 
@@ -169,6 +189,8 @@ class Task:
     result: dict[str, Any] | None = None
     error: TaskError | None = None
     process: ProcessInfo | None = None
+    watcher: ProcessInfo | None = None
+    """The capture process of a detached command (what a restart follows)."""
     detached: bool = False
     local: bool = True
     """Run by this server process; False for a task another server on the same data dir runs."""
@@ -176,7 +198,9 @@ class Task:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
     started: anyio.Event = field(default_factory=anyio.Event)
-    """Set once the task has a pid, or has left `queued` without one."""
+    """Set once the task has a pid, or has finished without one."""
+    queued: anyio.Event = field(default_factory=anyio.Event)
+    """Set when the task has to wait for a concurrency limit (it stays `queued` meanwhile)."""
     listeners: set[anyio.Event] = field(default_factory=set)
     released: anyio.Event = field(default_factory=anyio.Event)
     """Set when this server stops running the task: finished, or left running on purpose."""
@@ -222,16 +246,11 @@ class Task:
             "start_ticks": None if process is None else process.start_ticks,
             "boot_id": None if process is None else process.boot_id,
             "detached": int(self.detached),
-            "output_external": int(isinstance(self.output, FileLog)),
             **self.final_columns(),
         }
 
     def final_columns(self) -> dict[str, Any]:
-        """What changes when a task finishes: its outcome and where its output is."""
-        output = self.output
-        layout = output.layout()
-        # Only a finished task's output can be whole in its row; a running one's is still coming.
-        inline = output.inline_bytes() if isinstance(output, OutputLog) and self.finished_at is not None else None
+        """What changes when a task finishes: its outcome and how much output it wrote."""
         return {
             "status": self.status.value,
             "finished_at": self.finished_at,
@@ -239,28 +258,16 @@ class Task:
             "result": None if self.result is None else json.dumps(self.result, separators=(",", ":")),
             "error_kind": None if self.error is None else self.error.kind,
             "error_message": None if self.error is None else self.error.message,
-            "output_total": layout.total_bytes,
-            "output_head": layout.head_bytes,
-            "output_ring": layout.ring_bytes,
-            "output_lost_from": layout.lost_from,
-            "output_inline": inline,
+            "output_total": self.output.total_bytes,
         }
+
+    def orphan(self) -> Orphan:
+        return Orphan(self.process, self.watcher, self.detached, self.started_at or self.created_at)
 
     @classmethod
     def from_row(cls, row: Row, output_path: Path, spec: ToolSpec | None, local: bool) -> Task:
-        output: Output
-        if row["output_inline"] is not None:
-            output = OutputLog.inline(output_path, row["output_inline"])
-        elif row["output_external"] or row["status"] in ("queued", "running"):
-            output = FileLog(output_path)
-        else:
-            layout = Layout(
-                row["output_total"], row["output_head"] or 0, row["output_ring"] or 0, row["output_lost_from"]
-            )
-            output = OutputLog.reopen(output_path, layout)
-        process = None
-        if row["pid"] is not None:
-            process = ProcessInfo(row["pid"], row["start_ticks"], row["boot_id"])
+        if row["output_inline"] is not None and not output_path.exists():
+            _write_inline(output_path, row["output_inline"])  # a small output Offload 0.1 kept in its row
         error = None if row["error_kind"] is None else TaskError(kind=row["error_kind"], message=row["error_message"])
         return cls(
             id=row["id"],
@@ -268,7 +275,7 @@ class Task:
             owner=row["owner"],
             created_at=row["created_at"],
             ttl_s=row["ttl_s"],
-            output=output,
+            output=StoredLog(output_path),
             spec=spec,
             timeout_s=row["timeout_s"],
             cache_key=row["cache_key"],
@@ -277,10 +284,21 @@ class Task:
             finished_at=row["finished_at"],
             result=None if row["result"] is None else json.loads(row["result"]),
             error=error,
-            process=process,
+            process=_process(row["pid"], row["start_ticks"], row["boot_id"]),
+            watcher=_process(row["watcher_pid"], row["watcher_ticks"], row["boot_id"]),
             detached=bool(row["detached"]),
             local=local,
         )
+
+
+def _process(pid: int | None, ticks: int | None, boot_id: str | None) -> ProcessInfo | None:
+    return None if pid is None else ProcessInfo(pid, ticks, boot_id)
+
+
+def _write_inline(path: Path, data: bytes) -> None:
+    log = OutputLog(path, max(len(data), 2) * 2)
+    log.write(data)
+    log.finish()
 
 
 def task_uri(task_id: str) -> str:

@@ -79,7 +79,7 @@ class RawServer:
     async def start_tree(self) -> int:
         """Starts a command with two background children; returns its pid once all of them exist."""
         task = await when_tree_runs(lambda command: self.call("run_shell_background", command=command))
-        assert len(live_group_members(task["pid"])) == 4
+        assert len(live_group_members(task["pid"])) == 3
         return int(task["pid"])
 
     async def call(self, mcp_tool: str, **arguments: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import call, error_text
+from conftest import FakeClock, call, error_text
 from mcp import Client
 
 from server.app import OWN_TOOLS
@@ -48,11 +48,23 @@ async def test_invalid_fire_arguments_start_nothing(
 async def test_unknown_task_id_everywhere(client: Client) -> None:
     for tool, arguments in [
         ("get_cached_output", {"task_id": "nope"}),
-        ("poll_output", {"task_ids": ["nope"]}),
         ("cancel_task", {"task_id": "nope"}),
     ]:
         message = await _error(client, tool, arguments)
         assert "Unknown task id 'nope'" in message and "list_tasks" in message, tool
+
+
+async def test_poll_answers_the_known_ids_and_lists_the_unknown(client: Client, clock: FakeClock) -> None:
+    known = await call(client, "fire_tool", tool="shell", arguments={"command": "echo here"}, wait_s=10)
+    expired = await call(client, "fire_tool", tool="shell", arguments={"command": "true"}, ttl_s=1, wait_s=10)
+    clock.advance(2)
+    reply = await call(client, "poll_output", task_ids=["nope", known["task_id"], expired["task_id"]], timeout_s=5)
+    assert [v["task_id"] for v in reply["done"]] == [known["task_id"]]
+    assert reply["done"][0]["output"]["text"] == "here\n"
+    assert reply["pending"] == [] and not reply["timed_out"]
+    unknown = {u["task_id"]: u["message"] for u in reply["unknown"]}
+    assert "Unknown task id 'nope'" in unknown["nope"] and "list_tasks" in unknown["nope"]
+    assert "expired" in unknown[expired["task_id"]]
 
 
 @pytest.mark.parametrize(

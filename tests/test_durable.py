@@ -67,18 +67,28 @@ async def test_results_and_output_survive_kill_9(tmp_path: Path) -> None:
         await again.process.wait()
 
 
-async def test_a_command_that_finished_while_the_server_was_dead_is_completed(tmp_path: Path) -> None:
-    server = await start_server(tmp_path)
-    fired = await server.call("run_shell_background", command="sleep 0.5; exit 7")
+@pytest.mark.parametrize("flags", [(), ("--detach",)], ids=["attached", "detached"])
+async def test_a_command_that_finished_while_the_server_was_dead(tmp_path: Path, flags: tuple[str, ...]) -> None:
+    """Detached: its capture process recorded the real end. Attached: the server that captured its
+    output died, so what it printed after that is lost and its end unknown: `interrupted`, said so."""
+    server = await start_server(tmp_path, *flags)
+    fired = await server.call("run_shell_background", command="echo before; sleep 0.5; exit 7")
+    first = await server.call("get_cached_output", task_id=fired["task_id"])
     await kill_9(server)
     await wait_for_exit(fired["pid"])  # it finishes on its own, with nobody watching
 
-    again = await start_server(tmp_path)
+    again = await start_server(tmp_path, *flags)
     async with again.process:
         view = await again.call("get_cached_output", task_id=fired["task_id"])
         assert view["status"] == "failed"
-        assert view["error"]["kind"] == "exit_status"
-        assert view["result"]["exit_code"] == 7  # the real exit status, from the wrapper's record
+        assert view["output"]["text"].startswith(first["output"]["text"])  # nothing read before is lost
+        if flags:
+            assert view["error"]["kind"] == "exit_status"
+            assert view["result"]["exit_code"] == 7
+            assert view["output"]["text"] == "before\n"
+        else:
+            assert view["error"]["kind"] == "interrupted"
+            assert "stopped before it finished" in view["error"]["message"]
         await again.process.stdin.aclose()  # type: ignore[union-attr]
 
 

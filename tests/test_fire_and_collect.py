@@ -75,7 +75,7 @@ async def test_poll_any_returns_at_the_first_finish(client: Client, gate: Gate) 
 async def test_poll_timeout_returns_pending_ids(client: Client, gate: Gate) -> None:
     fired = await call(client, "fire_tool", tool="test.gate", arguments={"key": "never"})
     reply = await call(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=0.1)
-    assert reply == {"done": [], "pending": [fired["task_id"]], "timed_out": True}
+    assert reply == {"done": [], "pending": [fired["task_id"]], "unknown": [], "timed_out": True}
     gate.release("never")
 
 

@@ -1,115 +1,154 @@
-"""Output byte accounting: memory then file, head and ring past the file cap, exact offsets."""
+"""Output byte accounting: written through to one self-describing file, head and ring past the cap,
+exact offsets, the same bytes for the writer and for any other reader."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from server.output import FileLog, OutputLog
+from server.output import OutputLog, StoredLog, read_layout
 
 
 def _stream(n: int) -> bytes:
     return bytes(65 + i % 26 for i in range(n))
 
 
-def test_small_output_stays_in_memory_until_finished(tmp_path: Path) -> None:
+def test_every_byte_is_on_disk_before_the_write_returns(tmp_path: Path) -> None:
     path = tmp_path / "t.log"
-    log = OutputLog(path, memory_max_bytes=100, file_max_bytes=1000)
+    log = OutputLog(path, file_max_bytes=1000)
+    assert not path.exists()  # no output, no file
     log.write(b"hello ")
     log.write(b"world")
-    chunk = log.read(0, 100)
-    assert (chunk.data, chunk.offset, chunk.next_offset, chunk.total_bytes, chunk.dropped) == (
-        b"hello world",
-        0,
-        11,
-        11,
-        None,
-    )
-    assert not chunk.truncated
-    assert log.held_bytes == 11
-    assert not path.exists()
-    log.finish()  # durable from here on
-    assert path.read_bytes() == b"hello world"
-    assert log.held_bytes == 0
-    assert log.read(6, 100).data == b"world"
+    other = StoredLog(path)  # another process's view: the file alone
+    for view in (log, other):
+        chunk = view.read(0, 100)
+        assert (chunk.data, chunk.offset, chunk.next_offset, chunk.total_bytes, chunk.dropped) == (
+            b"hello world",
+            0,
+            11,
+            11,
+            None,
+        )
+        assert not chunk.truncated
+    assert other.read(6, 100).data == b"world"
 
 
-def test_spill_to_file_past_the_memory_cap(tmp_path: Path) -> None:
+def test_a_killed_writer_leaves_what_any_reader_saw(tmp_path: Path) -> None:
+    """The writer is a real process killed with SIGKILL right after a write returned."""
     path = tmp_path / "t.log"
-    log = OutputLog(path, memory_max_bytes=10, file_max_bytes=1000)
-    log.write(b"0123456789")
-    assert not path.exists()
-    log.write(b"abc")
-    assert path.read_bytes() == b"0123456789abc"
-    assert log.held_bytes == 0
-    assert log.read(8, 4).data == b"89ab"
+    code = (
+        "import os, sys; from pathlib import Path; from server.output import OutputLog\n"
+        f"log = OutputLog(Path({str(path)!r}), 1000)\n"
+        "log.write(b'compiled 12 files\\n'); print('written', flush=True); os.kill(os.getpid(), 9)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == -9 and done.stdout == b"written\n"
+    chunk = StoredLog(path).read(0, 100)
+    assert chunk.data == b"compiled 12 files\n" and chunk.total_bytes == 18
+    assert not read_layout(path).finished
 
 
 @pytest.mark.parametrize("write_size", [1, 7, 100, 5000])
 def test_past_the_file_cap_head_and_tail_survive(tmp_path: Path, write_size: int) -> None:
     path = tmp_path / "t.log"
-    log = OutputLog(path, memory_max_bytes=64, file_max_bytes=1000)
+    log = OutputLog(path, file_max_bytes=1000)
     stream = _stream(20_011)
     for i in range(0, len(stream), write_size):
         log.write(stream[i : i + write_size])
-        assert log.held_bytes <= 64
-    assert path.stat().st_size <= 1000
-    assert log.total_bytes == len(stream)
-    head = log.read(0, 1000)
-    assert head.data == stream[:500]
-    assert head.dropped == (500, len(stream) - 500)
-    assert head.next_offset == len(stream) - 500
-    tail = log.read(head.next_offset, 1000)
-    assert tail.data == stream[-500:]
-    assert tail.next_offset == len(stream)
-    assert log.read(700, 10).offset == len(stream) - 500  # a read in the gap starts at its end
-    assert log.read(len(stream) - 7, 5).data == stream[-7:-2]  # across the ring's wrap point too
+    assert path.stat().st_size <= 1000 + 64  # the data plus the header
+    for view in (log, StoredLog(path)):
+        assert view.total_bytes == len(stream)
+        head = view.read(0, 1000)
+        assert head.data == stream[:500]
+        assert head.dropped == (500, len(stream) - 500)
+        assert head.next_offset == len(stream) - 500
+        tail = view.read(head.next_offset, 1000)
+        assert tail.data == stream[-500:]
+        assert tail.next_offset == len(stream)
+        assert view.read(700, 10).offset == len(stream) - 500  # a read in the gap starts at its end
+        assert view.read(len(stream) - 7, 5).data == stream[-7:-2]  # across the ring's wrap point too
 
 
-def test_reopened_after_a_restart_reads_the_same(tmp_path: Path) -> None:
+def test_finished_logs_read_the_same_from_the_file(tmp_path: Path) -> None:
     path = tmp_path / "t.log"
-    log = OutputLog(path, memory_max_bytes=64, file_max_bytes=1000)
+    log = OutputLog(path, file_max_bytes=1000)
     stream = _stream(3333)
     log.write(stream)
     log.finish()
-    again = OutputLog.reopen(path, log.layout())
+    again = StoredLog(path)
+    assert read_layout(path).finished
     assert again.read(0, 10_000) == log.read(0, 10_000)
     assert again.read(again.tail(100), 100).data == stream[-100:]
 
 
 def test_disk_full_ends_capture_but_counts_bytes() -> None:
-    log = OutputLog(Path("/dev/full"), memory_max_bytes=8, file_max_bytes=1000)
-    log.write(b"12345678")
-    log.write(b"9" * 100)  # spilling fails: ENOSPC
+    log = OutputLog(Path("/dev/full"), file_max_bytes=1000)
+    log.write(b"12345678")  # ENOSPC at once
     log.write(b"more")
-    assert log.total_bytes == 112
-    assert log.dropped == (8, 112)
+    assert log.total_bytes == 12
     chunk = log.read(0, 1000)
-    assert (chunk.data, chunk.next_offset, chunk.dropped) == (b"12345678", 112, (8, 112))
+    assert (chunk.data, chunk.next_offset, chunk.dropped) == (b"", 12, (0, 12))
 
 
 def test_tail_offset_lands_on_a_character_start(tmp_path: Path) -> None:
-    log = OutputLog(tmp_path / "t.log", memory_max_bytes=1024, file_max_bytes=4096)
+    log = OutputLog(tmp_path / "t.log", file_max_bytes=4096)
     log.write("aé€😀".encode())
+    log.finish()
     assert log.read(log.tail(4), 100).data.decode() == "😀"
     assert log.read(log.tail(5), 100).data.decode() == "😀"
     assert log.read(log.tail(7), 100).data.decode() == "€😀"
 
 
 def test_a_read_smaller_than_a_character_still_progresses(tmp_path: Path) -> None:
-    log = OutputLog(tmp_path / "t.log", memory_max_bytes=1024, file_max_bytes=4096)
+    log = OutputLog(tmp_path / "t.log", file_max_bytes=4096)
     log.write("😀x".encode())
     assert log.read(0, 2).next_offset > 0
 
 
-def test_file_log_follows_a_growing_file(tmp_path: Path) -> None:
-    path = tmp_path / "detached.log"
-    log = FileLog(path)
-    assert log.read(0, 10).total_bytes == 0
-    path.write_bytes(b"first\n")
-    assert log.read(0, 100).data == b"first\n"
-    with path.open("ab") as f:
-        f.write(b"second\n")
-    chunk = log.read(6, 100)
-    assert (chunk.data, chunk.next_offset, chunk.total_bytes) == (b"second\n", 13, 13)
+def test_the_live_end_never_splits_a_character(tmp_path: Path) -> None:
+    path = tmp_path / "t.log"
+    log = OutputLog(path, file_max_bytes=4096)
+    log.write(b"price: \xe2\x82")  # the euro sign's last byte is still to come
+    for view in (log, StoredLog(path)):
+        chunk = view.read(0, 100)
+        assert (chunk.data, chunk.next_offset, chunk.total_bytes) == (b"price: ", 7, 9)
+        assert view.read(7, 100).data == b""  # nothing but the partial character: wait for it
+    log.write(b"\xac 5\n")
+    assert log.read(7, 100).data.decode() == "€ 5\n"
+    log.write(b"\xe2")
+    log.finish()  # it will never be whole now: send what there is
+    assert log.read(13, 100).data == b"\xe2"
+
+
+def test_a_plain_file_of_an_older_version_reads_whole(tmp_path: Path) -> None:
+    path = tmp_path / "old.log"
+    path.write_bytes(b"from offload 0.1\n")
+    chunk = StoredLog(path).read(0, 100)
+    assert (chunk.data, chunk.total_bytes) == (b"from offload 0.1\n", 17)
+
+
+def test_a_reader_racing_a_wrapping_writer_never_returns_overwritten_bytes(tmp_path: Path) -> None:
+    """Every byte of the stream encodes its own offset, so a byte from the wrong place shows."""
+    path = tmp_path / "t.log"
+    log = OutputLog(path, file_max_bytes=256)
+    reader = StoredLog(path)
+
+    def byte_at(offset: int) -> int:
+        return (offset * 7 + offset // 251) % 256
+
+    offset = 0
+    for _ in range(400):
+        log.write(bytes(byte_at(offset + i) for i in range(37)))
+        offset += 37
+        chunk = reader.read(max(offset - 200, 0), 64)
+        assert all(b == byte_at(chunk.offset + i) for i, b in enumerate(chunk.data))
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "t.log"
+    OutputLog(path, file_max_bytes=100).write(b"x")
+    assert os.stat(path).st_mode & 0o777 == 0o600

@@ -6,12 +6,10 @@ built from plain callables, so a tool can be tested or reused without the server
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import anyio
 
 JSON = dict[str, Any]
 
@@ -47,23 +45,36 @@ class ProcessInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Orphan:
+    """What is known of a task whose server died while it ran: enough to find its processes."""
+
+    process: ProcessInfo | None
+    watcher: ProcessInfo | None
+    """The capture process of a detached command."""
+    detached: bool
+    started_wall_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class ToolContext:
     """The running task's handle on the outside world."""
 
     task_id: str
     write_output: Callable[[bytes], None]
-    """Appends bytes to the task's output log (absolute offsets, bounded by the server)."""
+    """Appends bytes to the task's output log: stored (absolute offsets, bounded) before it returns."""
+    output_bytes: Callable[[], int]
+    """Bytes of output so far, dropped ones included: what `output_bytes` in a result reports."""
     set_process: Callable[[ProcessInfo], None]
     """Records the process group the task started (committed before the handler goes on)."""
-    use_output_file: Callable[[], None]
-    """Says the task's output is written straight to `output_path` by its process (detached)."""
+    set_watcher: Callable[[ProcessInfo], None]
+    """Records the capture process that parents a detached command (what a restart follows)."""
     output_path: Path
     exit_path: Path
-    """Where a command's wrapper records its exit status, for recovery after a crash."""
+    """Where a detached command's capture process records its exit status."""
+    capture_argv: Sequence[str]
+    """The program that runs a detached command, writing its output to `output_path` in the
+    server's log format and its exit status to `exit_path` (see `server/capture.py`)."""
     kill_grace_s: float
     """How long a cancelled process group gets between TERM and KILL."""
     shutting_down: Callable[[], bool]
     """True when the task is being cancelled because the server is stopping."""
-    output_turns: anyio.CapacityLimiter
-    """Shared by every task's output copying, so a flood of output cannot crowd the protocol
-    out of the event loop: each loop pass does a bounded amount of it."""

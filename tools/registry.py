@@ -14,16 +14,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tools.context import JSON, ProcessInfo, ToolContext
+from tools.context import JSON, Orphan, ToolContext
 
 ENTRY_POINT_GROUP = "offload.tools"
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[Any, ToolContext], Awaitable[JSON]]
-Reattach = Callable[[ProcessInfo, ToolContext, float], Awaitable[JSON]]
-"""Follows a process a task started before the server restarted (detached mode): (process, context,
-wall-clock start) → the task's result."""
+Recover = Callable[[Orphan, ToolContext], Awaitable[JSON]]
+"""Settles a task whose server died while it ran: follows what still runs, reports what finished
+(raising `TaskFailure` like a handler), and ends what is left. Runs as the task's handler."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +49,8 @@ class ToolSpec:
     """Why firing this tool cannot work here (a missing credential); fire_tool refuses it with this."""
     note: str | None = None
     """Shown in the catalog, e.g. a missing credential."""
-    reattach: Reattach | None = None
+    recover: Recover | None = None
+    """None: such a task is settled `interrupted` (after its process group, if any, is killed)."""
     check: Callable[[Any], None] | None = None
     """Refuses arguments the operator's policy forbids (raises ValueError saying why) before anything starts."""
     input_schema: JSON = field(init=False, repr=False, compare=False)

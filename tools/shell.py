@@ -4,16 +4,24 @@ Each command runs under `bash -c` (else `sh -c`) as the leader of a new session,
 whole process tree shares one process group that can be signalled at once. stdout and
 stderr share one pipe, read concurrently with the process, so output interleaves as
 produced and a chatty command never blocks on a full pipe.
+
+Attached (the default): the server is the command's parent and reads the pipe; the outcome is
+what the server saw when it reaped the command, so no wrapper process is needed. A command
+whose server dies is settled `interrupted` by the next one. Detached: the command runs under
+a capture process (`ToolContext.capture_argv`) that outlives the server and records the outcome.
+
+Stopping (end, cancel, timeout, shutdown) is one path: TERM the group, keep reading through the
+grace period so a trap's last words are kept, KILL, drain, end what left the group.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -22,11 +30,25 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import Process
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tools.context import JSON, LeftRunning, ProcessInfo, TaskFailure, ToolContext
+from tools.context import JSON, LeftRunning, Orphan, ProcessInfo, TaskFailure, ToolContext
 from tools.policy import ShellPolicy
+from tools.process import (
+    TASK_MARKER,
+    end_escaped,
+    end_marked,
+    identify,
+    is_same_process,
+    kill_left_behind,
+    signal_name,
+    stop_group,
+    track,
+    untrack,
+    wait_for_exit,
+)
 from tools.registry import ToolSpec
 
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
@@ -35,6 +57,8 @@ SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", 
 READ_CHUNK_BYTES = 64 * 1024
 DRAIN_AFTER_EXIT_S = 0.5
 """How long output is still read after the command exits while a background child holds the pipe."""
+SCRIPT_FILE_OVER_BYTES = 96 * 1024
+"""Longer commands run from a private file: the kernel caps one argument at 128 KiB."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +95,16 @@ class ShellArgs(BaseModel):
     cwd: Annotated[str | None, Field(description="Working directory; must exist.")] = None
     env: Annotated[dict[str, str] | None, Field(description="Extra environment variables for this command.")] = None
     stdin: Annotated[str | None, Field(description="Text written to stdin, then closed.")] = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_is_passable(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name, text in (value or {}).items():
+            if not name or "=" in name or "\x00" in name:
+                raise ValueError(f"env name {name!r} cannot be passed to a process (empty, or has '=' or NUL)")
+            if "\x00" in text:
+                raise ValueError(f"env value of {name!r} contains a NUL byte, which no process can receive")
+        return value
 
     @field_validator("cwd")
     @classmethod
@@ -121,97 +155,14 @@ def _shell() -> str:
     return shutil.which("bash") or "/bin/sh"
 
 
-@functools.cache
-def _wrapper_shell() -> str:
-    """The wrapper needs only POSIX sh; dash starts in ~0.6 ms less CPU than bash (measured here)."""
-    return "/bin/sh" if os.path.exists("/bin/sh") else _shell()
-
-
-def group_alive(pgid: int) -> bool:
-    """True while any process of the group is alive; zombies do not count.
-
-    An orphaned child that died stays a zombie until init reaps it, and in a container init
-    may never do so: `killpg(pgid, 0)` alone would call such a group alive forever.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _PROC.is_dir() or any(_live_in_group(stat, pgid) for stat in _PROC.glob("[0-9]*/stat"))
-
-
-_PROC = Path("/proc")
-
-
-def _live_in_group(stat_path: Path, pgid: int) -> bool:
-    try:
-        fields = stat_path.read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return False  # gone while we looked
-    return int(fields[2]) == pgid and fields[0] not in ("Z", "X")
-
-
-def signal_group(pgid: int, signum: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signum)
-
-
-async def stop_group(pgid: int, grace_s: float, leader_exit: Callable[[], Awaitable[object]]) -> None:
-    """TERM the whole group, give it `grace_s`, then KILL whatever is left.
-
-    Shielded by the caller: this must finish even when the task is being cancelled.
-    """
-    if not group_alive(pgid):
-        return
-    signal_group(pgid, signal.SIGTERM)
-    with anyio.move_on_after(grace_s):
-        await leader_exit()
-        # Grandchildren are not ours to wait for: no exit event reaches us, so look, bounded by grace_s.
-        while group_alive(pgid):  # noqa: ASYNC110 - there is no event to wait on
-            await anyio.sleep(0.02)
-    signal_group(pgid, signal.SIGKILL)
-    await leader_exit()
-
-
-async def _feed_stdin(process: Process, text: str | None) -> None:
-    if process.stdin is None:
-        return
-    async with process.stdin:
-        # A command that exits without reading all of it is not a failure of ours.
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-            await process.stdin.send((text or "").encode())
-
-
-async def _pump_output(process: Process, ctx: ToolContext, eof: anyio.Event) -> int:
-    """Copies the pipe into the task's output, taking turns with every other task's pump."""
-    stream = process.stdout
-    assert stream is not None
-    total = 0
-    try:
-        while True:
-            async with ctx.output_turns:
-                chunk = await stream.receive(READ_CHUNK_BYTES)
-                total += len(chunk)
-                ctx.write_output(chunk)
-    except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-        pass
-    finally:
-        eof.set()
-    return total
-
-
-_WRAPPER = (
-    "c=$OFFLOAD_COMMAND f=$OFFLOAD_EXIT_FILE; unset OFFLOAD_COMMAND OFFLOAD_EXIT_FILE; "
-    '"$0" -c "$c"; s=$?; printf "%s\\n" "$s" > "$f"; exit "$s"'
-)
-"""The command runs (under bash, passed as $0) as a child of this POSIX-sh wrapper, which records
-its exit status beside its output.
-
-The record is what tells, after the server died, "finished with exit code N" from "killed".
-A wrapper killed by a signal writes nothing, which is what a killed command should leave.
-"""
+def _argv(command: str, script: Path) -> list[str]:
+    """`bash -c COMMAND`; a command too long for one argument runs from a private file."""
+    if len(command.encode()) <= SCRIPT_FILE_OVER_BYTES:
+        return [_shell(), "-c", command]
+    fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(command)
+    return [_shell(), str(script)]
 
 
 async def run_command(
@@ -223,19 +174,71 @@ async def run_command(
     env: Mapping[str, str] | None = None,
     stdin: str | None = None,
 ) -> JSON:
-    """Runs one command to completion; a non-zero exit becomes a `TaskFailure`."""
+    """Runs one command to completion; a non-zero exit or a death by signal becomes a `TaskFailure`."""
     environment = scrubbed_environment(os.environ, config, env)
-    environment.update(OFFLOAD_COMMAND=command, OFFLOAD_EXIT_FILE=str(ctx.exit_path))
-    argv = [_wrapper_shell(), "-c", _WRAPPER, _shell()]
-    if config.detach:
-        return await _run_detached(argv, ctx, config, cwd, environment, stdin)
-    return await _run_attached(argv, ctx, config, cwd, environment, stdin)
+    environment[TASK_MARKER] = ctx.task_id  # how what leaves the group is found again
+    script = ctx.output_path.with_suffix(".sh")
+    try:
+        argv = _argv(command, script)
+        if config.detach:
+            return await _run_detached(argv, ctx, config, cwd, environment, stdin)
+        return await _run_attached(argv, ctx, config, cwd, environment, stdin)
+    finally:
+        if not config.detach:
+            _unlink(script)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+async def _feed_stdin(process: Process, text: str | None) -> None:
+    if process.stdin is None:
+        return
+    async with process.stdin:
+        # A command that exits without reading all of it is not a failure of ours.
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await process.stdin.send((text or "").encode())
+
+
+class _Pump:
+    """Copies the pipe into the task's output until EOF or until told to stop.
+
+    It never waits holding anything shared, and yields after each chunk so many chatty commands
+    share the loop with the protocol. It runs shielded: a cancelled task keeps reading while its
+    group is stopped, so what a trap prints on TERM is kept.
+    """
+
+    def __init__(self, process: Process, ctx: ToolContext) -> None:
+        self._stream = process.stdout
+        self._ctx = ctx
+        self.scope = anyio.CancelScope(shield=True)
+        self.eof = anyio.Event()
+
+    async def run(self) -> None:
+        assert self._stream is not None
+        with self.scope:
+            try:
+                while True:
+                    self._ctx.write_output(await self._stream.receive(READ_CHUNK_BYTES))
+                    await anyio.lowlevel.checkpoint()
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            finally:
+                self.eof.set()
+
+    async def drain(self, seconds: float) -> None:
+        """Lets the pump read on for up to `seconds` (or to EOF), then stops it."""
+        with anyio.move_on_after(seconds):
+            await self.eof.wait()
+        self.scope.cancel()
 
 
 async def _run_attached(
     argv: list[str], ctx: ToolContext, config: ShellConfig, cwd: str | None, env: dict[str, str], stdin: str | None
 ) -> JSON:
-    """Output comes through a pipe to the server; the process ends with the server."""
+    """The server is the command's parent and reads its pipe."""
     started = time.monotonic()
     process = await anyio.open_process(
         argv,
@@ -246,199 +249,189 @@ async def _run_attached(
         env=env,
         start_new_session=True,
     )
-    ctx.set_process(ProcessInfo(process.pid, start_ticks(process.pid), boot_id()))
+    track(process.pid)
+    ctx.set_process(identify(process.pid))
+    pump = _Pump(process, ctx)
     try:
         async with anyio.create_task_group() as tg:
+            tg.start_soon(pump.run)
             tg.start_soon(_feed_stdin, process, stdin)
-            output_bytes = await _read_until_exit(process, ctx)
+            try:
+                await process.wait()
+                with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
+                    await pump.eof.wait()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await _stop(process.pid, ctx, config.kill_grace_s, process.wait)
+                    await pump.drain(DRAIN_AFTER_EXIT_S)
+                tg.cancel_scope.cancel()  # a stdin nobody reads
     finally:
         with anyio.CancelScope(shield=True):
-            await stop_group(process.pid, config.kill_grace_s, process.wait)
             await process.aclose()
-    return _outcome(process.returncode, time.monotonic() - started, output_bytes)
+        untrack(process.pid)
+    return outcome(process.returncode, time.monotonic() - started, ctx.output_bytes())
+
+
+async def _stop(pgid: int, ctx: ToolContext, grace_s: float, leader_exit: Callable[[], Awaitable[object]]) -> None:
+    """TERM, grace, KILL the group; then whatever left the group (setsid, set -m) goes too."""
+    await stop_group(pgid, grace_s, leader_exit)
+    await end_escaped(ctx.task_id, grace_s)
 
 
 async def _run_detached(
     argv: list[str], ctx: ToolContext, config: ShellConfig, cwd: str | None, env: dict[str, str], stdin: str | None
 ) -> JSON:
-    """Output goes straight to the task's file and the process outlives the server.
+    """The command runs under a capture process that outlives the server (see `server/capture.py`).
 
-    A plain `Popen`, watched through a pidfd: asyncio's subprocess transport kills the
-    process it owns when it is closed, and this one must survive the server's shutdown.
+    A plain `Popen`, watched through a pidfd: asyncio's subprocess transport kills the process it
+    owns when it is closed, and this one must survive the server's shutdown.
     """
-    started = time.monotonic()
     stdin_path = ctx.output_path.with_suffix(".stdin")
+    capture = [*ctx.capture_argv]
     if stdin is not None:
-        stdin_path.write_text(stdin)
-    with contextlib.ExitStack() as files:
-        out = files.enter_context(open(ctx.output_path, "ab"))  # noqa: ASYNC230 - a local file, once
-        into = files.enter_context(open(stdin_path, "rb")) if stdin is not None else subprocess.DEVNULL  # noqa: ASYNC230
-        process = subprocess.Popen(  # noqa: ASYNC220 - spawning does not block on the child
-            argv, stdin=into, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
-        )
-    ctx.set_process(ProcessInfo(process.pid, start_ticks(process.pid), boot_id()))
-    ctx.use_output_file()
+        fd = os.open(stdin_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(stdin)
+        capture += ["--stdin", str(stdin_path)]
+    watcher = subprocess.Popen(  # noqa: ASYNC220 - spawning does not block on the child
+        [*capture, "--", *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+    )
+    track(watcher.pid)
+    ctx.set_watcher(identify(watcher.pid))
+    command_pid = await _announced_pid(watcher)
+    if command_pid is not None:
+        ctx.set_process(identify(command_pid))
 
-    async def leader_exit() -> None:
-        await wait_for_exit(process.pid)
-        process.wait()  # reaps it: it has exited, so this does not block
+    async def watcher_exit() -> None:
+        await wait_for_exit(watcher.pid)
+        watcher.wait()  # reaps it: it has exited, so this does not block
 
     try:
-        await leader_exit()
+        await watcher_exit()
     except anyio.get_cancelled_exc_class():
         if ctx.shutting_down():
-            raise LeftRunning(f"detached command (pid {process.pid}) keeps running") from None
+            raise LeftRunning(f"detached command (pid {command_pid}) keeps running") from None
         with anyio.CancelScope(shield=True):
-            await stop_group(process.pid, config.kill_grace_s, leader_exit)
+            if command_pid is not None:
+                await stop_group(command_pid, config.kill_grace_s, watcher_exit)
+            with anyio.move_on_after(config.kill_grace_s + DRAIN_AFTER_EXIT_S + 1):
+                await watcher_exit()
         raise
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            stdin_path.unlink()
-    return _outcome(process.returncode, time.monotonic() - started, _file_size(ctx.output_path))
+        untrack(watcher.pid)
+    return outcome_from_record(ctx.exit_path, started_wall_s=None)
 
 
-def _file_size(path: Path) -> int:
+async def _announced_pid(watcher: subprocess.Popen[bytes]) -> int | None:
+    """The command's pid, which the capture process writes as its first line."""
+    assert watcher.stdout is not None
+    fd = watcher.stdout.fileno()
     try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-async def _read_until_exit(process: Process, ctx: ToolContext) -> int:
-    """Reads output until the leader exits and the pipe drains.
-
-    A background child (`cmd &`) can hold the pipe open long after the command is done;
-    past a short drain the task ends anyway and `stop_group` ends that child.
-    """
-    counted = 0
-    eof = anyio.Event()
-
-    async def pump() -> None:
-        nonlocal counted
-        counted = await _pump_output(process, ctx, eof)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(pump)
-        await process.wait()
-        with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
-            await eof.wait()
-        tg.cancel_scope.cancel()
-    return counted
-
-
-# ---- finding processes again after a restart ----
-
-
-def start_ticks(pid: int) -> int | None:
-    """Process start time in clock ticks since boot, or None if it is gone or unknowable."""
-    try:
-        fields = (_PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
+        with anyio.fail_after(10):
+            await anyio.wait_readable(fd)
+        line = os.read(fd, 64)
+        return int(line.strip()) if line.strip() else None
+    except (TimeoutError, ValueError, OSError):
         return None
-
-
-@functools.cache
-def boot_id() -> str | None:
-    try:
-        return (_PROC / "sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def is_same_process(info: ProcessInfo) -> bool:
-    """True if `info.pid` is still the process we started (not a recycled pid)."""
-    if info.boot_id is None or info.boot_id != boot_id():
-        return False
-    return info.start_ticks is not None and start_ticks(info.pid) == info.start_ticks
-
-
-def group_is_ours(info: ProcessInfo) -> bool:
-    """May the group `info.pid` be signalled? Yes while its leader is the process we started,
-    or, once the leader is gone, while members remain: Linux does not hand out a pid that is
-    still some group's id, so those members are the ones our command left behind."""
-    if info.boot_id is None or info.boot_id != boot_id() or not group_alive(info.pid):
-        return False
-    leader = start_ticks(info.pid)
-    return leader is None or leader == info.start_ticks
-
-
-def read_exit_file(path: Path) -> int | None:
-    """The exit status a wrapper recorded, or None if the command never finished on its own."""
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-async def kill_left_behind(info: ProcessInfo, grace_s: float) -> bool:
-    """TERM then KILL a group an earlier server run left behind; returns whether it did."""
-    if not group_is_ours(info):
-        return False
-    signal_group(info.pid, signal.SIGTERM)
-    with anyio.move_on_after(grace_s):
-        while group_alive(info.pid):  # noqa: ASYNC110 - not our children: no exit event reaches us
-            await anyio.sleep(0.02)
-    if group_alive(info.pid):
-        signal_group(info.pid, signal.SIGKILL)
-    return True
-
-
-async def wait_for_exit(pid: int) -> None:
-    """Waits for a process that is not our child (a detached command from an earlier run).
-
-    A pidfd becomes readable when the process exits: an event, not a poll.
-    """
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        await anyio.wait_readable(fd)
     finally:
-        os.close(fd)
+        watcher.stdout.close()
 
 
-async def reattach(info: ProcessInfo, ctx: ToolContext, started_wall_s: float, *, config: ShellConfig) -> JSON:
-    """Follows a detached command that outlived the server until it ends, then reports it."""
+# ---- outcomes ----
+
+
+def read_exit_record(path: Path) -> JSON | None:
+    """What a capture process recorded, or None if the command never finished under it."""
     try:
-        await wait_for_exit(info.pid)
-    except anyio.get_cancelled_exc_class():
-        if ctx.shutting_down():
-            raise LeftRunning(f"detached command (pid {info.pid}) keeps running") from None
-        with anyio.CancelScope(shield=True):
-            await kill_left_behind(info, config.kill_grace_s)
-        raise
-    return outcome_from_record(ctx.exit_path, ctx.output_path, started_wall_s)
-
-
-def outcome_from_record(exit_path: Path, output_path: Path, started_wall_s: float) -> JSON:
-    """The result of a command that finished while nobody watched, from its wrapper's record."""
-    code = read_exit_file(exit_path)
-    if code is None:
-        raise TaskFailure("interrupted", "the command ended while the server was down and left no exit status")
-    try:
-        duration_s = max(exit_path.stat().st_mtime - started_wall_s, 0.0)
+        text = path.read_text().strip()
     except OSError:
-        duration_s = 0.0
-    return _outcome(code, duration_s, _file_size(output_path))
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(record, int):  # Offload 0.1 wrote the bare exit status
+        return {"exit_code": record}
+    return record if isinstance(record, dict) else None
 
 
-def _outcome(returncode: int | None, duration_s: float, output_bytes: int) -> JSON:
+def outcome_from_record(exit_path: Path, started_wall_s: float | None) -> JSON:
+    """The result of a detached command, from its capture process's record."""
+    record = read_exit_record(exit_path)
+    if record is None:
+        raise TaskFailure("interrupted", "the command's capture process ended without recording how the command ended")
+    duration_s = record.get("duration_s")
+    if duration_s is None and started_wall_s is not None:
+        with contextlib.suppress(OSError):
+            duration_s = max(exit_path.stat().st_mtime - started_wall_s, 0.0)
+    signum = record.get("signal")
+    returncode = -int(signum) if signum else int(record.get("exit_code", 0))
+    return outcome(returncode, float(duration_s or 0.0), int(record.get("output_bytes", 0)))
+
+
+def outcome(returncode: int | None, duration_s: float, output_bytes: int) -> JSON:
+    """exit_code for an exit; signal and signal_name for a death by signal, real-time ones included."""
     code = returncode if returncode is not None and returncode >= 0 else None
-    signame = None
-    if returncode is not None and returncode < 0:
-        signame = signal.Signals(-returncode).name
+    signum = -returncode if returncode is not None and returncode < 0 else None
     result: JSON = {
         "exit_code": code,
-        "signal": signame,
+        "signal": signum,
+        "signal_name": None if signum is None else signal_name(signum),
         "duration_s": round(duration_s, 3),
         "output_bytes": output_bytes,
     }
     if code == 0:
         return result
-    what = f"exited with code {code}" if code is not None else f"was killed by {signame}"
-    raise TaskFailure("exit_status", f"command {what}; its output is still readable", result)
+    readable = f"its {output_bytes} bytes of output are readable" if output_bytes else "it wrote no output"
+    if signum is not None:
+        raise TaskFailure(
+            "signal", f"command was killed by {result['signal_name']} (signal {signum}); {readable}", result
+        )
+    raise TaskFailure("exit_status", f"command exited with code {code}; {readable}", result)
+
+
+# ---- after a restart ----
+
+
+async def recover(orphan: Orphan, ctx: ToolContext, *, config: ShellConfig) -> JSON:
+    """The truthful end of a command whose server died: follow a detached one that still runs,
+    report one whose capture process recorded its end, else `interrupted`, with nothing left."""
+    watcher = orphan.watcher
+    if orphan.detached and watcher is not None and is_same_process(watcher):
+        return await _follow(watcher, orphan, ctx, config)
+    record = read_exit_record(ctx.exit_path)
+    killed = orphan.process is not None and await kill_left_behind(orphan.process, config.kill_grace_s)
+    killed = await end_marked(ctx.task_id, config.kill_grace_s) > 0 or killed
+    if record is not None:
+        return outcome_from_record(ctx.exit_path, orphan.started_wall_s)
+    what = "what was left of it was killed" if killed else "nothing of it was still running"
+    raise TaskFailure("interrupted", f"the server running this command stopped before it finished; {what}")
+
+
+async def _follow(watcher: ProcessInfo, orphan: Orphan, ctx: ToolContext, config: ShellConfig) -> JSON:
+    try:
+        await wait_for_exit(watcher.pid)
+    except anyio.get_cancelled_exc_class():
+        if ctx.shutting_down():
+            raise LeftRunning(f"detached command (capture pid {watcher.pid}) keeps running") from None
+        with anyio.CancelScope(shield=True):
+            if orphan.process is not None:
+                await kill_left_behind(orphan.process, config.kill_grace_s)
+            with anyio.move_on_after(config.kill_grace_s + DRAIN_AFTER_EXIT_S + 1):
+                await wait_for_exit(watcher.pid)
+        raise
+    return outcome_from_record(ctx.exit_path, orphan.started_wall_s)
+
+
+def check_cwd(cwd: str | None, what: str) -> None:
+    if cwd is not None and not Path(cwd).is_dir():
+        raise ValueError(f"{what} cwd {cwd!r} is not an existing directory; create it or fix the configuration")
 
 
 def shell_spec(config: ShellConfig) -> ToolSpec:
@@ -460,12 +453,15 @@ def shell_spec(config: ShellConfig) -> ToolSpec:
         handler=handler,
         destructive=True,
         open_world=True,
-        reattach=functools.partial(reattach, config=config),
         check=check,
+        recover=functools.partial(recover, config=config),
     )
 
 
 def preset_spec(name: str, preset: Preset, config: ShellConfig) -> ToolSpec:
+    def check(args: PresetArgs) -> None:
+        check_cwd(preset.cwd, f"preset {name!r}:")
+
     async def handler(args: PresetArgs, ctx: ToolContext) -> JSON:
         command = preset.command
         if args.args:
@@ -480,7 +476,8 @@ def preset_spec(name: str, preset: Preset, config: ShellConfig) -> ToolSpec:
         destructive=True,
         open_world=True,
         default_timeout_s=preset.timeout_s,
-        reattach=functools.partial(reattach, config=config),
+        check=check,
+        recover=functools.partial(recover, config=config),
     )
 
 
