@@ -17,10 +17,11 @@ from typing import Annotated, Any, Literal
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.helper_types import ReadResourceContents
 from mcp.server.mcpserver import Context, MCPServer
-from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
+from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError, UnexpectedToolError
 from mcp.shared.exceptions import MCPError
 from mcp_types import (
     INVALID_PARAMS,
+    CallToolResult,
     EmptyResult,
     InputRequiredResult,
     SubscribeRequestParams,
@@ -29,11 +30,11 @@ from mcp_types import (
     UnsubscribeRequestParams,
 )
 from mcp_types import Tool as MCPTool
-from pydantic import AnyUrl, Field
+from pydantic import AnyUrl, Field, ValidationError
 
 from server import __version__
 from server.auth import LOCAL_OWNER, owner_of_request
-from server.errors import RequestError
+from server.errors import RequestError, invalid_call
 from server.notify import RECENT_URI
 from server.runtime import Runtime
 from server.sdk_compat import connection_of, lowlevel_of
@@ -118,6 +119,17 @@ class OffloadServer(MCPServer):
             for tool in await super().list_tools()
         ]
         return [*own, *self.exposed]
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        """Parameter errors read as plain sentences naming the parameter and the value, not a pydantic dump."""
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError) and not isinstance(exc, UnexpectedToolError):
+                raise ToolError(invalid_call(name, exc.__cause__)) from exc.__cause__
+            raise
 
     async def read_resource(
         self, uri: AnyUrl | str, context: Context[Any, Any] | None = None

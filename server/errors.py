@@ -17,7 +17,10 @@ Failures *inside* a running task are not exceptions that reach a caller: a tool 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+
+from pydantic import ValidationError
 
 
 class OffloadError(Exception):
@@ -131,3 +134,22 @@ class TooManySubscriptionsError(RequestError):
             f"this connection is subscribed to {limit} resources, the most it may be; "
             "unsubscribe from finished tasks (resources/unsubscribe) first"
         )
+
+
+def plain_problems(exc: ValidationError) -> list[str]:
+    """Validation errors as short sentences (where, what, the value given), without pydantic's URLs."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"]) or "arguments"
+        shown = json.dumps(error.get("input"), default=repr)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        problems.append(f"{where}: {error['msg']} (got {shown})")
+    return problems
+
+
+def invalid_call(tool: str, exc: ValidationError) -> str:
+    """The message for a call of one of Offload's own MCP tools whose parameters do not fit."""
+    return (
+        f"Invalid arguments for {tool}: {'; '.join(plain_problems(exc))}. Nothing was done. "
+        f"The tool's input schema (tools/list) gives each parameter's allowed range."
+    )

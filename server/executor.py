@@ -38,6 +38,7 @@ from server.errors import (
     UnavailableToolError,
     UnknownTaskError,
     UnknownToolError,
+    plain_problems,
 )
 from server.output import OutputLog, StoredLog
 from server.store import Store
@@ -135,7 +136,7 @@ class Executor:
         try:
             parsed = spec.input_model.model_validate(arguments)
         except ValidationError as exc:
-            raise InvalidArgumentsError(tool, _problems(exc)) from exc
+            raise InvalidArgumentsError(tool, plain_problems(exc)) from exc
         if spec.check is not None:
             try:
                 spec.check(parsed)
@@ -489,13 +490,3 @@ def _cancel_error(task: Task) -> TaskError:
         return TaskError(kind=reason, message=f"{who} while the task was queued; it never started")
     ended = "its process group was terminated (TERM, then KILL)" if task.process is not None else "it was stopped"
     return TaskError(kind=reason, message=f"{who} while the task ran; {ended}")
-
-
-def _problems(exc: ValidationError) -> list[str]:
-    problems = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(part) for part in error["loc"]) or "arguments"
-        shown = json.dumps(error.get("input"), default=repr)
-        shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        problems.append(f"{where}: {error['msg']} (got {shown})")
-    return problems

@@ -5,7 +5,8 @@ Two protocol eras, two routes. 2026-07-28 clients open `subscriptions/listen`, s
 hears of another owner's tasks (not even that `tasks://recent` changed). 2025-11-25 clients send
 `resources/subscribe` and receive `notifications/resources/updated` on their connection's standalone
 stream. The executor reports a change synchronously; delivery happens in `run`, so a slow client
-never holds up a task.
+never holds up a task. Changes waiting for delivery are coalesced per task (the news is "task X
+changed": reading it shows how), so news is never dropped however far behind delivery falls.
 """
 
 from __future__ import annotations
@@ -27,8 +28,6 @@ from server.tasks import Task, task_uri
 log = logging.getLogger(__name__)
 
 RECENT_URI = "tasks://recent"
-MAX_PENDING_CHANGES = 10_000
-"""Changes waiting for delivery; past it the oldest news is dropped (and logged), never the server."""
 SEND_TIMEOUT_S = 5.0
 MAX_SUBSCRIPTIONS = 1000
 """Resources one connection may be subscribed to at once."""
@@ -50,17 +49,15 @@ class Notifier:
     def __init__(self) -> None:
         self._listeners: dict[str, tuple[InMemorySubscriptionBus, ListenHandler]] = {}
         self._subscribers: dict[Connection, _Subscriber] = {}
-        self._send, self._receive = anyio.create_memory_object_stream[tuple[str, str]](MAX_PENDING_CHANGES)
+        self._pending: dict[str, str] = {}
+        """task id → owner: tasks changed since the last delivery."""
+        self._wake = anyio.Event()
+        self._closed = False
 
     def task_changed(self, task: Task) -> None:
-        try:
-            self._send.send_nowait((task.id, task.owner))
-        except anyio.ClosedResourceError:
-            pass  # shutting down: nobody is left to tell
-        except anyio.WouldBlock:
-            log.warning(
-                "notifications are %d changes behind; dropped the news about task %s", MAX_PENDING_CHANGES, task.id
-            )
+        if not self._closed:  # shutting down: nobody is left to tell
+            self._pending[task.id] = task.owner
+            self._wake.set()
 
     async def listen(
         self, ctx: ServerRequestContext[Any, Any], params: SubscriptionsListenRequestParams
@@ -91,7 +88,8 @@ class Notifier:
         """Ends every listen stream gracefully (each sends its final result) and stops taking changes."""
         for _, handler in self._listeners.values():
             handler.close()
-        self._send.close()  # `run` delivers what is queued, then returns
+        self._closed = True  # `run` delivers what is pending, then returns
+        self._wake.set()
 
     def stats(self) -> dict[str, int]:
         return {
@@ -101,18 +99,24 @@ class Notifier:
         }
 
     async def run(self) -> None:
-        """Delivers changes until cancelled."""
-        async with self._receive:
-            async for task_id, owner in self._receive:
-                uris = uris_of(task_id)
-                if owner in self._listeners:
-                    bus = self._listeners[owner][0]
-                    for uri in uris:
-                        await bus.publish(ResourceUpdated(uri))
-                for subscriber in list(self._subscribers.values()):
-                    if subscriber.owner == owner:  # another owner's task does not exist for them
-                        for uri in subscriber.uris.intersection(uris):
-                            await self._tell(subscriber.connection, uri)
+        """Delivers changes until closed (or cancelled)."""
+        while not (self._closed and not self._pending):
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            batch, self._pending = self._pending, {}
+            for task_id, owner in batch.items():
+                await self._deliver(task_id, owner)
+
+    async def _deliver(self, task_id: str, owner: str) -> None:
+        uris = uris_of(task_id)
+        if owner in self._listeners:
+            bus = self._listeners[owner][0]
+            for uri in uris:
+                await bus.publish(ResourceUpdated(uri))
+        for subscriber in list(self._subscribers.values()):
+            if subscriber.owner == owner:  # another owner's task does not exist for them
+                for uri in subscriber.uris.intersection(uris):
+                    await self._tell(subscriber.connection, uri)
 
     @staticmethod
     async def _tell(connection: Connection, uri: str) -> None:

@@ -223,3 +223,60 @@ async def test_a_detached_command_can_still_be_cancelled(tmp_path: Path, clock: 
         assert reply["task"]["status"] == "failed"
         assert reply["task"]["result"]["exit_code"] == 2
         assert reply["task"]["output"]["text"] == "in"
+
+
+async def test_a_crashed_servers_task_is_settled_by_a_live_one(tmp_path: Path, clock: FakeClock, gate: Gate) -> None:
+    """Two servers on one data dir; one is killed -9 mid-output. The other settles its task (lease
+    lapsed), and that task then reads, polls and lists like any other, with every byte read before."""
+    data = tmp_path / "data"
+    crashing = await start_server(tmp_path, data_dir=data)
+    fired = await crashing.call("run_shell_background", command="echo compiled 12 files; sleep 300")
+    settings = Settings(kill_grace_s=0.5, data_dir=data, lease_s=1.5)
+    async with open_client(settings, clock, gate) as (_, survivor):
+        seen = await call(survivor, "get_cached_output", task_id=fired["task_id"])
+        while seen["output"]["total_bytes"] < 18:  # the echo is on its way: read again on the next event
+            reply = await call(survivor, "poll_output", task_ids=[fired["task_id"]], timeout_s=1)
+            assert reply["pending"] == [fired["task_id"]]
+            seen = await call(survivor, "get_cached_output", task_id=fired["task_id"])
+        assert (seen["status"], seen["output"]["text"]) == ("running", "compiled 12 files\n")
+        await kill_9(crashing)
+        reply = await call(survivor, "poll_output", task_ids=[fired["task_id"]], timeout_s=15)
+        assert reply["pending"] == [], "a live server settles a dead one's task within the lease"
+        view = reply["done"][0]
+        assert (view["status"], view["error"]["kind"]) == ("failed", "interrupted")
+        assert view["output"]["text"] == "compiled 12 files\n"
+        assert live_group_members(fired["pid"]) == []
+        assert (await call(survivor, "cancel_task", task_id=fired["task_id"]))["status"] == "failed"
+        listed = await call(survivor, "list_tasks")
+        assert [t["status"] for t in listed["tasks"]] == ["failed"]
+
+    again = await start_server(tmp_path, data_dir=data)  # and from any server, after any restart
+    async with again.process:
+        view = await again.call("get_cached_output", task_id=fired["task_id"])
+        assert (view["status"], view["output"]["text"]) == ("failed", "compiled 12 files\n")
+        await again.process.stdin.aclose()  # type: ignore[union-attr]
+
+
+async def test_detached_commands_have_attached_parity(tmp_path: Path, clock: FakeClock, gate: Gate) -> None:
+    """Group kill at the end, output caps, truthful status when the reported pid is killed."""
+    settings = Settings(kill_grace_s=0.5, data_dir=tmp_path / "data", detach=True, output_file_max_bytes=4096)
+    async with open_client(settings, clock, gate) as (runtime, client):
+        left = await call(
+            client, "fire_tool", tool="shell", arguments={"command": "echo x; sleep 300 & echo $!"}, wait_s=20
+        )
+        assert left["status"] == "completed"
+        assert live_group_members(int(left["task"]["output"]["text"].split()[-1])) == []
+
+        big = "head -c 5000000 /dev/zero | tr '\\0' a; echo END"
+        capped = await call(client, "fire_tool", tool="shell", arguments={"command": big}, wait_s=30)
+        output = capped["task"]["output"]
+        assert capped["task"]["result"]["output_bytes"] == output["total_bytes"] == 5_000_004
+        assert output["dropped"] == {"from": 2048, "to": 5_000_004 - 2048}
+        assert output["text"].endswith("aEND\n")
+        assert runtime.executor.store.output_path(capped["task_id"]).stat().st_size <= 4096 + 64
+
+        fired = await call(client, "run_shell_background", command="sleep 300; echo never")
+        os.kill(fired["pid"], 15)
+        view = (await call(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=10))["done"][0]
+        assert (view["status"], view["error"]["kind"], view["result"]["signal_name"]) == ("failed", "signal", "SIGTERM")
+        assert live_group_members(fired["pid"]) == []

@@ -5,7 +5,6 @@ server refuses what it must (401, bad Host/Origin, oversize bodies, a non-loopba
 from __future__ import annotations
 
 import json
-
 import re
 import secrets
 import signal
