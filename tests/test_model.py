@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import anyio.from_thread
-import pytest
 from conftest import FakeClock
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -188,11 +186,6 @@ class Engine(RuleBasedStateMachine):
 def _same(a: TaskView, b: TaskView, *, output: bool = True) -> bool:
     fields: set[str] = {"status", "result", "error", "finished_at", *(["output"] if output else [])}
     return a.model_dump(include=fields) == b.model_dump(include=fields)
-
-
-@pytest.fixture(autouse=True)
-def _no_anyio_backend() -> Iterator[None]:
-    yield
 
 
 Engine.TestCase.settings = settings(
