@@ -46,9 +46,12 @@ def marked_processes(task_ids: set[str]) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        for item in environ.split(b"\0"):
-            if item.startswith(f"{TASK_MARKER}=".encode()) and item.split(b"=", 1)[1].decode() in task_ids:
-                found.append(int(entry.name))
+        marks = {
+            item.split(b"=", 1)[1].decode()
+            for item in environ.split(b"\0")
+            if item.startswith(f"{TASK_MARKER}=".encode())
+        }
+        found.extend([int(entry.name)] if marks & task_ids else [])
     return found
 
 
