@@ -22,7 +22,7 @@ from mcp_types import SubscriptionsListenRequestParams, SubscriptionsListenResul
 
 from server.auth import owner_of_request
 from server.errors import TooManySubscriptionsError
-from server.tasks import Task, task_uri
+from server.tasks import Status, Task, task_uri
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ class Notifier:
         self._send, self._receive = anyio.create_memory_object_stream[tuple[str, str]](MAX_PENDING_CHANGES)
 
     def task_changed(self, task: Task) -> None:
+        if task.status is Status.QUEUED:
+            return  # waiting behind a limit: nothing a subscriber reads has changed
         try:
             self._send.send_nowait((task.id, task.owner))
         except anyio.ClosedResourceError:
