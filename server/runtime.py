@@ -14,11 +14,12 @@ import logging
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from server.auth import LOCAL_OWNER
 from server.cache import Clock
@@ -58,13 +59,20 @@ SPAWN_WAIT_S = 5.0
 
 class Runtime:
     def __init__(
-        self, settings: Settings, executor: Executor, pool: ClientPool, redactor: Redactor, notifier: Notifier
+        self,
+        settings: Settings,
+        executor: Executor,
+        pool: ClientPool,
+        redactor: Redactor,
+        notifier: Notifier,
+        task_group: TaskGroup,
     ) -> None:
         self.settings = settings
         self.executor = executor
         self.pool = pool
         self.redactor = redactor
         self.notifier = notifier
+        self._tg = task_group
 
     def __repr__(self) -> str:
         return f"<Runtime {self.executor!r}>"
@@ -104,7 +112,7 @@ class Runtime:
                 tg.start_soon(notifier.run, name="offload notifications")
                 redactor = Redactor.from_environ(secret_variables(settings))
                 try:
-                    yield cls(settings, executor, pool, redactor, notifier)
+                    yield cls(settings, executor, pool, redactor, notifier, tg)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await executor.shutdown()
@@ -115,6 +123,11 @@ class Runtime:
             with contextlib.suppress(sqlite3.Error):
                 store.checkpoint()
             store.close()
+
+    def start_background(self, run: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        """Runs `run` until the Runtime closes: the face's delivery loops (log messages for clients) live as
+        long as the tasks they report on, not as long as one connection."""
+        self._tg.start_soon(run, name=name)
 
     async def shutdown(self) -> None:
         """Cancels every task and kills their process groups (bounded by shutdown_timeout_s)."""
