@@ -56,7 +56,8 @@ class Caller:
     session: str | None = None
 
 
-_caller: ContextVar[Caller | None] = ContextVar("offload_stream_caller", default=None)
+current_caller: ContextVar[Caller | None] = ContextVar("offload_stream_caller", default=None)
+"""The caller of this request, or of the session this task serves; set by `CallerScope`."""
 
 
 class CallerScope:
@@ -71,11 +72,11 @@ class CallerScope:
             return
         session = dict(scope["headers"]).get(SESSION_HEADER)
         caller = Caller(str(scope.get(OWNER_SCOPE_KEY, LOCAL_OWNER)), session.decode() if session else None)
-        token = _caller.set(caller)
+        token = current_caller.set(caller)
         try:
             await self.app(scope, receive, send if session else _learning_session(caller, send))
         finally:
-            _caller.reset(token)
+            current_caller.reset(token)
 
 
 def _learning_session(caller: Caller, send: Send) -> Send:
@@ -207,7 +208,7 @@ def _after(held: _SessionLog, event_id: str, stream_id: str) -> list[tuple[str, 
 
 
 def _key() -> tuple[str, str | None]:
-    caller = _caller.get()
+    caller = current_caller.get()
     return (LOCAL_OWNER, None) if caller is None else (caller.owner, caller.session)
 
 

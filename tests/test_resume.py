@@ -25,7 +25,7 @@ from test_http import connect
 from server.app import build_server
 from server.auth import Credentials
 from server.config import Settings
-from server.events import SessionEvents
+from server.events import Caller, SessionEvents, current_caller
 from server.runtime import Runtime
 from server.web import PATHS, web_app
 
@@ -189,3 +189,32 @@ async def test_a_long_wait_is_released_with_a_retry_hint_and_the_sdk_client_resu
                 await events.replayed.wait()  # the server let go of the stream and the client came back
             gate.release("slow")
         assert [t["status"] for t in replies[0]["done"]] == ["completed"], replies
+
+
+async def test_the_event_store_is_bounded_per_session_and_in_all() -> None:
+    """Oldest events go first past a session's count or size, and whole idle sessions past the total; an
+    event that was dropped cannot be resumed from (the client is told nothing it could misread)."""
+    events = SessionEvents(max_events_per_session=5, max_bytes_per_session=100_000, max_bytes=3_000)
+    ping = JSONRPCResponse(jsonrpc="2.0", id=1, result={"pad": "x" * 100})
+    first = [await events.store_event("1", ping) for _ in range(8)]
+    counts = events.counts()
+    assert (counts.sessions, counts.events) == (1, 5)
+    replayed: list[str] = []
+
+    async def keep(message: Any) -> None:
+        replayed.append(message.event_id)
+
+    assert await events.replay_events_after(first[0], keep) is None  # dropped
+    assert await events.replay_events_after(first[5], keep) == "1"
+    assert replayed == first[6:]
+    other = current_caller.set(Caller("local", "another-session"))
+    try:
+        big = JSONRPCResponse(jsonrpc="2.0", id=2, result={"pad": "y" * 1_000})
+        await events.store_event("1", big)
+        await events.store_event("1", big)
+    finally:
+        current_caller.reset(other)
+    counts = events.counts()
+    assert (counts.sessions, counts.events) == (1, 2), counts  # the idle session went, whole
+    assert counts.held_bytes <= 3_000, counts
+    assert await events.replay_events_after(first[7], keep) is None
