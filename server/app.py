@@ -22,8 +22,11 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import (
     INVALID_PARAMS,
     CallToolResult,
+    CompleteRequestParams,
+    CompleteResult,
     EmptyResult,
     InputRequiredResult,
+    SetLevelRequestParams,
     SubscribeRequestParams,
     SubscriptionsListenRequestParams,
     ToolAnnotations,
@@ -34,7 +37,10 @@ from pydantic import AnyUrl, Field, ValidationError
 
 from server import __version__
 from server.auth import LOCAL_OWNER, owner_of_request
-from server.errors import RequestError, invalid_call
+from server.client_log import ClientLog, limit_event
+from server.completions import complete
+from server.errors import RequestError, TooManyTasksError, invalid_call
+from server.events import released_after
 from server.notify import RECENT_URI
 from server.runtime import Runtime
 from server.sdk_compat import connection_of, lowlevel_of
@@ -204,9 +210,12 @@ def build_server(runtime: Runtime) -> OffloadServer:
         extensions=[TasksExtension(runtime, exposed)],
     )
     server.exposed = [_as_mcp_tool(spec) for spec in exposed]
-    _add_tools(server, runtime)
+    client_log = ClientLog(runtime.redactor, lambda run: runtime.start_background(run, "offload client log"))
+    runtime.executor.watchers.append(client_log.task_changed)
+    _add_tools(server, runtime, client_log)
     _add_resources(server, runtime)
     _add_subscriptions(server, runtime)
+    _add_logging_and_completions(server, runtime, client_log)
     return server
 
 
@@ -241,7 +250,18 @@ def _as_mcp_tool(spec: ToolSpec) -> MCPTool:
     )
 
 
-def _add_tools(server: OffloadServer, runtime: Runtime) -> None:
+@contextmanager
+def _reporting_limits(client_log: ClientLog, owner: str) -> Iterator[None]:
+    """A refusal at the owner's task limit is also a warning in the owner's clients' logs."""
+    try:
+        yield
+    except TooManyTasksError as exc:
+        client_log.emit(limit_event(owner, exc.limit))
+        raise
+
+
+def _add_tools(server: OffloadServer, runtime: Runtime, client_log: ClientLog) -> None:
+    hold_s = runtime.settings.stream_hold_s
 
     @server.tool(annotations=_hints(read_only=False, destructive=True, idempotent=False, open_world=True))
     async def fire_tool(
@@ -262,16 +282,18 @@ def _add_tools(server: OffloadServer, runtime: Runtime) -> None:
         ctx: Context,
     ) -> FireReply:
         """Start a tool in the background and return its task_id at once."""
-        with _as_tool_errors(runtime):
-            return await runtime.fire(
-                tool,
-                arguments,
-                timeout_s=timeout_s,
-                ttl_s=ttl_s,
-                use_cache=use_cache,
-                wait_s=wait_s,
-                owner=_owner(ctx),
-            )
+        owner = _owner(ctx)
+        with _as_tool_errors(runtime), _reporting_limits(client_log, owner):
+            async with released_after(ctx, hold_s if wait_s > 0 else 0):
+                return await runtime.fire(
+                    tool,
+                    arguments,
+                    timeout_s=timeout_s,
+                    ttl_s=ttl_s,
+                    use_cache=use_cache,
+                    wait_s=wait_s,
+                    owner=owner,
+                )
 
     @server.tool(annotations=_hints(read_only=True, idempotent=True, open_world=False))
     async def get_cached_output(
@@ -304,14 +326,15 @@ def _add_tools(server: OffloadServer, runtime: Runtime) -> None:
             await ctx.report_progress(done, total, f"{done}/{total} tasks finished")
 
         with _as_tool_errors(runtime):
-            return await runtime.poll(
-                task_ids,
-                timeout_s=timeout_s,
-                return_when=return_when,
-                max_bytes=max_bytes,
-                on_progress=progress,
-                owner=_owner(ctx),
-            )
+            async with released_after(ctx, hold_s):
+                return await runtime.poll(
+                    task_ids,
+                    timeout_s=timeout_s,
+                    return_when=return_when,
+                    max_bytes=max_bytes,
+                    on_progress=progress,
+                    owner=_owner(ctx),
+                )
 
     @server.tool(annotations=_hints(read_only=False, destructive=True, idempotent=False, open_world=True))
     async def run_shell_background(
@@ -325,8 +348,9 @@ def _add_tools(server: OffloadServer, runtime: Runtime) -> None:
     ) -> ShellReply:
         """Start a shell command in the background; returns task_id and pid at once."""
         arguments = {"command": command, "cwd": cwd, "env": env, "stdin": stdin}
-        with _as_tool_errors(runtime):
-            return await runtime.run_shell(arguments, timeout_s=timeout_s, owner=_owner(ctx))
+        owner = _owner(ctx)
+        with _as_tool_errors(runtime), _reporting_limits(client_log, owner):
+            return await runtime.run_shell(arguments, timeout_s=timeout_s, owner=owner)
 
     @server.tool(annotations=_hints(read_only=True, idempotent=True, open_world=False))
     async def list_tasks(
@@ -430,6 +454,21 @@ def _add_subscriptions(server: OffloadServer, runtime: Runtime) -> None:
     lowlevel.add_request_handler("subscriptions/listen", SubscriptionsListenRequestParams, runtime.notifier.listen)
     lowlevel.add_request_handler("resources/subscribe", SubscribeRequestParams, subscribe)
     lowlevel.add_request_handler("resources/unsubscribe", UnsubscribeRequestParams, unsubscribe)
+
+
+def _add_logging_and_completions(server: OffloadServer, runtime: Runtime, client_log: ClientLog) -> None:
+    """Declared by registering: the SDK advertises `logging` and `completions` for the handlers it has."""
+
+    async def set_level(ctx: ServerRequestContext[Any, Any], params: SetLevelRequestParams) -> EmptyResult:
+        client_log.set_level(connection_of(ctx), owner_of_request(ctx.request), params.level)
+        return EmptyResult()
+
+    async def completion(ctx: ServerRequestContext[Any, Any], params: CompleteRequestParams) -> CompleteResult:
+        return CompleteResult(completion=complete(runtime, owner_of_request(ctx.request), params.ref, params.argument))
+
+    lowlevel = lowlevel_of(server)
+    lowlevel.add_request_handler("logging/setLevel", SetLevelRequestParams, set_level)
+    lowlevel.add_request_handler("completion/complete", CompleteRequestParams, completion)
 
 
 def _check_subscribable(runtime: Runtime, uri: str, owner: str) -> None:

@@ -96,6 +96,11 @@ class Settings(BaseModel):
     max_request_body_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
     max_argument_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
     """Largest JSON of a fired tool's arguments (and of a command, its stdin and env together)."""
+    stream_hold_s: Annotated[float, Field(ge=0, le=55)] = 25.0
+    """Streamable HTTP: a reply stream that has waited this long (poll_output, fire_tool wait_s) is closed
+    with a retry hint and resumed by the client with Last-Event-ID; 0 holds it open."""
+    stream_retry_ms: Annotated[int, Field(ge=0, le=60_000)] = 1000
+    """The `retry` hint of resumable streams: how long a client waits before reconnecting."""
     expose: tuple[str, ...] = ()
     """Fireable tools also served as MCP tools of their own name ("shell", "github.*"): task-capable
     (SEP-2663) for clients with the tasks extension, answered inline within expose_wait_s for others."""

@@ -98,7 +98,8 @@ class Executor:
         self._finished = FinishedTasks(settings.finished_tasks_max, clock, on_drop=self._forget_key)
         self._reuse: dict[str, str] = {}
         self.watchers: list[Callable[[Task], None]] = []
-        """Called (synchronously, must not raise or block) when a task starts running or finishes."""
+        """Called (synchronously, must not raise or block) when a task starts running or finishes, and when it
+        waits queued behind a full limit (status still QUEUED; issue 17)."""
         """result key → id of the task that holds it (running, or finished and hot)."""
         self._waiting = 0
         self._no_waiters = anyio.Event()
@@ -207,6 +208,7 @@ class Executor:
                 tool_limiter = self._tool_limiters.get(_limit_key(task))
                 if self._limiter.available_tokens < 1 or (tool_limiter and tool_limiter.available_tokens < 1):
                     task.queued.set()  # waiters learn it is queued
+                    self._tell_watchers(task)  # watchers hear "queued behind a full limit"
                 async with self._limiter, tool_limiter or contextlib.nullcontext():
                     self._mark_running(task)
                     with anyio.fail_after(task.timeout_s):

@@ -23,7 +23,7 @@ from mcp_types import SubscriptionsListenRequestParams, SubscriptionsListenResul
 
 from server.auth import owner_of_request
 from server.errors import TooManySubscriptionsError
-from server.tasks import Task, task_uri
+from server.tasks import Status, Task, task_uri
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class Notifier:
         self._closed = False
 
     def task_changed(self, task: Task) -> None:
+        if task.status is Status.QUEUED:
+            return  # waiting behind a limit: nothing a subscriber reads has changed
         if not self._closed:  # shutting down: nobody is left to tell
             self._pending[task.id] = task.owner
             self._wake.set()

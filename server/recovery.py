@@ -23,7 +23,7 @@ import anyio
 from server.executor import Executor
 from server.tasks import ErrorKind, Status, Task, TaskError
 from tools.context import JSON, ToolContext
-from tools.process import end_marked, kill_left_behind, tend_orphans
+from tools.process import end_marked, is_same_process, kill_left_behind, tend_orphans
 from tools.registry import Handler, Recover
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ async def _recover_one(executor: Executor, task: Task, report: Recovered) -> Non
     if hook is not None:
         executor.adopt(task, _as_handler(hook, task))
         report.handed_to_tool += 1
+        if task.watcher is None or not is_same_process(task.watcher):
+            with anyio.move_on_after(executor.settings.kill_grace_s + 2):  # nothing to follow: settled at once
+                await task.done.wait()
         return
     grace_s = executor.settings.kill_grace_s
     killed = task.process is not None and await kill_left_behind(task.process, grace_s)

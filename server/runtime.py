@@ -14,11 +14,12 @@ import logging
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from server.auth import LOCAL_OWNER
 from server.cache import Clock
@@ -61,13 +62,20 @@ SPAWN_WAIT_S = 5.0
 
 class Runtime:
     def __init__(
-        self, settings: Settings, executor: Executor, pool: ClientPool, redactor: Redactor, notifier: Notifier
+        self,
+        settings: Settings,
+        executor: Executor,
+        pool: ClientPool,
+        redactor: Redactor,
+        notifier: Notifier,
+        task_group: TaskGroup,
     ) -> None:
         self.settings = settings
         self.executor = executor
         self.pool = pool
         self.redactor = redactor
         self.notifier = notifier
+        self._tg = task_group
 
     def __repr__(self) -> str:
         return f"<Runtime {self.executor!r}>"
@@ -109,7 +117,7 @@ class Runtime:
                 tg.start_soon(notifier.run, name="offload notifications")
                 redactor = Redactor.from_environ(secret_variables(settings))
                 try:
-                    yield cls(settings, executor, pool, redactor, notifier)
+                    yield cls(settings, executor, pool, redactor, notifier, tg)
                 finally:
                     with anyio.CancelScope(shield=True):
                         await executor.shutdown()
@@ -120,6 +128,11 @@ class Runtime:
             with contextlib.suppress(sqlite3.Error):
                 store.checkpoint()
             store.close()
+
+    def start_background(self, run: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
+        """Runs `run` until the Runtime closes: the face's delivery loops (log messages for clients) live as
+        long as the tasks they report on, not as long as one connection."""
+        self._tg.start_soon(run, name=name)
 
     # ---- the MCP tools' logic ----
 
@@ -280,6 +293,9 @@ def _use_pidfd_child_watcher() -> None:
     if sys.version_info >= (3, 12) or not sys.platform.startswith("linux"):
         return
     try:
+        current = asyncio.get_child_watcher()
+        if isinstance(current, asyncio.PidfdChildWatcher) and current.is_active():
+            return  # already watching this loop: replacing it would orphan its pending children
         watcher = asyncio.PidfdChildWatcher()
         watcher.attach_loop(asyncio.get_running_loop())
         asyncio.set_child_watcher(watcher)

@@ -23,6 +23,7 @@ from server import __version__
 from server.app import OffloadServer, build_server
 from server.auth import BearerAuth, Credentials, check_bind, is_loopback
 from server.config import Settings
+from server.events import CallerScope, SessionEvents
 from server.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -50,19 +51,27 @@ def security(settings: Settings) -> TransportSecuritySettings:
     return TransportSecuritySettings(enable_dns_rebinding_protection=False)
 
 
-def web_app(server: OffloadServer, settings: Settings, credentials: Credentials) -> ASGIApp:
+def web_app(
+    server: OffloadServer, settings: Settings, credentials: Credentials, events: SessionEvents | None = None
+) -> ASGIApp:
+    """Streamable HTTP streams are resumable: `events` (a fresh store unless given) keeps what each session
+    was sent, so a client reconnecting with Last-Event-ID gets what it missed."""
     transport: Literal["sse", "http"] = "sse" if settings.transport == "sse" else "http"
     if transport == "sse":
-        app = server.sse_app(
+        app: ASGIApp = server.sse_app(
             max_request_body_size=settings.max_request_body_bytes,
             transport_security=security(settings),
             host=settings.host,
         )
     else:
-        app = server.streamable_http_app(
-            max_request_body_size=settings.max_request_body_bytes,
-            transport_security=security(settings),
-            host=settings.host,
+        app = CallerScope(
+            server.streamable_http_app(
+                max_request_body_size=settings.max_request_body_bytes,
+                transport_security=security(settings),
+                host=settings.host,
+                event_store=SessionEvents() if events is None else events,
+                retry_interval=settings.stream_retry_ms,
+            )
         )
     return BearerAuth(app, credentials)
 
