@@ -17,6 +17,7 @@ from server import __version__
 from server.app import build_server
 from server.config import Settings, load_settings
 from server.errors import ConfigError
+from server.logs import RepeatFilter
 from server.redact import RedactingFilter, Redactor
 from server.runtime import Runtime, secret_variables
 from server.stdio import loop_stdio_server
@@ -116,6 +117,7 @@ def _log_to_stderr(level: str, redactor: Redactor) -> None:
     """stdout is the protocol on stdio: every log line goes to stderr, with the secrets masked."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RepeatFilter())  # before masking: it keys on the message template
     handler.addFilter(RedactingFilter(redactor))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -8,6 +8,7 @@ Every wait is on an event (a FIFO, a poll) with a bound; nothing sleeps to synch
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import tempfile
@@ -21,6 +22,7 @@ from conftest import FakeClock, Gate, call, error_text, finish, open_client
 from mcp import Client
 
 from server.config import Settings
+from server.logs import RepeatFilter
 
 pytestmark = pytest.mark.anyio
 
@@ -233,3 +235,20 @@ async def test_parameter_errors_are_plain_sentences(client: Client, arguments: d
     assert "https://" not in message and "Nothing was done" in message
     offset = error_text(await client.call_tool("get_cached_output", {"task_id": "x", "offset": -1}))
     assert "offset: Input should be greater than or equal to 0 (got -1)" in offset and "https://" not in offset
+
+
+def test_repeated_warnings_are_rate_limited_and_counted() -> None:
+    clock = FakeClock(0)
+    repeat = RepeatFilter(interval_s=60, clock=clock)
+
+    def passes(message: str, *args: object, level: int = logging.WARNING) -> bool:
+        return repeat.filter(logging.LogRecord("offload.x", level, __file__, 1, message, args, None))
+
+    assert passes("output of %s stops: %s", "a", "disk full")
+    assert not any(passes("output of %s stops: %s", str(i), "disk full") for i in range(1000))
+    assert passes("something else")  # another kind of warning is not held back
+    assert all(passes("task %s done", str(i), level=logging.INFO) for i in range(10))  # info is never limited
+    clock.advance(61)
+    record = logging.LogRecord("offload.x", logging.WARNING, __file__, 1, "output of %s stops: %s", ("b", "x"), None)
+    assert repeat.filter(record)
+    assert "1000 more like this" in record.getMessage()
