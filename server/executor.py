@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 ReturnWhen = Literal["all", "any"]
 ProgressFn = Callable[[int, int], Awaitable[None]]
+COPY_TURNS = 1
+"""Output chunks stored at once across all tasks (see ToolContext.copy_turns); a pump holds a turn
+only with a chunk in hand, never while it waits for one."""
 REPLY_HOPS = 6
 """Loop passes a new task yields before starting: a reply crosses a few tasks (the handler's, the
 session writer's, the HTTP response's) on its way to the socket."""
@@ -94,6 +97,7 @@ class Executor:
             if limit is not None and group not in self._tool_limiters:
                 self._tool_limiters[group] = anyio.CapacityLimiter(limit)
         self._active: dict[str, Task] = {}
+        self._copy_turns = anyio.CapacityLimiter(COPY_TURNS)
         self._active_per_owner: Counter[str] = Counter()
         self._finished = FinishedTasks(settings.finished_tasks_max, clock, on_drop=self._forget_key)
         self._reuse: dict[str, str] = {}
@@ -265,6 +269,7 @@ class Executor:
             capture_argv=self._capture_argv(task.id),
             kill_grace_s=self.settings.kill_grace_s,
             shutting_down=lambda: task.cancel_reason is ErrorKind.SHUTDOWN,
+            copy_turns=self._copy_turns,
         )
 
     def _capture_argv(self, task_id: str) -> list[str]:

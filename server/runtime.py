@@ -24,7 +24,7 @@ from anyio.abc import TaskGroup
 from server.auth import LOCAL_OWNER
 from server.cache import Clock
 from server.config import Settings, clients_config, data_dir
-from server.errors import RequestError
+from server.errors import ForeignTaskError, RequestError
 from server.executor import Executor, ProgressFn, ReturnWhen
 from server.notify import Notifier
 from server.recovery import recover, watch_peers
@@ -258,7 +258,11 @@ class Runtime:
         }
 
     async def cancel(self, task_id: str, owner: str = LOCAL_OWNER) -> TaskView:
-        task = await self.executor.cancel(owner, task_id)
+        try:
+            task = await self.executor.cancel(owner, task_id)
+        except ForeignTaskError:
+            await recover(self.executor)  # its server may have just died: then it is ours to settle now
+            task = await self.executor.cancel(owner, task_id)
         return self.output_view(task, 0, 4096, 4096)
 
     def catalog(self) -> Catalog:

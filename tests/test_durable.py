@@ -240,6 +240,8 @@ async def test_a_crashed_servers_task_is_settled_by_a_live_one(tmp_path: Path, c
             seen = await call(survivor, "get_cached_output", task_id=fired["task_id"])
         assert (seen["status"], seen["output"]["text"]) == ("running", "compiled 12 files\n")
         await kill_9(crashing)
+        cancelled = await call(survivor, "cancel_task", task_id=fired["task_id"])  # not "ask the dead server"
+        assert (cancelled["status"], cancelled["error"]["kind"]) == ("failed", "interrupted")
         reply = await call(survivor, "poll_output", task_ids=[fired["task_id"]], timeout_s=15)
         assert reply["pending"] == [], "a live server settles a dead one's task within the lease"
         view = reply["done"][0]

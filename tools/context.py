@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+
 JSON = dict[str, Any]
 
 
@@ -78,3 +80,6 @@ class ToolContext:
     """How long a cancelled process group gets between TERM and KILL."""
     shutting_down: Callable[[], bool]
     """True when the task is being cancelled because the server is stopping."""
+    copy_turns: anyio.CapacityLimiter
+    """Shared by every task's output copying, held while a chunk in hand is stored (never while
+    waiting for one): each loop pass copies a bounded amount, so the protocol keeps its turns."""

@@ -205,9 +205,10 @@ async def _feed_stdin(process: Process, text: str | None) -> None:
 class _Pump:
     """Copies the pipe into the task's output until EOF or until told to stop.
 
-    It never waits holding anything shared, and yields after each chunk so many chatty commands
-    share the loop with the protocol. It runs shielded: a cancelled task keeps reading while its
-    group is stopped, so what a trap prints on TERM is kept.
+    It waits for data holding nothing shared, so a quiet command never holds up another. Copying
+    takes turns (`ToolContext.copy_turns`, one chunk per loop pass across all tasks), so a flood of
+    output from many commands cannot crowd the protocol out of the event loop. It runs shielded: a
+    cancelled task keeps reading while its group is stopped, so what a trap prints on TERM is kept.
     """
 
     def __init__(self, process: Process, ctx: ToolContext) -> None:
@@ -221,8 +222,10 @@ class _Pump:
         with self.scope:
             try:
                 while True:
-                    self._ctx.write_output(await self._stream.receive(READ_CHUNK_BYTES))
-                    await anyio.lowlevel.checkpoint()
+                    chunk = await self._stream.receive(READ_CHUNK_BYTES)
+                    async with self._ctx.copy_turns:
+                        self._ctx.write_output(chunk)
+                        await anyio.lowlevel.checkpoint()  # the next pump copies on the next pass
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
             finally:
