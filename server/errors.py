@@ -9,6 +9,7 @@
         ├── ExpiredTaskError    the task existed but its result has expired
         ├── UnavailableToolError  the tool cannot run here (a credential is missing)
         ├── TooManyTasksError   the caller has the most queued + running tasks allowed
+        ├── StoreFullError      the data directory cannot take a new task (disk full)
         └── ForeignTaskError    cancelling a task another server process (same data dir) runs
 
 Failures *inside* a running task are not exceptions that reach a caller: a tool raises
@@ -102,6 +103,16 @@ class ForeignTaskError(RequestError):
         )
 
 
+class StoreFullError(RequestError):
+    """Raised by `fire_tool` when the task cannot be recorded (the disk is full); nothing is started."""
+
+    def __init__(self, root: str, reason: str) -> None:
+        super().__init__(
+            f"The task could not be recorded in the data directory {root!r} ({reason}); nothing was started. "
+            "Free some disk space there (list_tasks shows what is kept; results expire after ttl_s), then fire again."
+        )
+
+
 class UnavailableToolError(RequestError):
     """Raised by `fire_tool` for a listed tool that cannot run here, before anything starts."""
 
@@ -143,7 +154,8 @@ def plain_problems(exc: ValidationError) -> list[str]:
         where = ".".join(str(part) for part in error["loc"]) or "arguments"
         shown = json.dumps(error.get("input"), default=repr)
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
-        problems.append(f"{where}: {error['msg']} (got {shown})")
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message} (got {shown})")
     return problems
 
 

@@ -44,6 +44,7 @@ from server.output import OutputLog, StoredLog
 from server.store import Store
 from server.tasks import ErrorKind, Status, Task, TaskError, iso
 from tools.context import JSON, LeftRunning, ProcessInfo, TaskFailure, ToolContext
+from tools.process import tend_orphans
 from tools.registry import Handler, Registry, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ class Executor:
             spec=spec,
             arguments=parsed,
             timeout_s=timeout,
+            time_left_s=timeout,
             cache_key=key,
         )
         self.store.insert(task.row(self.store.instance))  # on disk before the id is returned
@@ -215,7 +217,7 @@ class Executor:
                     self._tell_watchers(task)  # watchers hear "queued behind a full limit"
                 async with self._limiter, tool_limiter or contextlib.nullcontext():
                     self._mark_running(task)
-                    with anyio.fail_after(task.timeout_s):
+                    with anyio.fail_after(task.time_left_s):
                         result = await handler(task.arguments, self._context(task))
                     self._finish(task, Status.COMPLETED, result=result)
             if not task.status.finished:
@@ -305,6 +307,8 @@ class Executor:
         if status is not Status.COMPLETED:
             self._forget_key(task)
         self._finished.add(task)
+        if task.process is not None:
+            tend_orphans(self._active)  # what its command left outside the group, marked or not
         task.done.set()
         for listener in task.listeners:
             listener.set()
@@ -331,10 +335,15 @@ class Executor:
 
     # ---- recovery of tasks an earlier run left unfinished ----
 
-    def adopt(self, task: Task, handler: Handler) -> None:
-        """Runs `handler` as the task of a dead server this one claimed: following what still runs,
-        or settling it, with the same bookkeeping, notifications and limits as any task."""
+    def adopt(self, task: Task, handler: Handler, *, following: bool) -> None:
+        """Runs `handler` as the task of a dead server this one claimed: `following` what still runs
+        (it keeps its deadline, counted from when it started), or settling it (no deadline: nothing
+        of it runs), with the same bookkeeping, notifications and limits as any task."""
         task.local = True
+        if not following:
+            task.time_left_s = None
+        elif task.timeout_s is not None and task.started_at is not None:
+            task.time_left_s = max(task.timeout_s - (self._clock() - task.started_at), 0.0)
         self._start(task, handler)
 
     def settle(self, task: Task, status: Status, error: TaskError | None, result: JSON | None) -> None:

@@ -31,8 +31,8 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 
 MAGIC = b"OFFLOG02"
-HEADER = struct.Struct("<8sQQQqB23x")
-"""magic, head bytes, ring bytes, total bytes, lost-from (-1: none), finished flag; 64 bytes."""
+HEADER = struct.Struct("<8sQQQqBQ15x")
+"""magic, head bytes, ring bytes, total bytes, lost-from (-1: none), finished flag, reach; 64 bytes."""
 READ_RETRIES = 4
 """A read races a writer wrapping the ring over the bytes it read at most this often before
 reporting those bytes as dropped."""
@@ -67,14 +67,21 @@ class Layout:
     """The writer closed the log: no byte will follow."""
     data_at: int = 64
     """File position of absolute offset 0 (0 for a plain file of Offload 0.1)."""
+    reach: int = 0
+    """How far the writer may already have written into the ring (>= total_bytes): it announces a
+    write that overwrites ring bytes before making it, so a reader knows which bytes it cannot trust."""
+
+    @property
+    def kept_from(self) -> int:
+        """The oldest ring offset still holding its own byte, whatever the writer is doing now."""
+        return max(self.total_bytes, self.reach) - self.ring_bytes
 
     @property
     def dropped(self) -> tuple[int, int] | None:
         """The one range of absolute offsets whose bytes are gone, if any."""
-        kept_until = self.total_bytes if self.lost_from is None else self.lost_from
         if self.ring_bytes == 0:  # a plain file of an older version: everything or nothing
             return None if self.lost_from is None else (self.lost_from, self.total_bytes)
-        ring_start = kept_until - self.ring_bytes
+        ring_start = self.kept_from if self.lost_from is None else self.lost_from - self.ring_bytes
         if self.lost_from is None:
             return (self.head_bytes, ring_start) if ring_start > self.head_bytes else None
         if ring_start > self.head_bytes:  # the ring had wrapped too: only the head is sure
@@ -141,7 +148,10 @@ class OutputLog:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
                 _write_header(self._fd, layout)  # before any data: a reader never takes the file for a plain one
+            if start + len(data) > layout.head_bytes + layout.ring_bytes:  # overwrites ring bytes a reader may want
+                _write_header(self._fd, replace(layout, reach=start + len(data)))
             self._store(start, data)
+            self._layout = replace(self._layout, reach=self._layout.total_bytes)
             _write_header(self._fd, self._layout)
         except OSError as exc:
             self._lose(start, exc)
@@ -258,7 +268,7 @@ def read_log(path: Path, offset: int, max_bytes: int, known: Layout | None = Non
         for _ in range(READ_RETRIES):
             chunk, start = _read_once(fd, layout, offset, max_bytes)
             after = _header(fd)
-            if after.total_bytes == layout.total_bytes or not _overwritten(after, start):
+            if after.reach <= layout.reach or not _overwritten(after, start):
                 return chunk
             layout = after  # the ring wrapped over what we read: read again
         return _read_once(fd, layout, offset, max_bytes)[0]
@@ -284,24 +294,53 @@ def _read_once(fd: int, layout: Layout, offset: int, max_bytes: int) -> tuple[Ch
     gap = layout.dropped
     if gap is not None and gap[0] <= start < gap[1]:
         start = gap[1]
-    end = min(start + max_bytes, total)
-    if gap is not None and start < gap[0] < end:
-        end = gap[0]
-    pieces = layout.file_ranges(start, end) if fd >= 0 else []
-    data = b"".join(os.pread(fd, length, position) for position, length in pieces)
-    if end < total or not layout.finished:
-        data = _cut_to_boundary(data, whole_or_nothing=end == total)
+    limit = gap[0] if gap is not None and start < gap[0] else total
+    data = _whole_characters(fd, layout, start, min(start + max_bytes, limit))
+    if not data and start < limit:  # a character wider than the read, or cut by the dropped range
+        window = _pread_fd(fd, layout, start, min(start + 4, limit))
+        data = _first_character(window, live=limit == total and not layout.finished)
     next_offset = start + len(data)
     if gap is not None and next_offset == gap[0]:
         next_offset = gap[1]  # the next read continues after the gap
     return Chunk(data, start, next_offset, total, gap), start
 
 
+def _whole_characters(fd: int, layout: Layout, start: int, end: int) -> bytes:
+    """Bytes [start, end), less a character split at the end (unless the log is finished there)."""
+    data = _pread_fd(fd, layout, start, end)
+    if end < layout.total_bytes or not layout.finished:
+        data = _cut_to_boundary(data)
+    return data
+
+
+def _first_character(data: bytes, *, live: bool) -> bytes:
+    """The first character of `data` whole; a byte that starts no valid character goes alone (so a
+    read always moves on), and at the live end an incomplete one waits for its last bytes."""
+    if not data:
+        return b""
+    width = _width(data[0])
+    if width <= len(data) and all(_is_continuation(b) for b in data[1:width]):
+        return data[:width]
+    if live and len(data) < width and all(_is_continuation(b) for b in data[1:]):
+        return b""
+    return data[:1]
+
+
+def _pread_fd(fd: int, layout: Layout, start: int, end: int) -> bytes:
+    if fd < 0 or end <= start:
+        return b""
+    return b"".join(os.pread(fd, length, position) for position, length in layout.file_ranges(start, end))
+
+
+def _width(byte: int) -> int:
+    return 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+
+
 def _overwritten(after: Layout, start: int) -> bool:
     """Could the writer have overwritten bytes from `start` on since the first header was read?"""
     if after.ring_bytes == 0:
         return False
-    return after.total_bytes - after.ring_bytes > max(start, after.head_bytes)
+    return after.kept_from > max(start, after.head_bytes)
 
 
 def _pread(path: Path, layout: Layout, start: int, end: int) -> bytes:
@@ -321,8 +360,8 @@ def _header(fd: int) -> Layout:
     raw = os.pread(fd, HEADER.size, 0)
     if len(raw) < HEADER.size or raw[:8] != MAGIC:
         return _legacy(fd, raw)
-    _magic, head, ring, total, lost_from, finished = HEADER.unpack(raw)
-    return Layout(total, head, ring, None if lost_from < 0 else lost_from, bool(finished))
+    _magic, head, ring, total, lost_from, finished, reach = HEADER.unpack(raw)
+    return Layout(total, head, ring, None if lost_from < 0 else lost_from, bool(finished), reach=max(reach, total))
 
 
 def _legacy(fd: int, raw: bytes) -> Layout:
@@ -336,7 +375,17 @@ def _legacy(fd: int, raw: bytes) -> Layout:
 def _write_header(fd: int, layout: Layout) -> None:
     lost = -1 if layout.lost_from is None else layout.lost_from
     os.pwrite(
-        fd, HEADER.pack(MAGIC, layout.head_bytes, layout.ring_bytes, layout.total_bytes, lost, layout.finished), 0
+        fd,
+        HEADER.pack(
+            MAGIC,
+            layout.head_bytes,
+            layout.ring_bytes,
+            layout.total_bytes,
+            lost,
+            layout.finished,
+            max(layout.reach, layout.total_bytes),
+        ),
+        0,
     )
 
 
@@ -351,19 +400,10 @@ def _is_continuation(byte: int) -> bool:
     return byte & 0xC0 == 0x80
 
 
-def _cut_to_boundary(data: bytes, *, whole_or_nothing: bool) -> bytes:
-    """Drops a multi-byte character split at the end, so the next read starts on it whole.
-
-    `whole_or_nothing` (at the live end): a lone incomplete character is held back too, since
-    its last bytes are still to come; elsewhere it is sent, so a tiny `max_bytes` still moves on.
-    """
+def _cut_to_boundary(data: bytes) -> bytes:
+    """Drops a multi-byte character split at the end, so the next read starts on it whole."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
         if not _is_continuation(byte):
-            width = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
-            if width <= back:
-                return data  # complete
-            if back == len(data) and not whole_or_nothing:
-                return data  # a lone character wider than the read: send what there is
-            return data[:-back]
+            return data if _width(byte) <= back else data[:-back]
     return data

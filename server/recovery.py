@@ -68,9 +68,10 @@ async def _recover_one(executor: Executor, task: Task, report: Recovered) -> Non
         return
     hook = task.spec.recover if task.spec is not None else None
     if hook is not None:
-        executor.adopt(task, _as_handler(hook, task))
+        following = task.watcher is not None and is_same_process(task.watcher)
+        executor.adopt(task, _as_handler(hook, task), following=following)
         report.handed_to_tool += 1
-        if task.watcher is None or not is_same_process(task.watcher):
+        if not following:
             with anyio.move_on_after(executor.settings.kill_grace_s + 2):  # nothing to follow: settled at once
                 await task.done.wait()
         return
@@ -103,6 +104,6 @@ async def watch_peers(executor: Executor, interval_s: float, wall_clock: Callabl
         try:
             executor.store.heartbeat(wall_clock())
             await recover(executor, wall_clock)
-            tend_orphans()
+            tend_orphans([task.id for task in executor.active_tasks()])
         except Exception:
             log.exception("checking on other servers failed; will try again")

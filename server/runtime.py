@@ -48,7 +48,7 @@ from tools.claude import claude_specs
 from tools.clients import ClientPool
 from tools.github import github_specs
 from tools.http import http_specs
-from tools.process import become_subreaper
+from tools.process import become_subreaper, end_orphans
 from tools.registry import Registry, ToolSpec
 from tools.shell import shell_specs
 
@@ -108,8 +108,11 @@ class Runtime:
         try:
             async with anyio.create_task_group() as tg:
                 executor = Executor(registry, settings, clock, tg, store)
-                await recover(executor)
-                await executor.sweep()
+                try:
+                    await recover(executor)
+                    await executor.sweep()
+                except sqlite3.Error:  # a full disk, say: serve anyway; the lease loop tries again
+                    log.exception("settling earlier tasks or expiring old ones failed; will try again")
                 tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
                 tg.start_soon(watch_peers, executor, settings.lease_s / 3, name="offload lease and peers")
                 notifier = Notifier()
@@ -121,6 +124,7 @@ class Runtime:
                 finally:
                     with anyio.CancelScope(shield=True):
                         await executor.shutdown()
+                        end_orphans()  # what left its command's group, marker or not
                         await pool.aclose()
                     notifier.close()
                     tg.cancel_scope.cancel()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.errors import ConfigError
+from server.errors import ConfigError, StoreFullError
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class Store:
         self.output_dir = root / "output"
         self.instance = instance
         self.lease_s = lease_s
+        self._unwritten: dict[str, dict[str, Any]] = {}
         self._db = connection
         self._lock_fd = lock_fd
 
@@ -125,10 +126,14 @@ class Store:
         lock_fd = _hold_lock(root / "instances" / f"{instance}.lock")
         store = cls(root, _connect(root / DB_NAME), instance, lock_fd, lease_s)
         at = time.time() if now is None else now
-        store._db.execute(
-            "INSERT INTO instances (id, pid, host, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?)",
-            (instance, os.getpid(), socket.gethostname(), at, at),
-        )
+        try:
+            store.heartbeat(at)
+        except sqlite3.OperationalError as exc:
+            store.close()
+            raise ConfigError(
+                f"the data directory {str(root)!r} cannot be written ({exc}); free some space there, "
+                "or choose another with --data-dir or OFFLOAD_DATA_DIR"
+            ) from exc
         return store
 
     def close(self) -> None:
@@ -149,13 +154,35 @@ class Store:
     # ---- writes (each one a commit) ----
 
     def insert(self, row: dict[str, Any]) -> None:
+        """Raises `StoreFullError` when the data directory cannot take the row: nothing is started then."""
         columns = ", ".join(row)
         marks = ", ".join(f":{name}" for name in row)
-        self._db.execute(f"INSERT INTO tasks ({columns}) VALUES ({marks})", row)  # noqa: S608 - our column names
+        try:
+            self._db.execute(f"INSERT INTO tasks ({columns}) VALUES ({marks})", row)  # noqa: S608 - our column names
+        except sqlite3.OperationalError as exc:
+            raise StoreFullError(str(self.root), str(exc)) from exc
 
     def update(self, task_id: str, **values: Any) -> None:
+        """Never raises: a change the database cannot take now (disk full, locked past the timeout) is
+        kept and written by `flush` later, so a full disk never takes the server or a task down."""
+        held = self._unwritten.pop(task_id, {})
+        values = {**held, **values}
         assignments = ", ".join(f"{name} = :{name}" for name in values)
-        self._db.execute(f"UPDATE tasks SET {assignments} WHERE id = :id", {**values, "id": task_id})  # noqa: S608
+        try:
+            self._db.execute(f"UPDATE tasks SET {assignments} WHERE id = :id", {**values, "id": task_id})  # noqa: S608
+        except sqlite3.OperationalError as exc:
+            self._unwritten[task_id] = values
+            log.warning(
+                "the task database cannot be written (%s); holding %d task changes to write later",
+                exc,
+                len(self._unwritten),
+            )
+
+    def flush(self) -> int:
+        """Writes the changes `update` had to hold; returns how many are still held."""
+        for task_id in list(self._unwritten):
+            self.update(task_id)
+        return len(self._unwritten)
 
     # ---- reads ----
 
@@ -201,6 +228,7 @@ class Store:
 
     def heartbeat(self, now: float) -> None:
         """Renews this server's lease (a row, re-inserted if a peer took it for dead and removed it)."""
+        self.flush()
         self._db.execute(
             "INSERT INTO instances (id, pid, host, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",

@@ -182,6 +182,8 @@ class Task:
     """None for a task read back from the store whose tool is no longer configured."""
     arguments: BaseModel | None = None
     timeout_s: float | None = None
+    time_left_s: float | None = None
+    """The deadline this run enforces: `timeout_s` when fired; less, or none, when followed after a restart."""
     cache_key: str | None = None
     status: Status = Status.QUEUED
     started_at: float | None = None
@@ -278,6 +280,7 @@ class Task:
             output=StoredLog(output_path),
             spec=spec,
             timeout_s=row["timeout_s"],
+            time_left_s=row["timeout_s"],
             cache_key=row["cache_key"],
             status=Status(row["status"]),
             started_at=row["started_at"],

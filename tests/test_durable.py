@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -282,3 +284,85 @@ async def test_detached_commands_have_attached_parity(tmp_path: Path, clock: Fak
         view = (await call(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=10))["done"][0]
         assert (view["status"], view["error"]["kind"], view["result"]["signal_name"]) == ("failed", "signal", "SIGTERM")
         assert live_group_members(fired["pid"]) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB filesystem (tmpfs), to fill up; mounting needs root, as CI has."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_disk_takes_down_neither_the_server_nor_a_task(
+    small_disk: Path, clock: FakeClock, gate: Gate
+) -> None:
+    settings = Settings(kill_grace_s=0.5, data_dir=small_disk / "data", lease_s=1.0)
+    async with open_client(settings, clock, gate) as (runtime, client):
+        quiet = await call(client, "run_shell_background", command="echo quiet; sleep 300")
+        big = "head -c 6000000 /dev/zero | tr '\\0' z; echo tail-marker"
+        flood = await call(client, "fire_tool", tool="shell", arguments={"command": big}, wait_s=30)
+        view = flood["task"]
+        assert view["status"] == "completed", view  # its own status, though its output could not all be kept
+        assert view["output"]["total_bytes"] == view["result"]["output_bytes"] == 6_000_012
+        assert view["output"]["dropped"] is not None
+        assert (await call(client, "get_cached_output", task_id=quiet["task_id"]))["status"] == "running"
+        refused = await client.call_tool("fire_tool", {"tool": "shell", "arguments": {"command": "echo more"}})
+        if refused.is_error:  # the row itself did not fit: refused, plainly, nothing started
+            assert "could not be recorded" in error_text(refused) and "Free some disk space" in error_text(refused)
+        await anyio.run_process(["mount", "-o", "remount,size=16m", str(small_disk)])
+        db = sqlite3.connect(runtime.executor.store.root / "offload.db")
+        with anyio.fail_after(10):  # the held status change is written once there is room again
+            while db.execute("SELECT status FROM tasks WHERE id = ?", (flood["task_id"],)).fetchone()[0] != "completed":
+                await call(client, "list_tasks")
+        db.close()
+        assert (await call(client, "cancel_task", task_id=quiet["task_id"]))["output"]["text"] == "quiet\n"
+
+
+async def test_a_detached_commands_deadline_holds_across_a_restart(tmp_path: Path) -> None:
+    """timeout_s counts from the task's start, not from the restart that followed it again."""
+    server = await start_server(tmp_path, "--detach")
+    ready = tmp_path / "past-deadline"
+    os.mkfifo(ready)
+    fd = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fired = await server.call("run_shell_background", command=f"sleep 2.5; echo > {ready}; sleep 300", timeout_s=2)
+        await kill_9(server)
+        with anyio.fail_after(10):
+            await anyio.wait_readable(fd)  # the command is past its deadline now: no server watched it
+    finally:
+        os.close(fd)
+    again = await start_server(tmp_path, "--detach")
+    async with again.process:
+        reply = await again.call("poll_output", task_ids=[fired["task_id"]], timeout_s=1.5)
+        assert reply["pending"] == [], "past its deadline, it is ended at once, not given timeout_s again"
+        view = reply["done"][0]
+        assert (view["status"], view["error"]["kind"]) == ("failed", "timeout")
+        assert live_group_members(fired["pid"]) == []
+        await again.process.stdin.aclose()  # type: ignore[union-attr]
+
+
+async def test_a_detached_command_never_runs_on_unwatched(tmp_path: Path, clock: FakeClock, gate: Gate) -> None:
+    """Its capture process killed, or a timeout while the capture process is still starting: either
+    way nothing of the command is left running."""
+    settings = Settings(kill_grace_s=0.5, data_dir=tmp_path / "data", detach=True)
+    async with open_client(settings, clock, gate) as (_, client):
+        orphaned = await call(client, "run_shell_background", command="echo hi; kill -9 $PPID; sleep 305")
+        view = (await call(client, "poll_output", task_ids=[orphaned["task_id"]], timeout_s=10))["done"][0]
+        assert (view["status"], view["error"]["kind"]) == ("failed", "interrupted")
+        assert live_group_members(orphaned["pid"]) == []
+        early = [
+            (await call(client, "fire_tool", tool="shell", arguments={"command": f"sleep 30{i}"}, timeout_s=0.05))
+            for i in range(5)
+        ]
+        reply = await call(client, "poll_output", task_ids=[f["task_id"] for f in early], timeout_s=15)
+        assert [v["error"]["kind"] for v in reply["done"]] == ["timeout"] * 5
+        for view in reply["done"]:
+            assert view["pid"] is not None
+            assert live_group_members(view["pid"]) == []

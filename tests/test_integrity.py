@@ -169,7 +169,15 @@ async def test_a_preset_whose_cwd_is_missing_is_refused_up_front(clock: FakeCloc
         assert (await call(client, "list_tasks"))["tasks"] == []
 
 
-@pytest.mark.parametrize("escape", ["setsid sleep 300 & echo $!", "set -m; sleep 300 & echo $!"])
+@pytest.mark.parametrize(
+    "escape",
+    [
+        "setsid sleep 300 & echo $!",
+        "set -m; sleep 300 & echo $!",
+        "setsid env -u OFFLOAD_TASK sleep 300 & echo $!",  # leaves the group and drops its marker
+        "( ( exec setsid env -i /bin/sleep 300 ) & echo $! )",  # a double fork with an empty environment
+    ],
+)
 async def test_processes_that_leave_the_group_end_with_the_task(client: Client, escape: str) -> None:
     reply = await call(client, "fire_tool", tool="shell", arguments={"command": escape}, wait_s=20)
     assert reply["status"] == "completed"
@@ -254,3 +262,41 @@ def test_repeated_warnings_are_rate_limited_and_counted() -> None:
     record = logging.LogRecord("offload.x", logging.WARNING, __file__, 1, "output of %s stops: %s", ("b", "x"), None)
     assert repeat.filter(record)
     assert "1000 more like this" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ({"command": "true", "cwd": "~nosuchuser-offload/x"}, "cannot be used"),
+        ({"command": "true", "cwd": "/" + "x" * 5000}, "cannot be used"),
+        ({"command": "true", "cwd": "/no/such/dir"}, "is not an existing directory"),
+    ],
+)
+async def test_a_bad_cwd_is_a_plain_refusal(client: Client, arguments: dict[str, str], expected: str) -> None:
+    for reply in (
+        await client.call_tool("run_shell_background", arguments),
+        await client.call_tool("fire_tool", {"tool": "shell", "arguments": arguments}),
+    ):
+        message = error_text(reply)
+        assert expected in message and "Value error" not in message and "Nothing was started" in message
+    assert (await call(client, "list_tasks"))["tasks"] == []
+
+
+async def test_a_nul_in_preset_arguments_is_refused_up_front(clock: FakeClock, gate: Gate) -> None:
+    settings = Settings.model_validate({"presets": {"echoer": {"command": "echo"}}})
+    async with open_client(settings, clock, gate) as (_, client):
+        message = error_text(await client.call_tool("fire_tool", {"tool": "echoer", "arguments": {"args": ["x\x00y"]}}))
+        assert "NUL" in message and "Nothing was started" in message
+        assert (await call(client, "list_tasks"))["tasks"] == []
+
+
+async def test_shutdown_ends_what_left_the_group_without_its_marker(clock: FakeClock, gate: Gate) -> None:
+    async with fifo() as (path, fd), open_client(Settings(kill_grace_s=0.5), clock, gate) as (_, client):
+        command = f"setsid env -u OFFLOAD_TASK sleep 300 & echo $!; echo > {path}; sleep 300"
+        fired = await call(client, "run_shell_background", command=command)
+        await reached(fd)
+        with anyio.fail_after(5):
+            while not (view := await call(client, "get_cached_output", task_id=fired["task_id"]))["output"]["text"]:
+                pass
+        escaped = int(view["output"]["text"].split()[0])
+    assert await gone(escaped)

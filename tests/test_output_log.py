@@ -152,3 +152,48 @@ def test_files_are_private(tmp_path: Path) -> None:
     path = tmp_path / "t.log"
     OutputLog(path, file_max_bytes=100).write(b"x")
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_a_reader_in_another_process_never_gets_bytes_from_the_wrong_offset(tmp_path: Path) -> None:
+    """A writer process wraps a small ring as fast as it can; this process reads where the ring is
+    oldest (the bytes the writer overwrites next). Each 16-byte line holds its own index, so a byte
+    from another offset shows."""
+    path = tmp_path / "t.log"
+    code = (
+        "from pathlib import Path; from server.output import OutputLog\n"
+        f"log = OutputLog(Path({str(path)!r}), 8192)\n"
+        "for i in range(0, 400_000, 64): log.write(b''.join(b'%015d\\n' % j for j in range(i, i + 64)))\n"
+        "log.finish()"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    reader = StoredLog(path)
+    checked = 0
+    try:
+        while writer.poll() is None or checked == 0:
+            layout = read_layout(path)
+            offset = layout.dropped[1] if layout.dropped else 0
+            chunk = reader.read(offset, 256)
+            first = -(-chunk.offset // 16) * 16  # the first whole line in the chunk
+            for at in range(first, chunk.offset + len(chunk.data) - 15, 16):
+                line = chunk.data[at - chunk.offset : at - chunk.offset + 16]
+                assert line == b"%015d\n" % (at // 16), (at, line, chunk)
+                checked += 1
+    finally:
+        writer.wait(timeout=60)
+    assert checked > 1000
+
+
+@pytest.mark.parametrize("max_bytes", [1, 2, 3, 5])
+def test_paging_with_any_max_bytes_never_splits_a_character(tmp_path: Path, max_bytes: int) -> None:
+    log = OutputLog(tmp_path / "t.log", file_max_bytes=4096)
+    text = "€uro😀x é"
+    log.write(text.encode() + b"\xff!")  # and a byte that starts no character: it still moves on
+    log.finish()
+    pieces, offset = [], 0
+    while offset < log.total_bytes:
+        chunk = log.read(offset, max_bytes)
+        assert chunk.next_offset > offset
+        pieces.append(chunk.data)
+        offset = chunk.next_offset
+    assert all(p.decode() for p in pieces[:-2])  # every piece but the invalid tail decodes alone
+    assert b"".join(pieces) == text.encode() + b"\xff!"

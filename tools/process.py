@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from pathlib import Path
 
 import anyio
@@ -215,7 +215,7 @@ async def end_escaped(task_id: str, grace_s: float) -> int:
             with anyio.move_on_after(grace_s):
                 await wait_for_exit(pid)
             reap(pid)
-            _ORPHANS.discard(pid)
+            _ORPHANS.pop(pid, None)
     if ended:
         log.info("task %s: ended %d process(es) that had left the command's process group", task_id, ended)
     return ended
@@ -246,8 +246,25 @@ def reap(pid: int) -> None:
 
 _SPAWNED: set[int] = set()
 """Children we started ourselves (command leaders, capture processes): their waiters reap them."""
-_ORPHANS: set[int] = set()
-"""Orphans of our commands handed to us, seen alive with a task marker: ours to reap."""
+_ORPHANS: dict[int, set[str]] = {}
+"""Orphans of our commands handed to us → the tasks they may belong to (their marker's task, or,
+for one that dropped its marker, every task running when it was first seen)."""
+
+
+_SPAWNING = 0
+"""Spawns under way: their child exists (and may even have exited) before its pid is tracked."""
+
+
+@contextlib.contextmanager
+def spawning() -> Iterator[None]:
+    """Wrap every spawn of ours: orphans are not looked for meanwhile, so a child that exits before
+    it is tracked is never taken for an orphan and reaped behind its waiter's back."""
+    global _SPAWNING
+    _SPAWNING += 1
+    try:
+        yield
+    finally:
+        _SPAWNING -= 1
 
 
 def track(pid: int) -> None:
@@ -258,11 +275,16 @@ def untrack(pid: int) -> None:
     _SPAWNED.discard(pid)
 
 
-def tend_orphans() -> int:
-    """Notes live orphans of our commands and reaps the dead ones; returns how many it reaped.
-    Only children we did not spawn and saw carrying a task marker are touched: a child that some
-    library started is never reaped behind its back."""
-    reaped = 0
+def tend_orphans(running: Collection[str]) -> int:
+    """Ends orphans of our commands whose tasks have all ended, and reaps the dead ones; returns
+    how many it ended. An orphan is a child we did not spawn, in a session other than ours (every
+    command leads its own): a child some library starts in our session is never touched. One that
+    dropped its marker (`env -i setsid ...`) belongs to one of the tasks running when it appeared:
+    it is ended once all of those have."""
+    if _SPAWNING:
+        return 0  # the next call looks
+    ended = 0
+    own_session = os.getsid(0)
     for pid in _children(os.getpid()):
         if pid in _SPAWNED:
             continue
@@ -270,13 +292,40 @@ def tend_orphans() -> int:
         if fields is None:
             continue
         if fields[0] == "Z":
-            if pid in _ORPHANS:
-                _ORPHANS.discard(pid)
+            if _ORPHANS.pop(pid, None) is not None or _session(pid) not in (None, own_session):
                 reap(pid)
-                reaped += 1
-        elif pid not in _ORPHANS and _marker_of(pid) is not None:
-            _ORPHANS.add(pid)
-    return reaped
+            continue
+        if pid not in _ORPHANS:
+            if _session(pid) in (None, own_session):
+                continue
+            marker = _marker_of(pid)
+            _ORPHANS[pid] = {marker} if marker is not None else set(running)
+        _ORPHANS[pid] &= set(running)
+        if not _ORPHANS[pid]:
+            _kill_orphan(pid)
+            ended += 1
+    return ended
+
+
+def end_orphans() -> int:
+    """At shutdown: every orphan of our commands goes (a detached command is not our child)."""
+    return tend_orphans(())
+
+
+def _kill_orphan(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        pgid = os.getpgid(pid)
+        if pgid != os.getpgrp():
+            signal_group(pgid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+    log.info("ended process %d, left behind by a finished task outside its process group", pid)
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def _marker_of(pid: int) -> str | None:

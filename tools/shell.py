@@ -44,6 +44,7 @@ from tools.process import (
     is_same_process,
     kill_left_behind,
     signal_name,
+    spawning,
     stop_group,
     track,
     untrack,
@@ -111,10 +112,13 @@ class ShellArgs(BaseModel):
     def _cwd_is_a_directory(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        path = Path(value).expanduser()
-        if not path.is_dir():
-            raise ValueError(f"cwd {value!r} is not an existing directory")
-        return str(path.resolve())
+        try:
+            path = Path(value).expanduser()
+            if path.is_dir():
+                return str(path.resolve())
+        except (RuntimeError, OSError, ValueError) as exc:  # ~nobody, a name too long, a NUL
+            raise ValueError(f"cwd {value[:200]!r} cannot be used ({exc})") from None
+        raise ValueError(f"cwd {value[:200]!r} is not an existing directory")
 
     @field_validator("command")
     @classmethod
@@ -133,6 +137,13 @@ class PresetArgs(BaseModel):
         list[str], Field(description="Extra arguments appended to the preset command, each shell-quoted.")
     ] = []
     stdin: Annotated[str | None, Field(description="Text written to stdin, then closed.")] = None
+
+    @field_validator("args")
+    @classmethod
+    def _no_nul(cls, value: list[str]) -> list[str]:
+        if any("\x00" in arg for arg in value):
+            raise ValueError("an argument contains a NUL byte, which no command can receive")
+        return value
 
 
 def scrubbed_environment(
@@ -243,16 +254,17 @@ async def _run_attached(
 ) -> JSON:
     """The server is the command's parent and reads its pipe."""
     started = time.monotonic()
-    process = await anyio.open_process(
-        argv,
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        cwd=cwd,
-        env=env,
-        start_new_session=True,
-    )
-    track(process.pid)
+    with spawning():
+        process = await anyio.open_process(
+            argv,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+        track(process.pid)
     ctx.set_process(identify(process.pid))
     pump = _Pump(process, ctx)
     try:
@@ -296,39 +308,58 @@ async def _run_detached(
         with os.fdopen(fd, "w") as f:
             f.write(stdin)
         capture += ["--stdin", str(stdin_path)]
-    watcher = subprocess.Popen(  # noqa: ASYNC220 - spawning does not block on the child
-        [*capture, "--", *argv],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        cwd=cwd,
-        env=env,
-        start_new_session=True,
-    )
-    track(watcher.pid)
+    with spawning():
+        watcher = subprocess.Popen(  # noqa: ASYNC220 - spawning does not block on the child
+            [*capture, "--", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+        track(watcher.pid)
     ctx.set_watcher(identify(watcher.pid))
-    command_pid = await _announced_pid(watcher)
-    if command_pid is not None:
-        ctx.set_process(identify(command_pid))
+    command: ProcessInfo | None = None
 
     async def watcher_exit() -> None:
         await wait_for_exit(watcher.pid)
         watcher.wait()  # reaps it: it has exited, so this does not block
 
     try:
+        with anyio.CancelScope(shield=True):  # a command must be known before anything may stop it
+            command_pid = await _announced_pid(watcher)
+        if command_pid is not None:
+            command = identify(command_pid)
+            ctx.set_process(command)
         await watcher_exit()
     except anyio.get_cancelled_exc_class():
         if ctx.shutting_down():
             raise LeftRunning(f"detached command (pid {command_pid}) keeps running") from None
         with anyio.CancelScope(shield=True):
-            if command_pid is not None:
-                await stop_group(command_pid, config.kill_grace_s, watcher_exit)
+            if command is not None:
+                await stop_group(command.pid, config.kill_grace_s, watcher_exit)
             with anyio.move_on_after(config.kill_grace_s + DRAIN_AFTER_EXIT_S + 1):
                 await watcher_exit()
         raise
     finally:
-        untrack(watcher.pid)
-    return outcome_from_record(ctx.exit_path, started_wall_s=None)
+        if watcher.returncode is not None:  # left running at shutdown, it stays ours: never an orphan
+            untrack(watcher.pid)
+            _unlink(stdin_path)
+            _unlink(ctx.output_path.with_suffix(".sh"))
+    return await _outcome_of_capture(command, ctx, config, started_wall_s=None)
+
+
+async def _outcome_of_capture(
+    command: ProcessInfo | None, ctx: ToolContext, config: ShellConfig, started_wall_s: float | None
+) -> JSON:
+    """What the capture process recorded; if it died without a record, its command must not run on
+    unwatched: what is left of it is ended, and the task is `interrupted`."""
+    if read_exit_record(ctx.exit_path) is None:
+        if command is not None:
+            await kill_left_behind(command, config.kill_grace_s)
+        await end_marked(ctx.task_id, config.kill_grace_s)
+    return outcome_from_record(ctx.exit_path, started_wall_s)
 
 
 async def _announced_pid(watcher: subprocess.Popen[bytes]) -> int | None:
@@ -368,7 +399,11 @@ def outcome_from_record(exit_path: Path, started_wall_s: float | None) -> JSON:
     """The result of a detached command, from its capture process's record."""
     record = read_exit_record(exit_path)
     if record is None:
-        raise TaskFailure("interrupted", "the command's capture process ended without recording how the command ended")
+        raise TaskFailure(
+            "interrupted",
+            "the command's capture process ended without recording how the command ended; what was left of "
+            "the command was ended",
+        )
     duration_s = record.get("duration_s")
     if duration_s is None and started_wall_s is not None:
         with contextlib.suppress(OSError):
@@ -429,7 +464,7 @@ async def _follow(watcher: ProcessInfo, orphan: Orphan, ctx: ToolContext, config
             with anyio.move_on_after(config.kill_grace_s + DRAIN_AFTER_EXIT_S + 1):
                 await wait_for_exit(watcher.pid)
         raise
-    return outcome_from_record(ctx.exit_path, orphan.started_wall_s)
+    return await _outcome_of_capture(orphan.process, ctx, config, orphan.started_wall_s)
 
 
 def check_cwd(cwd: str | None, what: str) -> None:
