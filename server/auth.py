@@ -40,13 +40,13 @@ class Credentials:
     def load(cls, settings: Settings, environ: Mapping[str, str]) -> Credentials:
         """Tokens from the variables the settings name; a named but empty or short variable is a
         ConfigError (a typo must not silently turn authentication off)."""
-        named = dict(settings.auth_tokens)
+        named = settings.owner_tokens()
         if settings.auth_token_env in environ or not named:
             named.setdefault(DEFAULT_OWNER, settings.auth_token_env)
         tokens = []
         for owner, variable in named.items():
             value = environ.get(variable, "")
-            if not value and owner == DEFAULT_OWNER and not settings.auth_tokens:
+            if not value and owner == DEFAULT_OWNER and not settings.owner_tokens():
                 continue  # no token at all: the loopback-only case, checked by `check_bind`
             if len(value) < MIN_TOKEN_CHARS:
                 raise ConfigError(
@@ -91,6 +91,24 @@ def check_bind(host: str, credentials: Credentials, token_env: str) -> None:
             f"refusing to listen on {host!r} without a bearer token: anyone who can reach it could run commands. "
             f"Set {token_env} (or --auth-token-env NAME, or [auth_tokens] in the config file), "
             "or bind 127.0.0.1"
+        )
+
+
+def check_isolation(settings: Settings, credentials: Credentials) -> None:
+    """Several owners on one server: each one's shell must be confined, or one reads the others' tokens
+    and tasks through it (the server's environment, the data directory). Refuses to start otherwise."""
+    owners = [owner for owner, _ in credentials.tokens]
+    if len(owners) < 2:
+        return
+    shell = settings.shell_config()
+    open_shells = [owner for owner in owners if not shell.for_owner(owner).confined]
+    if open_shells:
+        first = open_shells[0]
+        raise ConfigError(
+            f"refusing to serve {len(owners)} owners while the shell of {', '.join(map(repr, open_shells))} is "
+            "unconfined: through it one owner could read the server's environment (every token) and the data "
+            "directory (every task). Set shell_sandbox = 'bwrap' (or [owners." + first + "] sandbox = 'bwrap'), "
+            "or shell_mode = 'allow-list', or [owners." + first + "] shell_mode = 'disabled'"
         )
 
 

@@ -143,7 +143,7 @@ class Executor:
             raise InvalidArgumentsError(tool, _problems(exc)) from exc
         if spec.check is not None:
             try:
-                spec.check(parsed)
+                spec.check(parsed, owner)  # issue 12: per-owner policy
             except ValueError as exc:
                 raise RefusedError(tool, str(exc)) from exc
         timeout = self._timeout(spec, timeout_s)
@@ -152,8 +152,8 @@ class Executor:
             self.counters.cache_lookups[tool] += 1
         if key is not None and use_cache and (reused := self._reusable(key)) is not None:
             return reused
-        if self._active_per_owner[owner] >= self.settings.max_active_per_owner:
-            raise TooManyTasksError(self.settings.max_active_per_owner)
+        if self._active_per_owner[owner] >= (most := self.settings.max_active_for(owner)):  # issue 12: per owner
+            raise TooManyTasksError(most)
         task_id = secrets.token_urlsafe(16)
         task = Task(
             id=task_id,
@@ -263,6 +263,7 @@ class Executor:
             kill_grace_s=self.settings.kill_grace_s,
             shutting_down=lambda: task.cancel_reason is ErrorKind.SHUTDOWN,
             output_turns=self._output_turns,
+            owner=task.owner,  # issue 12: per-owner policy and sandbox
         )
 
     def _mark_running(self, task: Task) -> None:

@@ -23,6 +23,7 @@ import anyio
 from server.auth import LOCAL_OWNER
 from server.cache import Clock
 from server.config import Settings, clients_config, data_dir
+from server.errors import ConfigError
 from server.executor import Executor, ProgressFn, ReturnWhen
 from server.notify import Notifier
 from server.recovery import recover
@@ -41,6 +42,7 @@ from server.tasks import (
     summary_of,
     task_uri,
 )
+from tools import sandbox
 from tools.claude import claude_specs
 from tools.clients import ClientPool
 from tools.github import github_specs
@@ -80,10 +82,15 @@ class Runtime:
         load_plugins: bool = True,
     ) -> AsyncIterator[Runtime]:
         _use_pidfd_child_watcher()
+        shell = settings.shell_config()
+        try:
+            await sandbox.check([shell.sandbox, *(owner.sandbox for owner in shell.owners.values())])
+        except sandbox.SandboxError as exc:
+            raise ConfigError(str(exc)) from exc
         pool = ClientPool(clients_config(settings))
         registry = Registry(
             [
-                *shell_specs(settings.shell_config()),
+                *shell_specs(shell),
                 *http_specs(pool),
                 *github_specs(pool),
                 *claude_specs(pool),

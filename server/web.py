@@ -21,7 +21,7 @@ from starlette.types import ASGIApp
 
 from server import __version__
 from server.app import OffloadServer, build_server
-from server.auth import BearerAuth, Credentials, check_bind, is_loopback
+from server.auth import BearerAuth, Credentials, check_bind, check_isolation, is_loopback
 from server.config import Settings
 from server.runtime import Runtime
 
@@ -89,6 +89,7 @@ class _Uvicorn(uvicorn.Server):
 async def serve_http(settings: Settings, credentials: Credentials) -> None:
     """Serves until SIGTERM/SIGINT; then stops taking requests, cancels every task and kills their groups."""
     check_bind(settings.host, credentials, settings.auth_token_env)
+    check_isolation(settings, credentials)  # issue 12: several owners need confined shells
     if settings.http_private_networks and not is_loopback(settings.host):
         log.warning("http.request may reach this host's private networks; set http_private_networks = false to refuse")
     if not settings.shell_roots:

@@ -67,3 +67,5 @@ class ToolContext:
     output_turns: anyio.CapacityLimiter
     """Shared by every task's output copying, so a flood of output cannot crowd the protocol
     out of the event loop: each loop pass does a bounded amount of it."""
+    owner: str = ""
+    """Whose task this is: the shell picks that owner's policy and sandbox ("" is the default owner)."""

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Mode = Literal["off", "deny-list", "allow-list"]
+Mode = Literal["off", "deny-list", "allow-list", "disabled"]
 
 OPERATOR_CHARS = ";&|<>()"
 EXPANSION_CHARS = ("$", "`", "\n", "\r")
@@ -92,6 +92,7 @@ class ShellPolicy:
         """The command line to hand to the shell, or PolicyError saying which rule refused it."""
         if self.mode == "off":
             return command
+        self.require_shell()
         if self.mode == "deny-list":
             self._check_deny(command)
             return command
@@ -106,6 +107,14 @@ class ShellPolicy:
             raise PolicyError(f"shell policy is allow-list and no rule allows {command!r}; allowed: {allowed}")
         self._check_deny(command)
         return shlex.join(words)
+
+    def require_shell(self) -> None:
+        """PolicyError when this owner has no shell at all (`shell_mode = "disabled"`)."""
+        if self.mode == "disabled":
+            raise PolicyError(
+                "shell commands are disabled for this owner (shell_mode = 'disabled'); "
+                "use the other fireable tools (list_fireable_tools), or ask the operator to enable the shell"
+            )
 
     def cwd_to_use(self, cwd: str | None) -> str | None:
         """`cwd` if it lies inside a root (the first root when none is given), else PolicyError."""

@@ -50,8 +50,9 @@ class ToolSpec:
     note: str | None = None
     """Shown in the catalog, e.g. a missing credential."""
     reattach: Reattach | None = None
-    check: Callable[[Any], None] | None = None
-    """Refuses arguments the operator's policy forbids (raises ValueError saying why) before anything starts."""
+    check: Callable[[Any, str], None] | None = None
+    """Refuses arguments the operator's policy forbids for this owner (raises ValueError saying why) before
+    anything starts: (arguments, owner)."""
     input_schema: JSON = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

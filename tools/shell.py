@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -27,7 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tools.context import JSON, LeftRunning, ProcessInfo, TaskFailure, ToolContext
 from tools.policy import ShellPolicy
+from tools.presets import preset_command
 from tools.registry import ToolSpec
+from tools.sandbox import OwnerShell, Sandbox, prefix
 
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
 """Environment names containing any of these (case-insensitive) are not passed to commands."""
@@ -49,6 +50,12 @@ class ShellConfig:
     """Commands outlive the server (they are not killed at shutdown) and are followed again after a restart."""
     presets: Mapping[str, Preset] = field(default_factory=dict)
     policy: ShellPolicy = field(default_factory=ShellPolicy)
+    # offload issue 12: per-owner policy and sandbox; owners without an entry get `policy` and `sandbox`.
+    sandbox: Sandbox = field(default_factory=Sandbox)
+    owners: Mapping[str, OwnerShell] = field(default_factory=dict)
+
+    def for_owner(self, owner: str) -> OwnerShell:
+        return self.owners.get(owner) or OwnerShell(self.policy, self.sandbox)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +67,10 @@ class Preset:
     timeout_s: float | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     description: str | None = None
+    args: str = "any"
+    """Which `args` a caller may append: "none", "any", or a regex each argument must match (tools/presets.py)."""
+    allow_options: bool = False
+    """Arguments starting with "-" are refused unless this is set."""
 
 
 class ShellArgs(BaseModel):
@@ -204,10 +215,10 @@ async def _pump_output(process: Process, ctx: ToolContext, eof: anyio.Event) -> 
 
 _WRAPPER = (
     "c=$OFFLOAD_COMMAND f=$OFFLOAD_EXIT_FILE; unset OFFLOAD_COMMAND OFFLOAD_EXIT_FILE; "
-    '"$0" -c "$c"; s=$?; printf "%s\\n" "$s" > "$f"; exit "$s"'
+    '"$0" "$@" -c "$c"; s=$?; printf "%s\\n" "$s" > "$f"; exit "$s"'
 )
 """The command runs (under bash, passed as $0) as a child of this POSIX-sh wrapper, which records
-its exit status beside its output.
+its exit status beside its output. Words after $0 go before `-c` (a sandbox: `bwrap … -- bash -c`).
 
 The record is what tells, after the server died, "finished with exit code N" from "killed".
 A wrapper killed by a signal writes nothing, which is what a killed command should leave.
@@ -226,7 +237,7 @@ async def run_command(
     """Runs one command to completion; a non-zero exit becomes a `TaskFailure`."""
     environment = scrubbed_environment(os.environ, config, env)
     environment.update(OFFLOAD_COMMAND=command, OFFLOAD_EXIT_FILE=str(ctx.exit_path))
-    argv = [_wrapper_shell(), "-c", _WRAPPER, _shell()]
+    argv = [_wrapper_shell(), "-c", _WRAPPER, *prefix(config.for_owner(ctx.owner).sandbox, cwd), _shell()]  # issue 12
     if config.detach:
         return await _run_detached(argv, ctx, config, cwd, environment, stdin)
     return await _run_attached(argv, ctx, config, cwd, environment, stdin)
@@ -442,13 +453,13 @@ def _outcome(returncode: int | None, duration_s: float, output_bytes: int) -> JS
 
 
 def shell_spec(config: ShellConfig) -> ToolSpec:
-    policy = config.policy
-
-    def check(args: ShellArgs) -> None:
+    def check(args: ShellArgs, owner: str) -> None:
+        policy = config.for_owner(owner).policy  # issue 12: the owner's own policy
         policy.command_to_run(args.command, args.env)
         policy.cwd_to_use(args.cwd)
 
     async def handler(args: ShellArgs, ctx: ToolContext) -> JSON:
+        policy = config.for_owner(ctx.owner).policy  # issue 12: the owner's own policy
         command = policy.command_to_run(args.command, args.env)
         cwd = policy.cwd_to_use(args.cwd)
         return await run_command(command, ctx, config, cwd=cwd, env=args.env, stdin=args.stdin)
@@ -466,10 +477,12 @@ def shell_spec(config: ShellConfig) -> ToolSpec:
 
 
 def preset_spec(name: str, preset: Preset, config: ShellConfig) -> ToolSpec:
+    def check(args: PresetArgs, owner: str) -> None:
+        preset_command(name, preset, args.args, config.for_owner(owner).policy)
+
     async def handler(args: PresetArgs, ctx: ToolContext) -> JSON:
-        command = preset.command
-        if args.args:
-            command = f"{command} {shlex.join(args.args)}"
+        policy = config.for_owner(ctx.owner).policy  # issue 12: argument policy and shell_mode = "disabled"
+        command = preset_command(name, preset, args.args, policy)
         return await run_command(command, ctx, config, cwd=preset.cwd, env=preset.env, stdin=args.stdin)
 
     return ToolSpec(
@@ -481,6 +494,7 @@ def preset_spec(name: str, preset: Preset, config: ShellConfig) -> ToolSpec:
         open_world=True,
         default_timeout_s=preset.timeout_s,
         reattach=functools.partial(reattach, config=config),
+        check=check,
     )
 
 
