@@ -6,6 +6,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 import typing
@@ -123,6 +124,16 @@ class Settings(BaseModel):
     """Host headers accepted on a non-loopback bind (DNS-rebinding protection), e.g. "offload.lan:*"."""
     allowed_origins: tuple[str, ...] = ()
     max_request_body_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
+    max_sessions_per_owner: Annotated[int, Field(ge=1, le=10_000)] = 64
+    """Streamable HTTP sessions one owner may hold open; past it, opening another gets 429."""
+    max_streams_per_owner: Annotated[int, Field(ge=1, le=10_000)] = 16
+    """Open GET streams (SSE connections, standalone streams) one owner may hold; past it, 429."""
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 512
+    """HTTP connections at once (lowered to fit the descriptor limit); past it, 503 and close."""
+    http_header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    """A connection whose request headers take longer is closed."""
+    http_body_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """A request body that stops arriving for this long is treated as a disconnect."""
     max_argument_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
     """Largest JSON of a fired tool's arguments (and of a command, its stdin and env together)."""
     expose: tuple[str, ...] = ()
@@ -219,6 +230,21 @@ class Settings(BaseModel):
                 )
             named[name] = owner.token_env
         return named
+
+    def slots_for(self, owner: str) -> int | None:
+        """Tasks of `owner` that may run at once: its share of max_concurrency (1/owners by default when
+        several owners have tokens), or None when it may use all of it."""
+        found = self.owners.get(owner)
+        share = found.share if found is not None else None
+        if share is None:
+            owners = len(self.owner_tokens())
+            share = 1 / owners if owners > 1 else None
+        return None if share is None else max(1, math.floor(share * self.max_concurrency))
+
+    def is_admin(self, owner: str) -> bool:
+        """Sees server-wide figures: an owner marked admin, or the only owner there is."""
+        found = self.owners.get(owner)
+        return (found is not None and found.admin) or len(self.owner_tokens()) <= 1
 
     def max_active_for(self, owner: str) -> int:
         found = self.owners.get(owner)

@@ -97,6 +97,7 @@ class Executor:
             if limit is not None and group not in self._tool_limiters:
                 self._tool_limiters[group] = anyio.CapacityLimiter(limit)
         self._active: dict[str, Task] = {}
+        self._owner_limiters: dict[str, anyio.CapacityLimiter | None] = {}  # issue 12: fair share
         self._output_turns = anyio.CapacityLimiter(OUTPUT_TURNS)
         self._active_per_owner: Counter[str] = Counter()
         self._finished = FinishedTasks(settings.finished_tasks_max, clock, on_drop=self._forget_key)
@@ -213,9 +214,15 @@ class Executor:
         try:
             with task.scope:
                 tool_limiter = self._tool_limiters.get(_limit_key(task))
-                if self._limiter.available_tokens < 1 or (tool_limiter and tool_limiter.available_tokens < 1):
+                owner_limiter = self._owner_limiter(task.owner)  # issue 12: no owner runs past its share
+                limiters = [owner_limiter, self._limiter, tool_limiter]
+                if any(limiter is not None and limiter.available_tokens < 1 for limiter in limiters):
                     task.started.set()  # waiters learn it is queued
-                async with self._limiter, tool_limiter or contextlib.nullcontext():
+                async with (
+                    owner_limiter or contextlib.nullcontext(),
+                    self._limiter,
+                    tool_limiter or contextlib.nullcontext(),
+                ):
                     self._mark_running(task)
                     with anyio.fail_after(task.timeout_s):
                         result = await handler(task.arguments, self._context(task))
@@ -239,6 +246,12 @@ class Executor:
             if task.id in self._active:  # the whole task group is going away
                 error = TaskError(kind=ErrorKind.SHUTDOWN, message=_CANCEL_TEXT[ErrorKind.SHUTDOWN])
                 self._finish(task, Status.CANCELLED, error)
+
+    def _owner_limiter(self, owner: str) -> anyio.CapacityLimiter | None:
+        if owner not in self._owner_limiters:
+            slots = self.settings.slots_for(owner)
+            self._owner_limiters[owner] = None if slots is None else anyio.CapacityLimiter(slots)
+        return self._owner_limiters[owner]
 
     def _context(self, task: Task) -> ToolContext:
         def set_process(info: ProcessInfo) -> None:

@@ -216,10 +216,20 @@ class Runtime:
         return TaskList(tasks=[summary_of(row) for row in rows])
 
     def stats(self, owner: str = LOCAL_OWNER) -> dict[str, Any]:
-        """What `offload://stats` shows: the work, the reuse, the clients, the memory held."""
+        """What `offload://stats` shows: the caller's own work; server-wide figures (all owners' work, the
+        reuse, the clients, the data directory) only to an admin owner or the only owner there is."""
         executor = self.executor
+        active = [t for t in executor.active_tasks() if t.owner == owner]
+        mine: dict[str, Any] = {
+            "tasks_by_status": executor.store.count_by_status(owner, executor.now()),
+            "queue_depth": sum(t.status is Status.QUEUED for t in active),
+            "running": sum(t.status is Status.RUNNING for t in active),
+            "output_bytes_held": sum(t.output.held_bytes for t in active),
+        }
+        if not self.settings.is_admin(owner):
+            return mine
         counters = executor.counters
-        active = executor.active_tasks()
+        everyone = executor.active_tasks()
         per_tool = {
             tool: {
                 "lookups": lookups,
@@ -229,13 +239,15 @@ class Runtime:
             for tool, lookups in counters.cache_lookups.items()
         }
         return {
-            "tasks_by_status": executor.store.count_by_status(owner, executor.now()),
-            "queue_depth": sum(t.status is Status.QUEUED for t in active),
-            "running": sum(t.status is Status.RUNNING for t in active),
+            **mine,
+            "server": {
+                "queue_depth": sum(t.status is Status.QUEUED for t in everyone),
+                "running": sum(t.status is Status.RUNNING for t in everyone),
+                "output_bytes_held": sum(t.output.held_bytes for t in everyone),
+            },
             "fired": counters.fired,
             "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
             "clients": self.pool.stats(),
-            "output_bytes_held": sum(t.output.held_bytes for t in active),
             "notifications": self.notifier.stats(),
             "data_dir": str(executor.store.root),
         }

@@ -8,6 +8,7 @@ disconnects must not take its running tasks along.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -21,9 +22,11 @@ from starlette.types import ASGIApp
 
 from server import __version__
 from server.app import OffloadServer, build_server
-from server.auth import BearerAuth, Credentials, check_bind, check_isolation, is_loopback
+from server.auth import BearerAuth, Credentials, Limits, check_bind, check_isolation, is_loopback
 from server.config import Settings
+from server.limits import uvicorn_options
 from server.runtime import Runtime
+from server.sdk_compat import sessions_held
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,9 @@ def web_app(server: OffloadServer, settings: Settings, credentials: Credentials)
             transport_security=security(settings),
             host=settings.host,
         )
-    return BearerAuth(app, credentials)
+    limits = Limits(settings.max_sessions_per_owner, settings.max_streams_per_owner, settings.http_body_timeout_s)
+    held = functools.partial(sessions_held, server.session_manager) if transport == "http" else None
+    return BearerAuth(app, credentials, limits, held)  # issue 12: per-owner caps, body timeout
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -103,6 +108,7 @@ async def serve_http(settings: Settings, credentials: Credentials) -> None:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            **uvicorn_options(settings.http_header_timeout_s, settings.max_connections),  # issue 12
         )
         web = _Uvicorn(config)
         host, port = sock.getsockname()[:2]

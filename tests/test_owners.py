@@ -1,0 +1,56 @@
+"""Per-owner shares and stats over real HTTP with two owners: bob's long tasks cannot take alice's share of
+max_concurrency, and offload://stats shows each owner its own work, server-wide figures only to an admin."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from conftest import Gate
+from mcp import Client
+from test_http import ALICE, BOB, TOKENS, connect, tool, web_server
+
+pytestmark = pytest.mark.anyio
+
+
+async def stats(client: Client) -> dict[str, Any]:
+    read = await client.read_resource("offload://stats")
+    found: dict[str, Any] = json.loads(read.contents[0].text)  # type: ignore[union-attr]
+    return found
+
+
+async def status(client: Client, task_id: str) -> str:
+    return str((await tool(client, "get_cached_output", task_id=task_id))["status"])
+
+
+async def test_no_owner_runs_past_its_share_while_others_wait(gate: Gate) -> None:
+    owners = {"alice": {"token_env": "ALICE_TOKEN", "admin": True}, "bob": {"token_env": "BOB_TOKEN"}}
+    async with (
+        web_server(gate, "http", TOKENS, owners=owners, max_concurrency=4) as url,
+        connect(url, ALICE) as alice,
+        connect(url, BOB) as bob,
+    ):
+        # Two owners, no share set: each may run half of max_concurrency (2 of 4).
+        his = [
+            (await tool(bob, "fire_tool", tool="test.gate", arguments={"key": f"b{i}"}))["task_id"] for i in range(4)
+        ]
+        for key in ("b0", "b1"):
+            await gate.wait_entered(key)
+        hers = (await tool(alice, "fire_tool", tool="test.gate", arguments={"key": "a0"}))["task_id"]
+        await gate.wait_entered("a0")  # she starts at once, although bob has work waiting
+        assert [await status(bob, t) for t in his] == ["running", "running", "queued", "queued"]
+        assert await status(alice, hers) == "running"
+
+        mine, theirs = await stats(alice), await stats(bob)
+        assert (theirs["running"], theirs["queue_depth"]) == (2, 2)
+        assert set(theirs) == {"tasks_by_status", "queue_depth", "running", "output_bytes_held"}  # no server figures
+        assert (mine["running"], mine["queue_depth"]) == (1, 0)
+        assert mine["server"]["running"] == 3 and mine["server"]["queue_depth"] == 2 and "data_dir" in mine
+
+        gate.release("b0")
+        await gate.wait_entered("b2")  # his freed slot goes to his next task
+        for key in ("a0", "b1", "b2", "b3"):
+            gate.release(key)
+        done = await tool(bob, "poll_output", task_ids=his, timeout_s=20)
+        assert done["pending"] == []
