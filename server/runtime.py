@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import sqlite3
 import sys
@@ -186,7 +185,7 @@ class Runtime:
             start = max(offset, task.output.tail(tail_bytes))
         chunk = task.output.read(start, max_bytes)
         if self.redactor:
-            chunk = dataclasses.replace(chunk, data=self.redactor.chunk(task.output, chunk))
+            chunk = self.redactor.chunk(task.output, chunk, live=not task.status.finished)
         return self.redactor.model(task.view(chunk))
 
     async def poll(
