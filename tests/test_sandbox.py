@@ -20,6 +20,8 @@ import anyio
 import pytest
 from conftest import FakeClock, Gate, call, data, finish, live_group_members, open_client
 from mcp import Client
+from rawserver import start_server
+from test_durable import kill_9, wait_for_exit
 from test_http import ALICE, BOB, TOKENS, connect, tool, web_server
 
 from server.config import Settings
@@ -219,3 +221,65 @@ def test_owner_tables_and_auth_tokens_must_agree() -> None:
     settings = Settings(auth_tokens={"alice": "A"}, owners={"alice": {"token_env": "B"}})
     with pytest.raises(ConfigError, match="two token variables"):
         settings.owner_tokens()
+
+
+@pytest.fixture
+def sandboxed_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Server subprocesses started by `start_server` sandbox their commands; returns the owner's root."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("OFFLOAD_SHELL_SANDBOX", "bwrap")
+    monkeypatch.setenv("OFFLOAD_SHELL_ROOTS", str(work))
+    return work
+
+
+async def test_crash_recovery_kills_a_sandboxed_command_and_reads_its_exit_record(
+    tmp_path: Path, sandboxed_env: Path
+) -> None:
+    server = await start_server(tmp_path)
+    ready = sandboxed_env / "ready"
+    os.mkfifo(ready)
+    fd = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)  # held open first, so the writer never blocks
+    try:
+        command = f"sleep 300 & sleep 300 & echo up > {ready}; wait"
+        running = await server.call("run_shell_background", command=command)
+        with anyio.fail_after(10):  # the command says so once its children exist
+            await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+    quick = await server.call("run_shell_background", command="sleep 0.3; exit 7")
+    await kill_9(server)
+    assert live_group_members(running["pid"]), "kill -9 gives the server no chance to clean up"
+    await wait_for_exit(quick["pid"])
+
+    again = await start_server(tmp_path)
+    async with again.process:
+        interrupted = await again.call("get_cached_output", task_id=running["task_id"])
+        assert interrupted["status"] == "failed" and interrupted["error"]["kind"] == "interrupted"
+        assert live_group_members(running["pid"]) == []  # the whole sandbox, its PID namespace included
+        finished = await again.call("get_cached_output", task_id=quick["task_id"])
+        assert finished["result"]["exit_code"] == 7  # the wrapper outside the sandbox recorded it
+        await again.process.stdin.aclose()  # type: ignore[union-attr]
+
+
+async def test_a_detached_sandboxed_command_outlives_the_server(tmp_path: Path, sandboxed_env: Path) -> None:
+    server = await start_server(tmp_path, "--detach")
+    gate = sandboxed_env / "gate"
+    os.mkfifo(gate)
+    slow = await server.call("run_shell_background", command=f"echo waiting; read line < {gate}; echo $line; exit 4")
+    assert server.process.stdin is not None
+    await server.process.stdin.aclose()
+    with anyio.fail_after(5):
+        await server.process.wait()
+    assert live_group_members(slow["pid"]), "detached commands are not killed at shutdown"
+
+    again = await start_server(tmp_path, "--detach")
+    async with again.process:
+        still = await again.call("get_cached_output", task_id=slow["task_id"])
+        assert still["status"] == "running" and still["output"]["text"] == "waiting\n"
+        with anyio.fail_after(5):
+            await anyio.to_thread.run_sync(gate.write_text, "free\n", abandon_on_cancel=True)
+        polled = await again.call("poll_output", task_ids=[slow["task_id"]], timeout_s=20)
+        ended = polled["done"][0]
+        assert ended["result"]["exit_code"] == 4 and ended["output"]["text"] == "waiting\nfree\n"
+        await again.process.stdin.aclose()  # type: ignore[union-attr]
