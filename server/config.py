@@ -150,6 +150,8 @@ class Settings(BaseModel):
     """"bwrap": every command runs under bubblewrap (read-only system, its owner's roots writable, private
     /tmp and PID namespace, no data directory); required on a server with several owners and an open shell."""
     shell_network: bool = True
+    shell_sandbox_hide: tuple[str, ...] = ()
+    """More paths every sandbox replaces with an empty directory (e.g. "~/.ssh", "~/.config/gh")."""
     """Sandboxed commands reach the network (false: only a loopback of their own)."""
     owners: dict[OwnerName, OwnerSettings] = {}
     """Per-owner tokens and policy; `[auth_tokens]` NAME = "VARIABLE" is shorthand for a token_env alone."""
@@ -169,7 +171,10 @@ class Settings(BaseModel):
         )
         shells = {name: self._owner_policy(owner) for name, owner in self.owners.items()}
         every_root = {*base.policy.roots, *(root for shell in shells.values() for root in shell.roots)}
-        private = (os.path.realpath(data_dir(self)),)
+        private = (
+            os.path.realpath(data_dir(self)),
+            *(os.path.realpath(os.path.expanduser(p)) for p in self.shell_sandbox_hide),
+        )
 
         def sandbox(kind: Kind, network: bool, roots: tuple[str, ...]) -> Sandbox:
             hidden = private + tuple(sorted(r for r in every_root if r not in roots))

@@ -283,3 +283,24 @@ async def test_a_detached_sandboxed_command_outlives_the_server(tmp_path: Path, 
         ended = polled["done"][0]
         assert ended["result"]["exit_code"] == 4 and ended["output"]["text"] == "waiting\nfree\n"
         await again.process.stdin.aclose()  # type: ignore[union-attr]
+
+
+async def test_operator_listed_paths_are_hidden(
+    tmp_path: Path, clock: FakeClock, gate: Gate, outside_tmp: Path
+) -> None:
+    private = outside_tmp / "dot-ssh"
+    private.mkdir()
+    (private / "id_ed25519").write_text("PRIVATE KEY\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        shell_sandbox="bwrap",
+        shell_roots=(str(work),),
+        shell_sandbox_hide=(str(private),),
+    )
+    async with open_client(settings, clock, gate) as (_, client):
+        view = await finish(
+            client, (await call(client, "run_shell_background", command=f"ls -A {private}; echo end"))["task_id"]
+        )
+        assert view["output"]["text"] == "end\n"
