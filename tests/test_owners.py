@@ -54,3 +54,32 @@ async def test_no_owner_runs_past_its_share_while_others_wait(gate: Gate) -> Non
             gate.release(key)
         done = await tool(bob, "poll_output", task_ids=his, timeout_s=20)
         assert done["pending"] == []
+
+
+async def test_an_owners_own_max_active_and_share_apply_to_it_alone(gate: Gate) -> None:
+    owners = {
+        "alice": {"token_env": "ALICE_TOKEN", "max_active": 2, "share": 0.25},
+        "bob": {"token_env": "BOB_TOKEN"},
+    }
+    async with (
+        web_server(gate, "http", TOKENS, owners=owners, max_concurrency=4) as url,
+        connect(url, ALICE) as alice,
+        connect(url, BOB) as bob,
+    ):
+        hers = [
+            (await tool(alice, "fire_tool", tool="test.gate", arguments={"key": f"a{i}"}))["task_id"] for i in range(2)
+        ]
+        await gate.wait_entered("a0")
+        assert [await status(alice, t) for t in hers] == ["running", "queued"]  # a quarter of 4: one at a time
+        refused = await alice.call_tool("fire_tool", {"tool": "test.gate", "arguments": {"key": "a2"}})
+        assert refused.is_error and "You already have 2 tasks" in refused.content[0].text  # type: ignore[union-attr]
+        his = [
+            (await tool(bob, "fire_tool", tool="test.gate", arguments={"key": f"b{i}"}))["task_id"] for i in range(3)
+        ]
+        for key in ("b0", "b1"):
+            await gate.wait_entered(key)
+        assert [await status(bob, t) for t in his] == ["running", "running", "queued"]  # half of 4
+        for key in ("a0", "a1", "b0", "b1", "b2"):
+            gate.release(key)
+        assert (await tool(alice, "poll_output", task_ids=hers, timeout_s=20))["pending"] == []
+        assert (await tool(bob, "poll_output", task_ids=his, timeout_s=20))["pending"] == []
