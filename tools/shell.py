@@ -67,7 +67,7 @@ class Preset:
     timeout_s: float | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     description: str | None = None
-    args: str = "any"
+    args: str = "none"
     """Which `args` a caller may append: "none", "any", or a regex each argument must match (tools/presets.py)."""
     allow_options: bool = False
     """Arguments starting with "-" are refused unless this is set."""
