@@ -148,6 +148,8 @@ async def test_a_sandboxed_command_keeps_group_exit_status_and_cancel(
     async with open_client(settings_with_sandbox, clock, gate) as (_, client):
         failed = await finish(client, (await call(client, "run_shell_background", command="exit 7"))["task_id"])
         assert failed["result"]["exit_code"] == 7 and failed["error"]["kind"] == "exit_status"
+        killed = await finish(client, (await call(client, "run_shell_background", command="kill -9 $$"))["task_id"])
+        assert killed["result"]["exit_code"] == 128 + 9  # bwrap passes a status on, not a signal (README says so)
         runtime_dir = settings_with_sandbox.shell_roots[0]
         fifo = Path(runtime_dir) / "ready"
         os.mkfifo(fifo)
