@@ -158,8 +158,9 @@ class Settings(BaseModel):
 
     @model_validator(mode="after")
     def _shell_policy_is_valid(self) -> Settings:
-        """Bad roots or rules fail at start, named, not at the first command."""
+        """Bad roots or rules, or an owner with two token variables, fail at start, named, not at first use."""
         self.shell_config()
+        self.owner_tokens()
         return self
 
     def shell_config(self) -> ShellConfig:
