@@ -192,6 +192,7 @@ class Settings(BaseModel):
             )
             for (name, owner), policy in zip(self.owners.items(), shells.values(), strict=True)
         }
+        bearer = (self.auth_token_env, *self.owner_tokens().values())
         presets = {
             name: Preset(
                 command=p.command,
@@ -205,8 +206,10 @@ class Settings(BaseModel):
             for name, p in self.presets.items()
         }
         return ShellConfig(
-            secret_markers=self.shell_secret_markers,
-            pass_env=self.shell_pass_env,
+            # The variables credentials are read from never reach a command, whatever their names (issue 12);
+            # bearer tokens not even through shell_pass_env.
+            secret_markers=(*self.shell_secret_markers, *bearer, self.github_token_env, self.anthropic_key_env),
+            pass_env=tuple(name for name in self.shell_pass_env if name not in bearer),
             kill_grace_s=self.kill_grace_s,
             detach=self.detach,
             presets=presets,

@@ -277,7 +277,7 @@ def secret_variables(settings: Settings) -> list[str]:
         settings.github_token_env,
         settings.anthropic_key_env,
         settings.auth_token_env,
-        *settings.auth_tokens.values(),
+        *settings.owner_tokens().values(),
     ]
 
 

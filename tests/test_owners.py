@@ -4,12 +4,15 @@ max_concurrency, and offload://stats shows each owner its own work, server-wide 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Gate
+from conftest import FakeClock, Gate, call, open_client
 from mcp import Client
 from test_http import ALICE, BOB, TOKENS, connect, tool, web_server
+
+from server.config import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -83,3 +86,22 @@ async def test_an_owners_own_max_active_and_share_apply_to_it_alone(gate: Gate) 
             gate.release(key)
         assert (await tool(alice, "poll_output", task_ids=hers, timeout_s=20))["pending"] == []
         assert (await tool(bob, "poll_output", task_ids=his, timeout_s=20))["pending"] == []
+
+
+async def test_token_variables_never_reach_a_command_whatever_their_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    """`A_TOK` does not look secret by its name; it holds a bearer token, so no command gets it."""
+    for name, value in {"A_TOK": ALICE, "B_TOK": BOB, "GH_PAT": "ghp_" + "q" * 36}.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        auth_tokens={"alice": "A_TOK"},
+        owners={"bob": {"token_env": "B_TOK"}},
+        github_token_env="GH_PAT",
+        shell_pass_env=("B_TOK",),  # not even when asked for
+    )
+    probe = 'for v in A_TOK B_TOK GH_PAT; do [ -n "$(printenv $v)" ] && echo "$v present" || echo "$v absent"; done'
+    async with open_client(settings, clock, Gate()) as (_, client):
+        view = await call(client, "fire_tool", tool="shell", arguments={"command": probe}, wait_s=10)
+        assert view["task"]["output"]["text"] == "A_TOK absent\nB_TOK absent\nGH_PAT absent\n"
