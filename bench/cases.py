@@ -51,10 +51,12 @@ def _quantiles_ms(samples_s: list[float]) -> tuple[float, float]:
 
 
 @asynccontextmanager
-async def stdio_client(mode: str = "legacy", *flags: str) -> AsyncIterator[Client]:
+async def stdio_client(
+    mode: str = "legacy", *flags: str, env_extra: dict[str, str] | None = None
+) -> AsyncIterator[Client]:
     """A real `offload-mcp` subprocess over stdio, on a fresh data directory."""
     with tempfile.TemporaryDirectory(prefix="offload-bench-") as data:
-        env = {**os.environ, "OFFLOAD_LOG_LEVEL": "WARNING", "OFFLOAD_DATA_DIR": data}
+        env = {**os.environ, "OFFLOAD_LOG_LEVEL": "WARNING", "OFFLOAD_DATA_DIR": data, **(env_extra or {})}
         params = StdioServerParameters(command=sys.executable, args=["-m", "server", *flags], env=env)
         async with Client(params, mode=mode) as client:
             yield client
@@ -662,6 +664,59 @@ async def _fresh_client_get(url: str) -> None:
         (await client.get(url)).raise_for_status()
 
 
+async def sandbox(quick: bool) -> CaseResult:
+    """The bubblewrap sandbox's cost (issue 12): a fire's reply, a fire until its `true` is done, and 32 x
+    `sleep 1` fired at once then collected, each with shell_sandbox = "bwrap" against "none"."""
+    n = 50 if quick else 300
+    result = CaseResult("sandbox: bwrap against none (stdio)")
+    figures: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="offload-bench-root-") as root:
+        for kind in ("none", "bwrap"):
+            env = {"OFFLOAD_SHELL_SANDBOX": kind, "OFFLOAD_SHELL_ROOTS": root}
+            async with stdio_client("legacy", env_extra=env) as client:
+                fire = lambda: client.call_tool("fire_tool", {"tool": "shell", "arguments": {"command": "true"}})  # noqa: E731
+                done = lambda: client.call_tool(  # noqa: E731
+                    "fire_tool", {"tool": "shell", "arguments": {"command": "true"}, "wait_s": 10}
+                )
+                for _ in range(20):
+                    await fire()
+                    await done()
+                replies, finishes = [], []
+                for _ in range(n):
+                    replies += await _timed(fire, 1)
+                    await anyio.sleep(0.005)
+                    finishes += await _timed(done, 1)
+                fan_s = []
+                for _ in range(1 if quick else 3):
+                    started = time.perf_counter()
+                    ids: list[str] = []
+
+                    async def one(into: list[str] = ids) -> None:
+                        into.append(await _fire(client, "sleep 1"))
+
+                    async with anyio.create_task_group() as tg:
+                        for _ in range(32):
+                            tg.start_soon(one)
+                    poll = _data(await client.call_tool("poll_output", {"task_ids": ids, "timeout_s": 55}))
+                    if len(poll["done"]) != 32 or any(v["status"] != "completed" for v in poll["done"]):
+                        raise RuntimeError(f"the fan-out did not complete: {poll}")
+                    fan_s.append(time.perf_counter() - started)
+            figures[kind] = {
+                "reply": _quantiles_ms(replies)[0],
+                "done": _quantiles_ms(finishes)[0],
+                "fan_out": statistics.median(fan_s),
+            }
+            result.add(f"{kind}: fire_tool reply median", figures[kind]["reply"], "ms")
+            result.add(f"{kind}: fire until `true` done median", figures[kind]["done"], "ms")
+            result.add(f"{kind}: 32 x sleep 1, all results after", figures[kind]["fan_out"], "s")
+    result.add("reply, bwrap / none", figures["bwrap"]["reply"] / figures["none"]["reply"], "x")
+    result.add("fire until done, bwrap / none", figures["bwrap"]["done"] / figures["none"]["done"], "x")
+    overhead = {kind: figures[kind]["fan_out"] - 1.0 for kind in figures}
+    ratio = overhead["bwrap"] / max(overhead["none"], 1e-3)
+    result.add("fan-out overhead (past 1 s), bwrap / none", ratio, "x", "<= 1.5", ratio <= 1.5)
+    return result
+
+
 CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "fire_latency": fire_latency,
     "fire_latency_idle": fire_latency_idle,
@@ -680,4 +735,5 @@ CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "shutdown": shutdown,
     "client_reuse": client_reuse,
     "notify_latency": notify_latency,
+    "sandbox": sandbox,
 }

@@ -24,6 +24,10 @@ from server.stdio import loop_stdio_server
 
 log = logging.getLogger("offload")
 
+PRIVATE_UMASK = 0o077
+"""Set at start: every file the server creates (the database, output and exit files) is 0600. Commands
+inherit it; one that needs group-readable files sets its own `umask`."""
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -83,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"offload-mcp: {exc}\n")  # logging is not set up yet: the settings failed
         return 2
     _log_to_stderr(settings.log_level, Redactor.from_environ(secret_variables(settings)))
+    os.umask(PRIVATE_UMASK)  # the store's files and the commands' exit records: private to this user
     if args.command == "demo":
         from server.demo import run_demo
 

@@ -6,6 +6,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 import typing
@@ -14,17 +15,20 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.errors import ConfigError
 from tools.clients import ClientsConfig
-from tools.policy import ShellPolicy
+from tools.policy import Mode, ShellPolicy
+from tools.presets import validate_rule
+from tools.sandbox import Kind, OwnerShell, Sandbox
 from tools.shell import SECRET_MARKERS, Preset, ShellConfig
 
 ENV_PREFIX = "OFFLOAD_"
 APP_NAME = "offload"
 
 PositiveSeconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
+OwnerName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
 class PresetSettings(BaseModel):
@@ -35,6 +39,36 @@ class PresetSettings(BaseModel):
     timeout_s: PositiveSeconds | None = None
     env: dict[str, str] = {}
     description: str | None = None
+    args: str = "none"
+    """What a caller may append: "none" (the default), "any", or a regex each argument must match."""
+    allow_options: bool = False
+    """Allow appended arguments that start with "-" (options can make a program run other commands)."""
+
+    @field_validator("args")
+    @classmethod
+    def _args_rule(cls, value: str) -> str:
+        return validate_rule(value)
+
+
+class OwnerSettings(BaseModel):
+    """`[owners.NAME]`: one owner's token and shell policy; a setting left out is the server-wide one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token_env: str | None = None
+    """The variable holding this owner's bearer token (as `[auth_tokens]` NAME = "VARIABLE")."""
+    shell_mode: Mode | None = None
+    shell_roots: tuple[str, ...] | None = None
+    shell_allow: tuple[str, ...] | None = None
+    shell_deny: tuple[str, ...] | None = None
+    sandbox: Kind | None = None
+    network: bool | None = None
+    max_active: Annotated[int, Field(ge=1)] | None = None
+    """Queued plus running tasks of this owner (default max_active_per_owner)."""
+    share: Annotated[float, Field(gt=0, le=1)] | None = None
+    """The part of max_concurrency this owner may run at once."""
+    admin: bool = False
+    """Sees server-wide figures in offload://stats."""
 
 
 class Settings(BaseModel):
@@ -94,6 +128,16 @@ class Settings(BaseModel):
     """Host headers accepted on a non-loopback bind (DNS-rebinding protection), e.g. "offload.lan:*"."""
     allowed_origins: tuple[str, ...] = ()
     max_request_body_bytes: Annotated[int, Field(ge=1024, le=256 * 1024 * 1024)] = 1024 * 1024
+    max_sessions_per_owner: Annotated[int, Field(ge=1, le=10_000)] = 64
+    """Streamable HTTP sessions one owner may hold open; past it, opening another gets 429."""
+    max_streams_per_owner: Annotated[int, Field(ge=1, le=10_000)] = 16
+    """Open GET streams (SSE connections, standalone streams) one owner may hold; past it, 429."""
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 512
+    """HTTP connections at once (lowered to fit the descriptor limit); past it, 503 and close."""
+    http_header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    """A connection whose request headers take longer is closed."""
+    http_body_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    """A request body that stops arriving for this long is treated as a disconnect."""
     max_argument_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
     """Largest JSON of a fired tool's arguments (and of a command, its stdin and env together)."""
     stream_hold_s: Annotated[float, Field(ge=0, le=55)] = 25.0
@@ -111,14 +155,53 @@ class Settings(BaseModel):
     shell_deny: tuple[str, ...] = ()
     shell_roots: tuple[str, ...] = ()
     """Working directories commands may use (symlinks resolved); empty means any."""
+    shell_sandbox: Kind = "none"
+    """"bwrap": every command runs under bubblewrap (read-only system, its owner's roots writable, private
+    /tmp and PID namespace, no data directory); required on a server with several owners and an open shell."""
+    shell_network: bool = True
+    shell_sandbox_hide: tuple[str, ...] = ()
+    """More paths every sandbox replaces with an empty directory (e.g. "~/.ssh", "~/.config/gh")."""
+    """Sandboxed commands reach the network (false: only a loopback of their own)."""
+    owners: dict[OwnerName, OwnerSettings] = {}
+    """Per-owner tokens and policy; `[auth_tokens]` NAME = "VARIABLE" is shorthand for a token_env alone."""
 
     @model_validator(mode="after")
     def _shell_policy_is_valid(self) -> Settings:
-        """Bad roots or rules fail at start, named, not at the first command."""
+        """Bad roots or rules, or an owner with two token variables, fail at start, named, not at first use."""
         self.shell_config()
+        self.owner_tokens()
         return self
 
     def shell_config(self) -> ShellConfig:
+        base = OwnerShell(
+            ShellPolicy.build(
+                mode=self.shell_mode, allow=self.shell_allow, deny=self.shell_deny, roots=self.shell_roots
+            ),
+            Sandbox(),
+        )
+        shells = {name: self._owner_policy(owner) for name, owner in self.owners.items()}
+        every_root = {*base.policy.roots, *(root for shell in shells.values() for root in shell.roots)}
+        private = (
+            os.path.realpath(data_dir(self)),
+            *(os.path.realpath(os.path.expanduser(p)) for p in self.shell_sandbox_hide),
+        )
+
+        def sandbox(kind: Kind, network: bool, roots: tuple[str, ...]) -> Sandbox:
+            hidden = private + tuple(sorted(r for r in every_root if r not in roots))
+            return Sandbox(kind=kind, writable=roots, hidden=hidden, network=network)
+
+        owners = {
+            name: OwnerShell(
+                policy,
+                sandbox(
+                    owner.sandbox or self.shell_sandbox,
+                    self.shell_network if owner.network is None else owner.network,
+                    policy.roots,
+                ),
+            )
+            for (name, owner), policy in zip(self.owners.items(), shells.values(), strict=True)
+        }
+        bearer = (self.auth_token_env, *self.owner_tokens().values())
         presets = {
             name: Preset(
                 command=p.command,
@@ -126,19 +209,64 @@ class Settings(BaseModel):
                 timeout_s=p.timeout_s,
                 env=dict(p.env),
                 description=p.description,
+                args=p.args,
+                allow_options=p.allow_options,
             )
             for name, p in self.presets.items()
         }
         return ShellConfig(
-            secret_markers=self.shell_secret_markers,
-            pass_env=self.shell_pass_env,
+            # The variables credentials are read from never reach a command, whatever their names (issue 12);
+            # bearer tokens not even through shell_pass_env.
+            secret_markers=(*self.shell_secret_markers, *bearer, self.github_token_env, self.anthropic_key_env),
+            pass_env=tuple(name for name in self.shell_pass_env if name not in bearer),
             kill_grace_s=self.kill_grace_s,
             detach=self.detach,
             presets=presets,
-            policy=ShellPolicy.build(
-                mode=self.shell_mode, allow=self.shell_allow, deny=self.shell_deny, roots=self.shell_roots
-            ),
+            policy=base.policy,
+            sandbox=sandbox(self.shell_sandbox, self.shell_network, base.policy.roots),
+            owners=owners,
         )
+
+    def _owner_policy(self, owner: OwnerSettings) -> ShellPolicy:
+        return ShellPolicy.build(
+            mode=owner.shell_mode or self.shell_mode,
+            allow=self.shell_allow if owner.shell_allow is None else owner.shell_allow,
+            deny=self.shell_deny if owner.shell_deny is None else owner.shell_deny,
+            roots=self.shell_roots if owner.shell_roots is None else owner.shell_roots,
+        )
+
+    def owner_tokens(self) -> dict[str, str]:
+        """Owner → the variable holding its token, from `[auth_tokens]` and `[owners.NAME] token_env`."""
+        named = dict(self.auth_tokens)
+        for name, owner in self.owners.items():
+            if owner.token_env is None:
+                continue
+            if named.get(name, owner.token_env) != owner.token_env:
+                raise ConfigError(
+                    f"owner {name!r} has two token variables: [auth_tokens] says {named[name]!r}, "
+                    f"[owners.{name}] token_env says {owner.token_env!r}; keep one"
+                )
+            named[name] = owner.token_env
+        return named
+
+    def slots_for(self, owner: str) -> int | None:
+        """Tasks of `owner` that may run at once: its share of max_concurrency (1/owners by default when
+        several owners have tokens), or None when it may use all of it."""
+        found = self.owners.get(owner)
+        share = found.share if found is not None else None
+        if share is None:
+            owners = len(self.owner_tokens())
+            share = 1 / owners if owners > 1 else None
+        return None if share is None else max(1, math.floor(share * self.max_concurrency))
+
+    def is_admin(self, owner: str) -> bool:
+        """Sees server-wide figures: an owner marked admin, or the only owner there is."""
+        found = self.owners.get(owner)
+        return (found is not None and found.admin) or len(self.owner_tokens()) <= 1
+
+    def max_active_for(self, owner: str) -> int:
+        found = self.owners.get(owner)
+        return self.max_active_per_owner if found is None or found.max_active is None else found.max_active
 
 
 def clients_config(settings: Settings) -> ClientsConfig:
@@ -198,7 +326,7 @@ _NOT_SETTINGS = {"CONFIG", "AUTH_TOKEN"}
 """OFFLOAD_CONFIG names the file; OFFLOAD_AUTH_TOKEN is a secret, read only by `server.auth`."""
 
 
-_TABLES = ("presets", "tool_concurrency", "auth_tokens")
+_TABLES = ("presets", "tool_concurrency", "auth_tokens", "owners")
 """Settings that only the TOML file can give."""
 
 

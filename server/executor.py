@@ -99,6 +99,7 @@ class Executor:
                 self._tool_limiters[group] = anyio.CapacityLimiter(limit)
         self._active: dict[str, Task] = {}
         self._copy_turns = anyio.CapacityLimiter(COPY_TURNS)
+        self._owner_limiters: dict[str, anyio.CapacityLimiter | None] = {}
         self._active_per_owner: Counter[str] = Counter()
         self._finished = FinishedTasks(settings.finished_tasks_max, clock, on_drop=self._forget_key)
         self._reuse: dict[str, str] = {}
@@ -145,7 +146,7 @@ class Executor:
             raise InvalidArgumentsError(tool, plain_problems(exc)) from exc
         if spec.check is not None:
             try:
-                spec.check(parsed)
+                spec.check(parsed, owner)  # issue 12: per-owner policy
             except ValueError as exc:
                 raise RefusedError(tool, str(exc)) from exc
         timeout = self._timeout(spec, timeout_s)
@@ -154,8 +155,8 @@ class Executor:
             self.counters.cache_lookups[tool] += 1
         if key is not None and use_cache and (reused := self._reusable(key)) is not None:
             return reused
-        if self._active_per_owner[owner] >= self.settings.max_active_per_owner:
-            raise TooManyTasksError(self.settings.max_active_per_owner)
+        if self._active_per_owner[owner] >= (most := self.settings.max_active_for(owner)):  # issue 12: per owner
+            raise TooManyTasksError(most)
         task_id = secrets.token_urlsafe(16)
         task = Task(
             id=task_id,
@@ -212,10 +213,16 @@ class Executor:
         try:
             with task.scope:
                 tool_limiter = self._tool_limiters.get(_limit_key(task))
-                if self._limiter.available_tokens < 1 or (tool_limiter and tool_limiter.available_tokens < 1):
+                owner_limiter = self._owner_limiter(task.owner)  # no owner runs past its share
+                limiters = [owner_limiter, self._limiter, tool_limiter]
+                if any(limiter is not None and limiter.available_tokens < 1 for limiter in limiters):
                     task.queued.set()  # waiters learn it is queued
                     self._tell_watchers(task)  # watchers hear "queued behind a full limit"
-                async with self._limiter, tool_limiter or contextlib.nullcontext():
+                async with (
+                    owner_limiter or contextlib.nullcontext(),
+                    self._limiter,
+                    tool_limiter or contextlib.nullcontext(),
+                ):
                     self._mark_running(task)
                     with anyio.fail_after(task.time_left_s):
                         result = await handler(task.arguments, self._context(task))
@@ -238,6 +245,12 @@ class Executor:
             if task.id in self._active:  # the whole task group is going away
                 task.cancel_reason = ErrorKind.SHUTDOWN
                 self._finish(task, Status.CANCELLED, _cancel_error(task))
+
+    def _owner_limiter(self, owner: str) -> anyio.CapacityLimiter | None:
+        if owner not in self._owner_limiters:
+            slots = self.settings.slots_for(owner)
+            self._owner_limiters[owner] = None if slots is None else anyio.CapacityLimiter(slots)
+        return self._owner_limiters[owner]
 
     def _context(self, task: Task) -> ToolContext:
         output = task.output
@@ -272,6 +285,7 @@ class Executor:
             kill_grace_s=self.settings.kill_grace_s,
             shutting_down=lambda: task.cancel_reason is ErrorKind.SHUTDOWN,
             copy_turns=self._copy_turns,
+            owner=task.owner,
         )
 
     def _capture_argv(self, task_id: str) -> list[str]:

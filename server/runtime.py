@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import sqlite3
 import sys
@@ -24,7 +23,7 @@ from anyio.abc import TaskGroup
 from server.auth import LOCAL_OWNER
 from server.cache import Clock
 from server.config import Settings, clients_config, data_dir
-from server.errors import ForeignTaskError, RequestError
+from server.errors import ConfigError, ForeignTaskError, RequestError
 from server.executor import Executor, ProgressFn, ReturnWhen
 from server.notify import Notifier
 from server.recovery import recover, watch_peers
@@ -44,6 +43,7 @@ from server.tasks import (
     summary_of,
     task_uri,
 )
+from tools import sandbox
 from tools.claude import claude_specs
 from tools.clients import ClientPool
 from tools.github import github_specs
@@ -91,10 +91,15 @@ class Runtime:
         load_plugins: bool = True,
     ) -> AsyncIterator[Runtime]:
         _use_pidfd_child_watcher()
+        shell = settings.shell_config()
+        try:
+            await sandbox.check([shell.sandbox, *(owner.sandbox for owner in shell.owners.values())])
+        except sandbox.SandboxError as exc:
+            raise ConfigError(str(exc)) from exc
         pool = ClientPool(clients_config(settings))
         registry = Registry(
             [
-                *shell_specs(settings.shell_config()),
+                *shell_specs(shell),
                 *http_specs(pool),
                 *github_specs(pool),
                 *claude_specs(pool),
@@ -204,7 +209,7 @@ class Runtime:
             start = max(offset, task.output.tail(tail_bytes))
         chunk = task.output.read(start, max_bytes)
         if self.redactor:
-            chunk = dataclasses.replace(chunk, data=self.redactor.chunk(task.output, chunk))
+            chunk = self.redactor.chunk(task.output, chunk, live=not task.status.finished)
         return self.redactor.model(task.view(chunk))
 
     async def poll(
@@ -238,10 +243,19 @@ class Runtime:
         return TaskList(tasks=[summary_of(row) for row in rows])
 
     def stats(self, owner: str = LOCAL_OWNER) -> dict[str, Any]:
-        """What `offload://stats` shows: the work, the reuse, the clients, the memory held."""
+        """What `offload://stats` shows: the caller's own work; server-wide figures (all owners' work, the
+        reuse, the clients, the data directory) only to an admin owner or the only owner there is."""
         executor = self.executor
+        active = [t for t in executor.active_tasks() if t.owner == owner]
+        mine: dict[str, Any] = {
+            "tasks_by_status": executor.store.count_by_status(owner, executor.now()),
+            "queue_depth": sum(t.status is Status.QUEUED for t in active),
+            "running": sum(t.status is Status.RUNNING for t in active),
+        }
+        if not self.settings.is_admin(owner):
+            return mine
         counters = executor.counters
-        active = executor.active_tasks()
+        everyone = executor.active_tasks()
         per_tool = {
             tool: {
                 "lookups": lookups,
@@ -251,9 +265,11 @@ class Runtime:
             for tool, lookups in counters.cache_lookups.items()
         }
         return {
-            "tasks_by_status": executor.store.count_by_status(owner, executor.now()),
-            "queue_depth": sum(t.status is Status.QUEUED for t in active),
-            "running": sum(t.status is Status.RUNNING for t in active),
+            **mine,
+            "server": {
+                "queue_depth": sum(t.status is Status.QUEUED for t in everyone),
+                "running": sum(t.status is Status.RUNNING for t in everyone),
+            },
             "fired": counters.fired,
             "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
             "clients": self.pool.stats(),
@@ -291,7 +307,7 @@ def secret_variables(settings: Settings) -> list[str]:
         settings.github_token_env,
         settings.anthropic_key_env,
         settings.auth_token_env,
-        *settings.auth_tokens.values(),
+        *settings.owner_tokens().values(),
     ]
 
 

@@ -5,6 +5,8 @@ change breaks one module, loudly (tests/test_notify.py checks both), not a featu
   private, yet a `resources/subscribe` must be remembered per connection (each request has its own
   session object) and answered later on that connection's standalone stream.
 - `MCPServer` has no decorator for `resources/subscribe`; the handlers go on its low-level server.
+- The streamable HTTP session manager does not say how many sessions one principal holds, which a
+  per-owner cap needs (it keeps each session's principal, for its own owner check).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from mcp.server.connection import Connection
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.mcpserver import MCPServer
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 
 class SDKChangedError(RuntimeError):
@@ -34,3 +37,12 @@ def lowlevel_of(server: MCPServer) -> Server[Any]:
     if not isinstance(lowlevel, Server):
         raise SDKChangedError("MCPServer._lowlevel_server")
     return lowlevel
+
+
+def sessions_held(manager: StreamableHTTPSessionManager, client_id: str) -> int:
+    """Open streamable HTTP sessions opened by the principal `client_id` (our owner name)."""
+    owners = getattr(manager, "_session_owners", None)
+    live = getattr(manager, "_server_instances", None)
+    if not isinstance(owners, dict) or not isinstance(live, dict):
+        raise SDKChangedError("StreamableHTTPSessionManager._session_owners / _server_instances")
+    return sum(1 for session, who in owners.items() if session in live and who.get("client_id") == client_id)

@@ -121,7 +121,7 @@ class Store:
         _require_writable(root)
         for sub in ("output", "instances"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-            (root / sub).chmod(0o700)  # output of every command: private to the user
+        make_private(root)
         instance = secrets.token_hex(8)
         lock_fd = _hold_lock(root / "instances" / f"{instance}.lock")
         store = cls(root, _connect(root / DB_NAME), instance, lock_fd, lease_s)
@@ -337,9 +337,33 @@ class Store:
         self._db.execute("COMMIT")
 
 
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def make_private(root: Path) -> None:
+    """The data directory holds every owner's arguments and output: directories 0700, files 0600.
+
+    Looser modes left by an earlier version (or another umask) are tightened, with a log line. The
+    database is created 0600 before SQLite opens it, so its -wal and -shm files get the same mode.
+    """
+    tightened = 0
+    for folder in (root, root / "output", root / "instances"):
+        if folder.stat().st_mode & 0o077:
+            log.warning("tightening %s to mode 0700: the data directory must be private to this user", folder)
+            folder.chmod(PRIVATE_DIR_MODE)
+        for entry in os.scandir(folder):
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mode & 0o077:
+                os.chmod(entry.path, PRIVATE_FILE_MODE)
+                tightened += 1
+    if tightened:
+        log.warning("tightened %d files in %s to mode 0600", tightened, root)
+    os.close(os.open(root / DB_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE_MODE))
+
+
 def _require_writable(root: Path) -> None:
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         probe = root / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()

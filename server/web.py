@@ -8,6 +8,7 @@ disconnects must not take its running tasks along.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -21,10 +22,12 @@ from starlette.types import ASGIApp
 
 from server import __version__
 from server.app import OffloadServer, build_server
-from server.auth import BearerAuth, Credentials, check_bind, is_loopback
+from server.auth import BearerAuth, Credentials, Limits, check_bind, check_isolation, is_loopback
 from server.config import Settings
 from server.events import CallerScope, SessionEvents
+from server.limits import uvicorn_options
 from server.runtime import Runtime
+from server.sdk_compat import sessions_held
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,9 @@ def web_app(
                 retry_interval=settings.stream_retry_ms,
             )
         )
-    return BearerAuth(app, credentials)
+    limits = Limits(settings.max_sessions_per_owner, settings.max_streams_per_owner, settings.http_body_timeout_s)
+    held = functools.partial(sessions_held, server.session_manager) if transport == "http" else None
+    return BearerAuth(app, credentials, limits, held)  # issue 12: per-owner caps, body timeout
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -98,6 +103,7 @@ class _Uvicorn(uvicorn.Server):
 async def serve_http(settings: Settings, credentials: Credentials) -> None:
     """Serves until SIGTERM/SIGINT; then stops taking requests, cancels every task and kills their groups."""
     check_bind(settings.host, credentials, settings.auth_token_env)
+    check_isolation(settings, credentials)  # issue 12: several owners need confined shells
     if settings.http_private_networks and not is_loopback(settings.host):
         log.warning("http.request may reach this host's private networks; set http_private_networks = false to refuse")
     if not settings.shell_roots:
@@ -111,6 +117,7 @@ async def serve_http(settings: Settings, credentials: Credentials) -> None:
             access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            **uvicorn_options(settings.http_header_timeout_s, settings.max_connections),  # issue 12
         )
         web = _Uvicorn(config)
         host, port = sock.getsockname()[:2]

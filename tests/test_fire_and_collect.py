@@ -247,6 +247,8 @@ async def test_presets_are_fireable_by_name(clock: FakeClock, gate: Gate, tmp_pa
                     "cwd": str(tmp_path),
                     "timeout_s": 30,
                     "description": "Build the project",
+                    "args": "any",
+                    "allow_options": True,
                 }
             }
         }

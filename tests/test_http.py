@@ -256,16 +256,22 @@ async def test_a_session_belongs_to_the_owner_who_opened_it(gate: Gate, transpor
             opened = await http.post(url, json=INITIALIZE, headers={**MCP_POST_HEADERS, **as_alice})
             session = {"mcp-session-id": opened.headers["mcp-session-id"]}
             theirs = await http.post(url, json=INITIALIZED, headers={**MCP_POST_HEADERS, **as_bob, **session})
+            unknown = {"mcp-session-id": secrets.token_hex(16)}
+            nobodys = await http.post(url, json=INITIALIZED, headers={**MCP_POST_HEADERS, **as_bob, **unknown})
             mine = await http.post(url, json=INITIALIZED, headers={**MCP_POST_HEADERS, **as_alice, **session})
         else:
             async with http.stream("GET", url, headers=as_alice) as stream:
-                first = await anext(stream.aiter_text())
+                reader = stream.aiter_text()  # kept: a collected reader closes the stream, and the session
+                first = await anext(reader)
                 endpoint = re.search(r"data: (\S+)", first)
                 assert endpoint is not None, first
                 posts = url.removesuffix("/sse") + endpoint.group(1)
                 theirs = await http.post(posts, json=INITIALIZE, headers=as_bob)
+                nobodys = await http.post(
+                    re.sub("session_id=[0-9a-f]+", "session_id=" + "0" * 32, posts), json=INITIALIZE, headers=as_bob
+                )
                 mine = await http.post(posts, json=INITIALIZE, headers=as_alice)
-        assert theirs.status_code == 404 and "no such session" in theirs.text
+        assert theirs.status_code == 404 and (theirs.status_code, theirs.text) == (nobodys.status_code, nobodys.text)
         assert mine.status_code in (200, 202), mine.text
 
 

@@ -83,3 +83,5 @@ class ToolContext:
     copy_turns: anyio.CapacityLimiter
     """Shared by every task's output copying, held while a chunk in hand is stored (never while
     waiting for one): each loop pass copies a bounded amount, so the protocol keeps its turns."""
+    owner: str = ""
+    """Whose task this is: the shell picks that owner's policy and sandbox ("" is the default owner)."""

@@ -1,8 +1,9 @@
 """Shell policy: which commands and working directories a client may use.
 
 A guard-rail, not a sandbox. Rules on a command *string* can be talked around: a deny-list
-is beaten by anything the shell expands at run time (`$(printf sudo)`, a script file, an
-alias). `allow-list` is the strict mode because it does not trust the shell to agree with
+sees every program a line runs by name (tools/cmdline.py says exactly what that covers, and
+refuses lines it cannot read), never what a program runs in turn (`find -exec`, `make`).
+`allow-list` is the strict mode because it does not trust the shell to agree with
 us: the command must be plain words (no operators, no expansions), the words are checked,
 and then exactly those words run, each one quoted. Real isolation — a dedicated user, a
 container — is the operator's job.
@@ -17,14 +18,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-Mode = Literal["off", "deny-list", "allow-list"]
+from tools.cmdline import Invocation, Unreadable, invocations
+
+Mode = Literal["off", "deny-list", "allow-list", "disabled"]
 
 OPERATOR_CHARS = ";&|<>()"
 EXPANSION_CHARS = ("$", "`", "\n", "\r")
 """Refused in allow-list mode: each would let the shell run something other than the words checked."""
-WRAPPERS = frozenset({"env", "command", "exec", "nohup", "nice", "time", "builtin", "stdbuf", "timeout", "xargs"})
-"""Words that run the command after them; deny rules look through them."""
-SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "busybox"})
 REGEX_PREFIX = "re:"
 
 
@@ -58,11 +58,16 @@ class Rule:
             return self.pattern.fullmatch(shlex.join(words)) is not None
         return tuple(words[: len(self.words)]) == self.words
 
-    def denies(self, words: Sequence[str], raw: str) -> bool:
-        """Anywhere match: a regex found in the raw or the unquoted line, or a prefix of the words."""
+    def denies(self, run: Invocation, raw: str) -> bool:
+        """Anywhere match: a regex found in the raw line or in one program's unquoted words; or the rule's
+        program with its words in order among the positionals and its options among the options, however
+        spelt (`rm -rf` denies `rm -fr x`, `rm -r -f x`, `rm --recursive --force x`)."""
         if self.pattern is not None:
-            return any(self.pattern.search(text) for text in (raw, " ".join(words)))
-        return tuple(words[: len(self.words)]) == self.words
+            return any(self.pattern.search(text) for text in (raw, shlex.join([run.program, *run.args])))
+        if run.program != os.path.basename(self.words[0]):
+            return False
+        wanted = Invocation(run.program, self.words[1:])
+        return wanted.flags() <= run.flags() and _in_order(wanted.positionals(), run.positionals())
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +97,7 @@ class ShellPolicy:
         """The command line to hand to the shell, or PolicyError saying which rule refused it."""
         if self.mode == "off":
             return command
+        self.require_shell()
         if self.mode == "deny-list":
             self._check_deny(command)
             return command
@@ -106,6 +112,14 @@ class ShellPolicy:
             raise PolicyError(f"shell policy is allow-list and no rule allows {command!r}; allowed: {allowed}")
         self._check_deny(command)
         return shlex.join(words)
+
+    def require_shell(self) -> None:
+        """PolicyError when this owner has no shell at all (`shell_mode = "disabled"`)."""
+        if self.mode == "disabled":
+            raise PolicyError(
+                "shell commands are disabled for this owner (shell_mode = 'disabled'); "
+                "use the other fireable tools (list_fireable_tools), or ask the operator to enable the shell"
+            )
 
     def cwd_to_use(self, cwd: str | None) -> str | None:
         """`cwd` if it lies inside a root (the first root when none is given), else PolicyError."""
@@ -122,9 +136,18 @@ class ShellPolicy:
         )
 
     def _check_deny(self, command: str) -> None:
-        for words in simple_commands(command):
+        if not self.deny:
+            return
+        try:
+            runs = invocations(command)
+        except Unreadable as exc:
+            raise PolicyError(
+                f"shell policy has a deny-list and cannot tell what {command!r} runs: {exc}. Write the "
+                "commands out plainly (literal program names, no eval, no shell reading stdin or a script)"
+            ) from exc
+        for run in runs:
             for rule in self.deny:
-                if rule.denies(words, command):
+                if rule.denies(run, command):
                     raise PolicyError(f"shell policy denies {command!r} (rule {rule.text!r})")
 
 
@@ -148,41 +171,10 @@ def plain_words(command: str) -> list[str]:
     return words
 
 
-def simple_commands(command: str, depth: int = 0) -> list[list[str]]:
-    """Each simple command in a line, unwrapped: `env X=1 sudo ls` reads as `sudo ls`, the string of
-    `sh -c '…'` is read as commands of its own, `/usr/bin/sudo` as `sudo`. Quotes and escapes are
-    removed (so `s\\udo` is `sudo`). What the shell expands at run time is not seen."""
-    found: list[list[str]] = []
-    current: list[str] = []
-    for word in [*_split(command), ";"]:
-        if word and all(c in OPERATOR_CHARS for c in word):
-            if current:
-                found.extend(_unwrap(current, depth))
-            current = []
-        else:
-            current.append(word)
-    return found
-
-
-def _unwrap(words: list[str], depth: int) -> list[list[str]]:
-    rest = list(words)
-    while rest:
-        head = os.path.basename(rest[0])
-        if "=" in rest[0] and not rest[0].startswith("="):
-            rest.pop(0)
-        elif head in WRAPPERS:
-            rest.pop(0)
-            while rest and (rest[0].startswith("-") or "=" in rest[0] or rest[0].replace(".", "").isdigit()):
-                rest.pop(0)
-        else:
-            break
-    if not rest:
-        return []
-    rest[0] = os.path.basename(rest[0])
-    found = [rest]
-    if rest[0] in SHELLS and "-c" in rest[:-1] and depth < 4:
-        found.extend(simple_commands(rest[rest.index("-c") + 1], depth + 1))
-    return found
+def _in_order(wanted: Sequence[str], words: Sequence[str]) -> bool:
+    """`wanted` is a subsequence of `words`."""
+    remaining = iter(words)
+    return all(any(word == w for w in remaining) for word in wanted)
 
 
 def _split(command: str) -> list[str]:

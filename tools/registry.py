@@ -51,8 +51,9 @@ class ToolSpec:
     """Shown in the catalog, e.g. a missing credential."""
     recover: Recover | None = None
     """None: such a task is settled `interrupted` (after its process group, if any, is killed)."""
-    check: Callable[[Any], None] | None = None
-    """Refuses arguments the operator's policy forbids (raises ValueError saying why) before anything starts."""
+    check: Callable[[Any, str], None] | None = None
+    """Refuses arguments the operator's policy forbids for this owner (raises ValueError saying why) before
+    anything starts: (arguments, owner)."""
     input_schema: JSON = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

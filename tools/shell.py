@@ -20,7 +20,6 @@ import contextlib
 import functools
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import time
@@ -36,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tools.context import JSON, LeftRunning, Orphan, ProcessInfo, TaskFailure, ToolContext
 from tools.policy import ShellPolicy
+from tools.presets import preset_command
 from tools.process import (
     TASK_MARKER,
     end_escaped,
@@ -51,6 +51,7 @@ from tools.process import (
     wait_for_exit,
 )
 from tools.registry import ToolSpec
+from tools.sandbox import OwnerShell, Sandbox, prefix
 
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
 """Environment names containing any of these (case-insensitive) are not passed to commands."""
@@ -74,6 +75,12 @@ class ShellConfig:
     """Commands outlive the server (they are not killed at shutdown) and are followed again after a restart."""
     presets: Mapping[str, Preset] = field(default_factory=dict)
     policy: ShellPolicy = field(default_factory=ShellPolicy)
+    sandbox: Sandbox = field(default_factory=Sandbox)
+    owners: Mapping[str, OwnerShell] = field(default_factory=dict)
+    """Per-owner policy and sandbox; an owner without an entry gets `policy` and `sandbox`."""
+
+    def for_owner(self, owner: str) -> OwnerShell:
+        return self.owners.get(owner) or OwnerShell(self.policy, self.sandbox)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,10 @@ class Preset:
     timeout_s: float | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     description: str | None = None
+    args: str = "none"
+    """Which `args` a caller may append: "none", "any", or a regex each argument must match (tools/presets.py)."""
+    allow_options: bool = False
+    """Arguments starting with "-" are refused unless this is set."""
 
 
 class ShellArgs(BaseModel):
@@ -166,10 +177,11 @@ def _shell() -> str:
     return shutil.which("bash") or "/bin/sh"
 
 
-def _argv(command: str, script: Path) -> list[str]:
-    """`bash -c COMMAND`; a command too long for one argument runs from a private file."""
-    if len(command.encode()) <= SCRIPT_FILE_OVER_BYTES:
-        return [_shell(), "-c", command]
+def _argv(command: str, script: Path, sandbox: Sandbox, cwd: str | None) -> list[str]:
+    """`bash -c COMMAND`, inside the owner's sandbox if it has one; a command too long for one
+    argument runs from a private file (outside a sandbox, which cannot see the data directory)."""
+    if len(command.encode()) <= SCRIPT_FILE_OVER_BYTES or sandbox.on:
+        return [*prefix(sandbox, cwd), _shell(), "-c", command]
     fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(command)
@@ -190,7 +202,7 @@ async def run_command(
     environment[TASK_MARKER] = ctx.task_id  # how what leaves the group is found again
     script = ctx.output_path.with_suffix(".sh")
     try:
-        argv = _argv(command, script)
+        argv = _argv(command, script, config.for_owner(ctx.owner).sandbox, cwd)
         if config.detach:
             return await _run_detached(argv, ctx, config, cwd, environment, stdin)
         return await _run_attached(argv, ctx, config, cwd, environment, stdin)
@@ -473,13 +485,18 @@ def check_cwd(cwd: str | None, what: str) -> None:
 
 
 def shell_spec(config: ShellConfig) -> ToolSpec:
-    policy = config.policy
-
-    def check(args: ShellArgs) -> None:
-        policy.command_to_run(args.command, args.env)
-        policy.cwd_to_use(args.cwd)
+    def check(args: ShellArgs, owner: str) -> None:
+        shell = config.for_owner(owner)  # the owner's own policy and sandbox
+        shell.policy.command_to_run(args.command, args.env)
+        shell.policy.cwd_to_use(args.cwd)
+        if shell.sandbox.on and len(args.command.encode()) > SCRIPT_FILE_OVER_BYTES:
+            raise ValueError(
+                f"a sandboxed command may be at most {SCRIPT_FILE_OVER_BYTES // 1024} KiB; "
+                "put a long script in a file under your shell_roots and run that file"
+            )
 
     async def handler(args: ShellArgs, ctx: ToolContext) -> JSON:
+        policy = config.for_owner(ctx.owner).policy
         command = policy.command_to_run(args.command, args.env)
         cwd = policy.cwd_to_use(args.cwd)
         return await run_command(command, ctx, config, cwd=cwd, env=args.env, stdin=args.stdin)
@@ -497,13 +514,12 @@ def shell_spec(config: ShellConfig) -> ToolSpec:
 
 
 def preset_spec(name: str, preset: Preset, config: ShellConfig) -> ToolSpec:
-    def check(args: PresetArgs) -> None:
+    def check(args: PresetArgs, owner: str) -> None:
         check_cwd(preset.cwd, f"preset {name!r}:")
+        preset_command(name, preset, args.args, config.for_owner(owner).policy)
 
     async def handler(args: PresetArgs, ctx: ToolContext) -> JSON:
-        command = preset.command
-        if args.args:
-            command = f"{command} {shlex.join(args.args)}"
+        command = preset_command(name, preset, args.args, config.for_owner(ctx.owner).policy)
         return await run_command(command, ctx, config, cwd=preset.cwd, env=preset.env, stdin=args.stdin)
 
     return ToolSpec(

@@ -1,0 +1,306 @@
+"""Owner isolation against a shell, with real bubblewrap: two owners (alice, bob) on one HTTP server, and
+bob's shell trying every probe from issue 12 — the environment of every process, the store, alice's root,
+the server's pid — and failing. Without bwrap these tests fail in CI (CI=true) rather than skip."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import FakeClock, Gate, call, data, finish, live_group_members, open_client
+from mcp import Client
+from rawserver import start_server
+from test_durable import kill_9
+from test_http import ALICE, BOB, TOKENS, connect, tool, web_server
+
+from server.config import Settings
+from server.errors import ConfigError
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(
+        shutil.which("bwrap") is None and not os.environ.get("CI"),
+        reason="bubblewrap is not installed (apt-get install bubblewrap); required in CI",
+    ),
+]
+
+SECRETS = {"GITHUB_TOKEN": "ghp_" + "g" * 36, "ANTHROPIC_API_KEY": "sk-ant-" + "k" * 40}
+
+
+@pytest.fixture
+def roots(tmp_path: Path) -> dict[str, Path]:
+    found = {}
+    for owner in ("alice", "bob"):
+        root = tmp_path / "roots" / owner
+        root.mkdir(parents=True)
+        (root / "secret.txt").write_text(f"{owner}'s private file\n")
+        found[owner] = root
+    return found
+
+
+@pytest.fixture
+def outside_tmp() -> Iterator[Path]:
+    """A directory outside /tmp (which every sandbox replaces), to see the sandbox hide it by itself."""
+    folder = Path(tempfile.mkdtemp(prefix="offload-test-", dir="/var/tmp"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def secrets_in_environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    for name, value in {**TOKENS, **SECRETS}.items():
+        monkeypatch.setenv(name, value)
+    return {**TOKENS, **SECRETS}
+
+
+def two_owners(roots: dict[str, Path], data_dir: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "data_dir": data_dir,
+        "shell_sandbox": "bwrap",
+        "owners": {
+            name: {"token_env": f"{name.upper()}_TOKEN", "shell_roots": [str(root)], **extra.get(name, {})}
+            for name, root in roots.items()
+        },
+    }
+
+
+@asynccontextmanager
+async def alice_and_bob(
+    gate: Gate, roots: dict[str, Path], data_dir: Path, environ: dict[str, str], **extra: Any
+) -> AsyncIterator[tuple[Client, Client]]:
+    async with (
+        web_server(gate, "http", environ, **two_owners(roots, data_dir, **extra)) as url,
+        connect(url, ALICE) as alice,
+        connect(url, BOB) as bob,
+    ):
+        yield alice, bob
+
+
+async def run(client: Client, command: str, **arguments: Any) -> dict[str, Any]:
+    reply = await tool(client, "run_shell_background", command=command, **arguments)
+    return await finish(client, reply["task_id"])
+
+
+def output(view: dict[str, Any]) -> str:
+    return str(view["output"]["text"])
+
+
+async def test_bob_cannot_read_tokens_store_roots_or_processes(
+    gate: Gate, roots: dict[str, Path], outside_tmp: Path, secrets_in_environ: dict[str, str]
+) -> None:
+    data_dir = outside_tmp / "data"  # not under /tmp, which is private anyway: hidden by a mount of its own
+    async with alice_and_bob(gate, roots, data_dir, secrets_in_environ) as (alice, bob):
+        mine = await run(alice, "echo alice-was-here > note.txt; cat secret.txt")
+        assert mine["status"] == "completed" and output(mine) == "alice's private file\n"
+        assert (roots["alice"] / "note.txt").read_text() == "alice-was-here\n"  # her root is writable
+
+        # 1. The issue's own probe: the environment of the command's parent's parent (the server, unsandboxed).
+        probe = await run(bob, "base64 -w0 /proc/$(awk '{print $4}' /proc/$PPID/stat)/environ; echo")
+        # Every process bob can see: their environments, decoded the ways masking would miss.
+        every = await run(bob, "for f in /proc/[0-9]*/environ; do cat $f; echo; done | rev | base64 -w0; echo")
+        seen = output(probe) + output(every)
+        decoded = b""
+        for word in seen.split():
+            try:
+                decoded += base64.b64decode(word + "=" * (-len(word) % 4))
+            except ValueError:
+                continue
+        for name, value in secrets_in_environ.items():
+            assert value.encode() not in decoded and value.encode()[::-1] not in decoded, name
+            assert value not in seen, name
+
+        # 2. The store: the data directory is an empty directory inside the sandbox.
+        store = await run(bob, f"ls -A {data_dir}; cat {data_dir}/offload.db | wc -c")
+        assert output(store).split("\n")[-2:] == ["0", ""], output(store)  # `ls -A` printed nothing
+        assert "No such file or directory" in output(store)
+        assert (data_dir / "offload.db").exists()
+
+        # 3. Alice's root: absent, neither readable nor writable; the rest of the system is read-only.
+        theirs = await run(bob, f"ls -A {roots['alice']}; cat {roots['alice']}/secret.txt; touch /etc/x; echo done")
+        text = output(theirs)
+        assert "alice's private file" not in text and "No such file or directory" in text
+        assert "Read-only file system" in text
+        assert not (roots["alice"] / "x").exists()
+
+        # 4. The server's pid and everything else of the host: a PID namespace of its own.
+        pids = await run(bob, f"ls /proc | grep -E '^[0-9]+$' | wc -l; kill -0 {os.getpid()} && echo reached")
+        lines = output(pids).split("\n")
+        assert int(lines[0]) <= 8, output(pids)  # bwrap's init, the command's shells, ls, grep, wc
+        assert "reached" not in output(pids)
+
+
+async def test_a_sandboxed_command_keeps_group_exit_status_and_cancel(
+    settings_with_sandbox: Settings, clock: FakeClock, gate: Gate, tmp_path: Path
+) -> None:
+    async with open_client(settings_with_sandbox, clock, gate) as (_, client):
+        failed = await finish(client, (await call(client, "run_shell_background", command="exit 7"))["task_id"])
+        assert failed["result"]["exit_code"] == 7 and failed["error"]["kind"] == "exit_status"
+        killed = await finish(client, (await call(client, "run_shell_background", command="kill -9 $$"))["task_id"])
+        assert killed["result"]["exit_code"] == 128 + 9  # bwrap passes a status on, not a signal (README says so)
+        runtime_dir = settings_with_sandbox.shell_roots[0]
+        fifo = Path(runtime_dir) / "ready"
+        os.mkfifo(fifo)
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            reply = await call(
+                client, "run_shell_background", command=f"sleep 300 & sleep 300 & echo ready > {fifo}; wait"
+            )
+            with anyio.fail_after(10):
+                await anyio.wait_readable(fd)
+        finally:
+            os.close(fd)
+        pgid = reply["pid"]
+        members = live_group_members(pgid)
+        # wrapper, bwrap (outside and its init inside), the command's shell, two sleeps: one group
+        assert len(members) >= 5, members
+        view = data(await client.call_tool("cancel_task", {"task_id": reply["task_id"]}))
+        assert view["status"] == "cancelled"
+        assert live_group_members(pgid) == []
+
+
+@pytest.fixture
+def settings_with_sandbox(tmp_path: Path) -> Settings:
+    work = tmp_path / "work"
+    work.mkdir()
+    return Settings(kill_grace_s=0.5, data_dir=tmp_path / "data", shell_sandbox="bwrap", shell_roots=(str(work),))
+
+
+async def test_network_is_per_owner(
+    gate: Gate, roots: dict[str, Path], tmp_path: Path, secrets_in_environ: dict[str, str]
+) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        probe = f"(echo hi > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo reached || echo unreachable"
+        extra = {"bob": {"network": False}}
+        async with alice_and_bob(gate, roots, tmp_path / "data", secrets_in_environ, **extra) as (alice, bob):
+            assert output(await run(alice, probe)).strip() == "reached"
+            assert output(await run(bob, probe)).strip() == "unreachable"
+
+
+async def test_several_owners_with_an_open_shell_refuse_to_start(tmp_path: Path) -> None:
+    config = tmp_path / "offload.toml"
+    config.write_text('[auth_tokens]\nalice = "ALICE_TOKEN"\nbob = "BOB_TOKEN"\n')
+    env = {**os.environ, **TOKENS, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "OFFLOAD_DATA_DIR": str(tmp_path / "d")}
+    argv = [sys.executable, "-m", "server", "--transport", "http", "--port", "0", "--config", str(config)]
+    done = await anyio.run_process(argv, env=env, check=False, stdin=subprocess.DEVNULL)
+    said = done.stderr.decode()
+    assert done.returncode == 2, said
+    assert "shell_sandbox = 'bwrap'" in said and "'alice', 'bob'" in said and "shell_mode = 'disabled'" in said
+    assert ALICE not in said and BOB not in said
+
+
+async def test_bwrap_missing_is_a_clear_error_at_start(tmp_path: Path) -> None:
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
+    env.update(OFFLOAD_DATA_DIR=str(tmp_path / "d"), OFFLOAD_SHELL_SANDBOX="bwrap")
+    done = await anyio.run_process([sys.executable, "-m", "server"], env=env, check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2
+    assert "bwrap program is not on PATH" in done.stderr.decode() and "install bubblewrap" in done.stderr.decode()
+
+
+async def test_an_owner_with_the_shell_disabled_is_refused(tmp_path: Path, clock: FakeClock, gate: Gate) -> None:
+    settings = Settings(data_dir=tmp_path / "data", owners={"local": {"shell_mode": "disabled"}})
+    async with open_client(settings, clock, gate) as (_, client):
+        refused = await client.call_tool("run_shell_background", {"command": "true"})
+        assert refused.is_error and "disabled for this owner" in refused.content[0].text  # type: ignore[union-attr]
+
+
+def test_owner_tables_and_auth_tokens_must_agree() -> None:
+    with pytest.raises(ConfigError, match="two token variables"):
+        Settings(auth_tokens={"alice": "A"}, owners={"alice": {"token_env": "B"}})
+
+
+@pytest.fixture
+def sandboxed_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Server subprocesses started by `start_server` sandbox their commands; returns the owner's root."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setenv("OFFLOAD_SHELL_SANDBOX", "bwrap")
+    monkeypatch.setenv("OFFLOAD_SHELL_ROOTS", str(work))
+    return work
+
+
+async def test_crash_recovery_leaves_nothing_of_a_sandboxed_command(tmp_path: Path, sandboxed_env: Path) -> None:
+    """The sandbox dies with its server (`--die-with-parent`); the next server settles both tasks
+    `interrupted` (an attached command's output capture died with its server) and nothing is left."""
+    server = await start_server(tmp_path)
+    ready = sandboxed_env / "ready"
+    os.mkfifo(ready)
+    fd = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)  # held open first, so the writer never blocks
+    try:
+        command = f"sleep 300 & sleep 300 & echo up > {ready}; wait"
+        running = await server.call("run_shell_background", command=command)
+        with anyio.fail_after(10):  # the command says so once its children exist
+            await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+    quick = await server.call("run_shell_background", command="sleep 0.3; exit 7")
+    await kill_9(server)
+
+    again = await start_server(tmp_path)
+    async with again.process:
+        interrupted = await again.call("get_cached_output", task_id=running["task_id"])
+        assert interrupted["status"] == "failed" and interrupted["error"]["kind"] == "interrupted"
+        assert live_group_members(running["pid"]) == []  # the whole sandbox, its PID namespace included
+        finished = await again.call("get_cached_output", task_id=quick["task_id"])
+        assert (finished["status"], finished["error"]["kind"]) == ("failed", "interrupted")
+        assert live_group_members(quick["pid"]) == []
+        await again.process.stdin.aclose()  # type: ignore[union-attr]
+
+
+async def test_a_detached_sandboxed_command_outlives_the_server(tmp_path: Path, sandboxed_env: Path) -> None:
+    server = await start_server(tmp_path, "--detach")
+    gate = sandboxed_env / "gate"
+    os.mkfifo(gate)
+    slow = await server.call("run_shell_background", command=f"echo waiting; read line < {gate}; echo $line; exit 4")
+    assert server.process.stdin is not None
+    await server.process.stdin.aclose()
+    with anyio.fail_after(5):
+        await server.process.wait()
+    assert live_group_members(slow["pid"]), "detached commands are not killed at shutdown"
+
+    again = await start_server(tmp_path, "--detach")
+    async with again.process:
+        still = await again.call("get_cached_output", task_id=slow["task_id"])
+        assert still["status"] == "running" and still["output"]["text"] == "waiting\n"
+        with anyio.fail_after(5):
+            await anyio.to_thread.run_sync(gate.write_text, "free\n", abandon_on_cancel=True)
+        polled = await again.call("poll_output", task_ids=[slow["task_id"]], timeout_s=20)
+        ended = polled["done"][0]
+        assert ended["result"]["exit_code"] == 4 and ended["output"]["text"] == "waiting\nfree\n"
+        await again.process.stdin.aclose()  # type: ignore[union-attr]
+
+
+async def test_operator_listed_paths_are_hidden(
+    tmp_path: Path, clock: FakeClock, gate: Gate, outside_tmp: Path
+) -> None:
+    private = outside_tmp / "dot-ssh"
+    private.mkdir()
+    (private / "id_ed25519").write_text("PRIVATE KEY\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        shell_sandbox="bwrap",
+        shell_roots=(str(work),),
+        shell_sandbox_hide=(str(private),),
+    )
+    async with open_client(settings, clock, gate) as (_, client):
+        view = await finish(
+            client, (await call(client, "run_shell_background", command=f"ls -A {private}; echo end"))["task_id"]
+        )
+        assert view["output"]["text"] == "end\n"
