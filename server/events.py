@@ -227,9 +227,14 @@ async def released_after(ctx: Context, hold_s: float) -> AsyncIterator[None]:
             await anyio.sleep(hold_s)
             await ctx.close_sse_stream()
 
+    error: BaseException | None = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(release)
         try:
             yield
+        except BaseException as exc:
+            error = exc
         finally:
             tg.cancel_scope.cancel()
+    if error is not None:
+        raise error

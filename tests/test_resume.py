@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from conftest import FakeClock, Gate, data
+from conftest import FakeClock, Gate, data, error_text
 from fakes import serve
 from mcp.server.streamable_http import EventCallback, EventId, StreamId
 from mcp_types import JSONRPCMessage, JSONRPCResponse
@@ -218,3 +218,16 @@ async def test_the_event_store_is_bounded_per_session_and_in_all() -> None:
     assert (counts.sessions, counts.events) == (1, 2), counts  # the idle session went, whole
     assert counts.held_bytes <= 3_000, counts
     assert await events.replay_events_after(first[7], keep) is None
+
+
+async def test_a_refusal_keeps_its_reason_on_a_releasable_stream(gate: Gate) -> None:
+    """With wait_s (a stream the server may release), a refused fire still says why, plainly."""
+    events = ObservedEvents()
+    async with (
+        resumable_server(gate, events, stream_hold_s=0.05, stream_retry_ms=10) as url,
+        connect(url, era="legacy") as client,
+    ):
+        unknown = error_text(await client.call_tool("fire_tool", {"tool": "no.such.tool", "wait_s": 5}))
+        assert "Unknown tool 'no.such.tool'" in unknown and "list_fireable_tools" in unknown
+        invalid = error_text(await client.call_tool("fire_tool", {"tool": "shell", "arguments": {}, "wait_s": 5}))
+        assert "Invalid arguments for 'shell'" in invalid and "Nothing was started" in invalid
