@@ -60,10 +60,13 @@ class Redactor:
     def chunk(self, output: Output, chunk: Chunk, *, live: bool) -> Chunk:
         """`chunk` masked, looking `margin` bytes past each edge for a secret the edge cuts.
 
-        Where there is nothing past an edge to look at, no part of a secret is returned either: at the
-        live end of a running task's output the bytes that could begin a secret are held back (the next
-        read returns them, masked if the secret arrived); at an edge nothing will ever follow (the end of
-        a finished task's output, either side of a dropped range) they are masked.
+        Whole secrets are masked wherever they are. At the live end of a running task's output the last
+        `margin` bytes are held back whatever they hold (the next read returns them, masked if a secret
+        arrived), so no prefix of a secret is returned before the rest is known. What is returned never
+        depends on whether it *begins* a secret: masking or holding back partial matches would let a
+        command print guesses and learn, character by character, which ones start a secret. So a secret
+        cut by the dropped range, or left unfinished at the end of a finished task's output, is not
+        masked in part.
         """
         if not self._secrets or not chunk.data:
             return chunk
@@ -71,31 +74,12 @@ class Redactor:
         before = _exactly(output, max(start - self.margin, 0), start)
         after = _exactly(output, end, min(end + self.margin, chunk.total_bytes))
         data = self.data(before + chunk.data + after)[len(before) : len(before) + len(chunk.data)]
-        gap = chunk.dropped
-        if gap is not None and start == gap[1]:
-            cut = self._secret_suffix(data)
-            data = _mask(cut) + data[cut:]
-        if end == chunk.total_bytes or (gap is not None and end == gap[0]):
-            cut = self._secret_prefix(data)
-            if cut and live and end == chunk.total_bytes:
-                kept = data[: len(data) - cut]
-                return dataclasses.replace(chunk, data=kept, next_offset=start + len(kept))
-            data = data[: len(data) - cut] + _mask(cut)
+        if live and end == chunk.total_bytes:
+            keep = max(len(data) - self.margin, 0)
+            while 0 < keep < len(data) and data[keep] & 0xC0 == 0x80:  # on a character's start
+                keep -= 1
+            return dataclasses.replace(chunk, data=data[:keep], next_offset=start + keep)
         return dataclasses.replace(chunk, data=data)
-
-    def _secret_prefix(self, data: bytes) -> int:
-        """Length of the longest end of `data` that is the beginning of a secret (not a whole one)."""
-        return max(
-            (n for s in self._secrets for n in range(min(len(s) - 1, len(data)), 0, -1) if data.endswith(s[:n])),
-            default=0,
-        )
-
-    def _secret_suffix(self, data: bytes) -> int:
-        """Length of the longest beginning of `data` that is the end of a secret (not a whole one)."""
-        return max(
-            (n for s in self._secrets for n in range(min(len(s) - 1, len(data)), 0, -1) if data.startswith(s[-n:])),
-            default=0,
-        )
 
     def model(self, model: M) -> M:
         """The same reply with every string masked; untouched (and not copied) when nothing matches."""
