@@ -214,6 +214,9 @@ class Settings(BaseModel):
             )
             for name, p in self.presets.items()
         }
+        default = sandbox(self.shell_sandbox, self.shell_network, base.policy.roots)
+        for name, box in [("(every owner)", default), *((n, shell.sandbox) for n, shell in owners.items())]:
+            _check_hiding(name, box)
         return ShellConfig(
             # The variables credentials are read from never reach a command, whatever their names (issue 12);
             # bearer tokens not even through shell_pass_env.
@@ -223,7 +226,7 @@ class Settings(BaseModel):
             detach=self.detach,
             presets=presets,
             policy=base.policy,
-            sandbox=sandbox(self.shell_sandbox, self.shell_network, base.policy.roots),
+            sandbox=default,
             owners=owners,
         )
 
@@ -358,3 +361,19 @@ def _describe(exc: ValidationError, source: str) -> str:
         else:
             problems.append(f"{key} = {error.get('input')!r}: {error['msg']}")
     return f"invalid settings (from flags, OFFLOAD_* environment or {source}): " + "; ".join(problems)
+
+
+def _check_hiding(owner: str, box: Sandbox) -> None:
+    """A path a sandbox hides (the data directory, another owner's root) must not lie inside a root it
+    makes writable: a command could rename a directory above it, and the next sandbox would not find
+    it to hide. Refused at start, named."""
+    if not box.on:
+        return
+    for hidden in box.hidden:
+        for root in box.writable:
+            if hidden == root or hidden.startswith(root.rstrip("/") + "/"):
+                raise ConfigError(
+                    f"owner {owner}: {hidden!r} (the data directory, another owner's root, or a shell_sandbox_hide "
+                    f"path) lies inside its writable shell root {root!r}, where a command could rename its way to "
+                    "it; move data_dir or that root elsewhere, or narrow shell_roots so that no root contains it"
+                )

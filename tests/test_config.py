@@ -70,3 +70,20 @@ def test_the_readme_configuration_example_is_valid(tmp_path: Path) -> None:
     values["shell_roots"] = [str(tmp_path)]  # the example's ~/src need not exist here
     settings = Settings.model_validate(values)
     assert settings.shell_mode == "off" and settings.presets["build"].command == "npm run build"
+
+
+@pytest.mark.parametrize("case", ["data dir inside a root", "a root inside another owner's root"])
+def test_a_sandbox_refuses_to_hide_what_a_writable_root_contains(tmp_path: Path, case: str) -> None:
+    """A command could rename the directory above a hidden path and find it unhidden next time."""
+    home = tmp_path / "bob"
+    (home / "team" / "alice").mkdir(parents=True)
+    owners = {"alice": {"token_env": "A_TOKEN"}, "bob": {"token_env": "B_TOKEN", "shell_roots": [str(home)]}}
+    if case == "data dir inside a root":
+        (tmp_path / "alice").mkdir()
+        owners["alice"]["shell_roots"] = [str(tmp_path / "alice")]  # type: ignore[assignment]
+        config = {"data_dir": str(home / ".local" / "state" / "offload"), "owners": owners}
+    else:
+        owners["alice"]["shell_roots"] = [str(home / "team" / "alice")]  # type: ignore[assignment]
+        config = {"data_dir": str(tmp_path / "data"), "owners": owners}
+    with pytest.raises(ConfigError, match=r"owner bob: .* lies inside its writable shell root"):
+        Settings.model_validate({**config, "shell_sandbox": "bwrap"})
