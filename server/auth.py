@@ -181,7 +181,7 @@ class BearerAuth:
         receive, send = deadline.receive, deadline.send
         if scope["method"] == "GET":
             await self._stream(owner, scope, receive, send)
-        elif scope["method"] == "POST" and b"mcp-session-id" not in headers and "session_id" not in query:
+        elif scope["method"] == "POST" and b"mcp-session-id" not in headers and not _sse_message(scope, query):
             await self._opening(owner, scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -274,6 +274,12 @@ class SessionIdFilter(logging.Filter):
             if masked != message:
                 record.msg, record.args = masked, None
         return True
+
+
+def _sse_message(scope: Scope, query: dict[str, list[str]]) -> bool:
+    """A message posted into an open SSE session (`/messages/?session_id=…`); any other POST without a
+    session header opens a streamable HTTP session, however its query string reads."""
+    return "session_id" in query and not str(scope.get("path", "")).rstrip("/").endswith("/mcp")
 
 
 def _quiet_session_ids() -> None:

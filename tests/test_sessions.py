@@ -115,6 +115,8 @@ async def test_sessions_and_streams_are_capped_per_owner(gate: Gate) -> None:
         await open_session(http, url, AS_ALICE)
         refused = await http.post(url, json=INITIALIZE, headers={**MCP_POST_HEADERS, **AS_ALICE})
         assert refused.status_code == 429 and "max_sessions_per_owner = 2" in refused.text
+        dodged = await http.post(f"{url}?session_id=x", json=INITIALIZE, headers={**MCP_POST_HEADERS, **AS_ALICE})
+        assert dodged.status_code == 429, "a query string does not make an opening POST uncounted"
         await open_session(http, url, AS_BOB)  # bob is not held up by alice
         # Ending one of hers makes room again.
         assert (await http.delete(url, headers={**AS_ALICE, "mcp-session-id": first})).status_code == 200
