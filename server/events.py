@@ -12,7 +12,8 @@ replay is served only to the same owner and session that stored the events, and 
 session replays nothing.
 
 Bounded: at most `MAX_EVENTS_PER_SESSION` events and `MAX_BYTES_PER_SESSION` bytes per session (oldest
-dropped first), and `MAX_BYTES` over all sessions (the least recently written session dropped first).
+dropped first), and `MAX_BYTES` over all sessions: past it, the owner holding the most gives way first (its
+least recently written session), so one owner's traffic never evicts another owner's missed replies.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ MAX_EVENTS_PER_SESSION = 1000
 MAX_BYTES_PER_SESSION = 8 * 1024 * 1024
 """A session's missed replies are kept up to this size: a few large `poll_output` replies (1 MiB at most each)."""
 MAX_BYTES = 64 * 1024 * 1024
-"""All sessions together; past it the least recently written session's events go first."""
+"""All sessions together; past it the owner holding the most bytes gives way first."""
 SESSION_HEADER = b"mcp-session-id"
 
 _message_json: TypeAdapter[JSONRPCMessage] = TypeAdapter(JSONRPCMessage)
@@ -133,7 +134,6 @@ class SessionEvents(EventStore):
         self._size_bytes = 0
         self._replays = 0
         self._refused = 0
-        self._serial = itertools.count()
 
     def __repr__(self) -> str:
         c = self.counts()
@@ -145,8 +145,8 @@ class SessionEvents(EventStore):
     async def store_event(self, stream_id: StreamId, message: JSONRPCMessage | None) -> EventId:
         key = _key()
         size_bytes = 64 if message is None else 64 + len(_message_json.dump_json(message, by_alias=True))
-        # A counter keeps ids unique; the random part keeps them unguessable and says nothing of other sessions.
-        event_id = f"{next(self._serial)}-{secrets.token_urlsafe(6)}"
+        # Random alone: unguessable, and no counter that tells how much other sessions sent.
+        event_id = secrets.token_urlsafe(12)
         held = self._logs.get(key)
         if held is None:
             held = self._logs[key] = _SessionLog()
@@ -158,12 +158,27 @@ class SessionEvents(EventStore):
         self._where[event_id] = key
         while len(held.events) > self._max_events_per_session or held.size_bytes > self._max_bytes_per_session:
             self._drop_oldest(held)
-        while self._size_bytes > self._max_bytes and len(self._logs) > 1:
-            oldest_key = next(iter(self._logs))
-            if oldest_key == key:
-                break
-            self._drop_session(oldest_key)
+        while self._size_bytes > self._max_bytes and not self._make_room(key):
+            pass
         return event_id
+
+    def _make_room(self, key: tuple[str, str | None]) -> bool:
+        """Drops from the owner holding the most bytes (its least recently written session; its oldest
+        events if that is the one writing now): one owner's flood never evicts another's missed replies.
+        True when nothing more can go."""
+        per_owner: dict[str, int] = {}
+        for (owner, _), held in self._logs.items():
+            per_owner[owner] = per_owner.get(owner, 0) + held.size_bytes
+        heaviest = max(per_owner, key=per_owner.__getitem__)
+        victim = next(k for k in self._logs if k[0] == heaviest)
+        if victim != key:
+            self._drop_session(victim)
+            return False
+        held = self._logs[key]
+        if len(held.events) <= 1:
+            return True
+        self._drop_oldest(held)
+        return False
 
     async def replay_events_after(self, last_event_id: EventId, send_callback: EventCallback) -> StreamId | None:
         """Sends the events of `last_event_id`'s stream stored after it; None when this caller cannot resume

@@ -231,3 +231,33 @@ async def test_a_refusal_keeps_its_reason_on_a_releasable_stream(gate: Gate) -> 
         assert "Unknown tool 'no.such.tool'" in unknown and "list_fireable_tools" in unknown
         invalid = error_text(await client.call_tool("fire_tool", {"tool": "shell", "arguments": {}, "wait_s": 5}))
         assert "Invalid arguments for 'shell'" in invalid and "Nothing was started" in invalid
+
+
+async def test_one_owners_flood_never_evicts_another_owners_missed_reply() -> None:
+    events = SessionEvents(max_events_per_session=1000, max_bytes_per_session=1_000_000, max_bytes=5_000)
+    reply = JSONRPCResponse(jsonrpc="2.0", id=7, result={"done": "alice's poll_output"})
+
+    async def as_caller(owner: str, session: str, stream: str, message: Any) -> str:
+        token = current_caller.set(Caller(owner, session))
+        try:
+            return await events.store_event(stream, message)
+        finally:
+            current_caller.reset(token)
+
+    priming = await as_caller("alice", "a1", "7", None)
+    await as_caller("alice", "a1", "7", reply)
+    flood = JSONRPCResponse(jsonrpc="2.0", id=1, result={"pad": "b" * 900})
+    for i in range(60):
+        await as_caller("bob", f"b{i % 6}", "1", flood)
+    assert events.counts().held_bytes <= 5_000
+    token = current_caller.set(Caller("alice", "a1"))
+    try:
+        got: list[Any] = []
+
+        async def keep(message: Any) -> None:
+            got.append(message.message)
+
+        assert await events.replay_events_after(priming, keep) == "7"
+        assert got == [reply]  # hers survived bob's flood; bob gave way
+    finally:
+        current_caller.reset(token)
