@@ -258,8 +258,9 @@ class _BodyDeadline:
             await _refuse(self._send, 408, "request_timeout", said)
 
 
-_SESSION_ID = re.compile(r"\b[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}\b")
-"""A session id as the SDK's transports write it (uuid4 hex, or hyphenated)."""
+_SESSION_ID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+"""A session id as the SDK's transports write it (uuid4 hex, or hyphenated); no word boundaries, so an id
+run together with other characters (`0x…`, `…_x`) is masked too."""
 SDK_SESSION_LOGGERS = ("mcp.server.streamable_http_manager", "mcp.server.streamable_http", "mcp.server.sse")
 
 

@@ -24,6 +24,8 @@ from conftest import Gate
 from rawserver import served_log, server_env
 from test_http import ALICE, BOB, INITIALIZE, INITIALIZED, MCP_POST_HEADERS, PING, TOKENS, web_server
 
+from server.auth import SessionIdFilter
+
 pytestmark = pytest.mark.anyio
 
 AS_ALICE = {"Authorization": f"Bearer {ALICE}"}
@@ -200,3 +202,13 @@ async def test_half_sent_requests_are_cut_off_and_connections_capped(tmp_path: P
         async with httpx.AsyncClient(timeout=10) as http:
             reply = await http.post(url, json=INITIALIZE, headers={**MCP_POST_HEADERS, **AS_ALICE})
             assert reply.status_code == 200, reply.text
+
+
+def test_session_ids_are_masked_in_log_lines_however_they_are_wrapped() -> None:
+    sid = "b46d289f0e1c4a7b9d3e5f60718293a4"
+    for said in (sid, f"0x{sid}", f"{sid}_x", f"id={sid[:8]}-{sid[8:12]}-{sid[12:16]}-{sid[16:20]}-{sid[20:]}z"):
+        record = logging.LogRecord(
+            "mcp.server.streamable_http", logging.INFO, __file__, 1, "unknown session %s", (said,), None
+        )
+        assert SessionIdFilter().filter(record) is not False
+        assert sid[:8] not in record.getMessage(), record.getMessage()
