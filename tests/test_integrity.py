@@ -300,3 +300,19 @@ async def test_shutdown_ends_what_left_the_group_without_its_marker(clock: FakeC
                 pass
         escaped = int(view["output"]["text"].split()[0])
     assert await gone(escaped)
+
+
+async def test_a_cwd_outside_the_roots_reads_alike_whether_it_exists(
+    clock: FakeClock, gate: Gate, tmp_path: Path
+) -> None:
+    """A refusal never tells whether a path outside one's roots exists (another owner's files, say)."""
+    (tmp_path / "work").mkdir()
+    (tmp_path / "theirs" / "project").mkdir(parents=True)
+    settings = Settings(shell_roots=(str(tmp_path / "work"),), data_dir=tmp_path / "data")
+    async with open_client(settings, clock, gate) as (_, client):
+        answers = []
+        for name in ("project", "nothing-here"):
+            path = str(tmp_path / "theirs" / name)
+            message = error_text(await client.call_tool("run_shell_background", {"command": "true", "cwd": path}))
+            answers.append(message.replace(path, "PATH"))
+        assert answers[0] == answers[1] and "outside the allowed roots" in answers[0]

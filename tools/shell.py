@@ -120,16 +120,15 @@ class ShellArgs(BaseModel):
 
     @field_validator("cwd")
     @classmethod
-    def _cwd_is_a_directory(cls, value: str | None) -> str | None:
+    def _cwd_is_usable(cls, value: str | None) -> str | None:
+        """Only spelled right here: whether it exists is checked after the owner's roots (see `check`), so
+        a refusal never tells whether a path outside them exists."""
         if value is None:
             return None
         try:
-            path = Path(value).expanduser()
-            if path.is_dir():
-                return str(path.resolve())
-        except (RuntimeError, OSError, ValueError) as exc:  # ~nobody, a name too long, a NUL
+            return str(Path(value).expanduser())
+        except (RuntimeError, ValueError) as exc:  # ~nobody, a NUL
             raise ValueError(f"cwd {value[:200]!r} cannot be used ({exc})") from None
-        raise ValueError(f"cwd {value[:200]!r} is not an existing directory")
 
     @field_validator("command")
     @classmethod
@@ -480,15 +479,19 @@ async def _follow(watcher: ProcessInfo, orphan: Orphan, ctx: ToolContext, config
 
 
 def check_cwd(cwd: str | None, what: str) -> None:
-    if cwd is not None and not Path(cwd).is_dir():
-        raise ValueError(f"{what} cwd {cwd!r} is not an existing directory; create it or fix the configuration")
+    try:
+        usable = cwd is None or Path(cwd).is_dir()
+    except OSError as exc:  # a name too long, say
+        raise ValueError(f"{what}cwd {(cwd or '')[:200]!r} cannot be used ({exc.strerror})") from None
+    if not usable:
+        raise ValueError(f"{what}cwd {cwd!r} is not an existing directory; create it or choose another")
 
 
 def shell_spec(config: ShellConfig) -> ToolSpec:
     def check(args: ShellArgs, owner: str) -> None:
         shell = config.for_owner(owner)  # the owner's own policy and sandbox
         shell.policy.command_to_run(args.command, args.env)
-        shell.policy.cwd_to_use(args.cwd)
+        check_cwd(shell.policy.cwd_to_use(args.cwd), "")  # the roots first, then whether it exists
         if shell.sandbox.on and len(args.command.encode()) > SCRIPT_FILE_OVER_BYTES:
             raise ValueError(
                 f"a sandboxed command may be at most {SCRIPT_FILE_OVER_BYTES // 1024} KiB; "
@@ -515,7 +518,7 @@ def shell_spec(config: ShellConfig) -> ToolSpec:
 
 def preset_spec(name: str, preset: Preset, config: ShellConfig) -> ToolSpec:
     def check(args: PresetArgs, owner: str) -> None:
-        check_cwd(preset.cwd, f"preset {name!r}:")
+        check_cwd(preset.cwd, f"preset {name!r}: ")
         preset_command(name, preset, args.args, config.for_owner(owner).policy)
 
     async def handler(args: PresetArgs, ctx: ToolContext) -> JSON:
