@@ -145,3 +145,35 @@ def test_what_it_cannot_read_is_refused_with_the_reason() -> None:
     ]:
         with pytest.raises(PolicyError, match=reason):
             POLICY.command_to_run(line, None)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "hash -p /usr/bin/whoami foo; foo",
+        "mapfile -C whoami -c 1 < /etc/hostname",
+        "printf -v 'a[$(whoami)]' x",
+        "test -v 'a[$(whoami)]'",
+        "let 'x=a[$(whoami)]'",
+        "read -r x <<< '$(whoami)'; echo ${x@P}",
+        "flock /tmp/x -c whoami",
+        "flock /tmp/x --command 'echo; whoami'",
+    ],
+)
+def test_builtins_that_evaluate_or_rebind_are_refused(line: str) -> None:
+    policy = ShellPolicy.build(mode="deny-list", allow=(), deny=("whoami",), roots=())
+    with pytest.raises(PolicyError):
+        policy.command_to_run(line, None)
+
+
+@pytest.mark.parametrize("line", ["rm --rec --for d", "rm -r --forc d", "rm --recursive --fo d"])
+def test_abbreviated_long_options_match_their_rule(line: str) -> None:
+    policy = ShellPolicy.build(mode="deny-list", allow=(), deny=("rm -rf",), roots=())
+    with pytest.raises(PolicyError, match="denies"):
+        policy.command_to_run(line, None)
+
+
+@pytest.mark.parametrize("line", ['echo "it\'s $(date)"', "echo '$HOME'", "printf '%s\\n' done"])
+def test_ordinary_quoting_still_runs(line: str) -> None:
+    policy = ShellPolicy.build(mode="deny-list", allow=(), deny=("whoami",), roots=())
+    assert policy.command_to_run(line, None)

@@ -32,8 +32,14 @@ MAX_DEPTH = 4
 """Nested `sh -c` strings read; deeper nesting is refused."""
 
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "mksh", "yash", "posh", "busybox"})
-DYNAMIC = frozenset({"eval", "source", ".", "fc", "trap"})
-"""Builtins that run text computed at run time: refused."""
+DYNAMIC = frozenset(
+    {"eval", "source", ".", "fc", "trap", "hash", "mapfile", "readarray", "let", "enable", "alias", "bind", "complete"}
+)
+"""Builtins that run text computed at run time, or bind a name to a program (`hash -p`), or call a
+command back (`mapfile -C`), or evaluate arithmetic (`let`, where `a[$(cmd)]` runs cmd): refused."""
+RE_EVALUATED = ("$(", "`", "@P}")
+"""Text that some builtin may evaluate again even inside quotes (`printf -v 'a[$(cmd)]'`, `test -v`,
+`declare`, `(( ))`, `${x@P}`): a line holding any of them anywhere but as a plain substitution is refused."""
 COMPUTED_CHARS = frozenset("$`*?[{")
 """In a command word (even quoted), these mean the shell decides at run time what runs."""
 
@@ -91,7 +97,8 @@ class Invocation:
             if arg == "--":
                 break
             if arg.startswith("--"):
-                found.add(aliases.get(arg.split("=", 1)[0], arg.split("=", 1)[0]))
+                name = _long_option(arg.split("=", 1)[0], aliases)
+                found.add(aliases.get(name, name))
             elif arg.startswith("-") and len(arg) > 1:
                 found.update(aliases.get(letter, letter) for letter in arg[1:])
         return frozenset(found)
@@ -100,10 +107,37 @@ class Invocation:
         return [a for a in self.args if not a.startswith("-")]
 
 
+def _refuse_re_evaluated(line: str) -> None:
+    """Single-quoted `$(…)` or backquotes are text to bash, but builtins that evaluate a name or an
+    arithmetic expression (`printf -v`, `test -v`, `declare`) run them; `${x@P}` expands a prompt, which
+    runs them too. The policy cannot follow either: refused."""
+    if "@P}" in line:
+        raise Unreadable("${…@P} expands text as a prompt, which can run commands")
+    single = double = escaped = False
+    for index, char in enumerate(line):
+        if escaped:
+            escaped = False
+        elif char == "\\" and not single:
+            escaped = True
+        elif char == "'" and not double:
+            single = not single
+        elif char == '"' and not single:
+            double = not double
+        elif single and (char == "`" or line.startswith("$(", index)):
+            raise Unreadable("a quoted $(…) or `…` that a builtin may evaluate (printf -v, test -v, declare)")
+
+
+def _long_option(name: str, aliases: dict[str, str]) -> str:
+    """GNU programs take any unambiguous prefix of a long option (`--rec` is `--recursive`)."""
+    known = [option for option in aliases if option.startswith("--") and option.startswith(name) and len(name) > 2]
+    return known[0] if len(known) == 1 else name
+
+
 def invocations(line: str, depth: int = 0) -> list[Invocation]:
     """Every program `line` runs by name; Unreadable when some part cannot be followed."""
     if depth > MAX_DEPTH:
         raise Unreadable(f"shells nested more than {MAX_DEPTH} deep")
+    _refuse_re_evaluated(line)
     line = line.replace("\\\n", "")  # line continuations first, so word positions hold in $(…) too
     if not line.strip():
         return []
@@ -171,10 +205,21 @@ def _unwrap(words: Sequence[tuple[str, str]], depth: int) -> list[Invocation]:
         if program in SHELLS:
             found.extend(_shell(program, args, depth))
             return found
+        if program == "flock" and (command := _flock_command(args)) is not None:
+            found.extend(invocations(command, depth + 1))
+            return found
         if program not in WRAPPERS:
             return found
         rest = _after_wrapper(program, rest[1:])
     return found
+
+
+def _flock_command(args: list[str]) -> str | None:
+    """The shell string `flock FILE -c STRING` runs, if it has one."""
+    for index, arg in enumerate(args[:-1]):
+        if arg in ("-c", "--command") or (arg.startswith("--com") and "--command".startswith(arg)):
+            return args[index + 1]
+    return None
 
 
 def _after_wrapper(program: str, rest: list[tuple[str, str]]) -> list[tuple[str, str]]:
