@@ -22,7 +22,7 @@ from starlette.types import ASGIApp
 
 from server import __version__
 from server.app import OffloadServer, build_server
-from server.auth import BearerAuth, Credentials, Limits, check_bind, check_isolation, is_loopback
+from server.auth import LOCAL_OWNER, BearerAuth, Credentials, Limits, check_bind, check_isolation, is_loopback
 from server.config import Settings
 from server.events import CallerScope, SessionEvents
 from server.limits import uvicorn_options
@@ -106,8 +106,14 @@ async def serve_http(settings: Settings, credentials: Credentials) -> None:
     check_isolation(settings, credentials)  # issue 12: several owners need confined shells
     if settings.http_private_networks and not is_loopback(settings.host):
         log.warning("http.request may reach this host's private networks; set http_private_networks = false to refuse")
-    if not settings.shell_roots:
-        log.warning("no shell_roots configured: shell commands may run in any directory this user can reach")
+    shell = settings.shell_config()
+    owners = [owner for owner, _ in credentials.tokens] or [LOCAL_OWNER]
+    unrooted = [owner for owner in owners if not shell.for_owner(owner).policy.roots]
+    if unrooted:
+        log.warning(
+            "no shell_roots for %s: their shell commands may run in any directory this user can reach",
+            ", ".join(map(repr, unrooted)),
+        )
     sock = bind(settings.host, settings.port)
     async with Runtime.open(settings) as runtime:
         server = build_server(runtime)

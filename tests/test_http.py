@@ -27,7 +27,7 @@ from mcp.client.streamable_http import streamable_http_client
 from rawserver import served_log, server_env
 
 from server.app import build_server
-from server.auth import Credentials, check_bind
+from server.auth import LOCAL_OWNER, Credentials, check_bind
 from server.config import Settings
 from server.errors import ConfigError
 from server.runtime import Runtime
@@ -215,7 +215,7 @@ async def test_a_signal_stops_an_http_server_and_its_commands(tmp_path: Path, tr
     )
     try:
         url, log = await served_log(process)
-        assert "no shell_roots configured: shell commands may run in any directory" in log
+        assert f"no shell_roots for {LOCAL_OWNER!r}: their shell commands may run in any directory" in log
         async with connect(url) as client:
             reply = await when_tree_runs(
                 lambda command: tool(client, "run_shell_background", command=command), timeout_s=10
