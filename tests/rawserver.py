@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 from anyio.abc import Process
 from conftest import live_group_members, when_tree_runs
 
@@ -98,3 +99,24 @@ async def served_log(process: anyio.abc.Process) -> tuple[str, str]:
             if found := re.search(rb"serving MCP \(\w+\) on (http://\S+)", seen):
                 return found.group(1).decode(), seen.decode()
     raise AssertionError(f"the server never said where it listens: {seen.decode()!r}")
+
+
+def npm_tool(variable: str, what: str) -> Path:
+    """A client nobody here wrote, installed from npm by `.ci/run` (which names it in `variable` and sets
+    REQUIRE_`variable`'s stem so its absence fails CI); elsewhere the test is skipped, saying how to get it."""
+    found = os.environ.get(variable)
+    if found and Path(found).is_file():
+        return Path(found)
+    required = "REQUIRE_" + variable.removesuffix("_BIN")
+    if os.environ.get(required):
+        pytest.fail(f"{required} is set but {variable} ({found!r}) is not the {what}")
+    pytest.skip(f"{what} not installed (.ci/run installs it and sets {variable})")
+
+
+def npm_tool_env(tmp_path: Path, tool: Path) -> dict[str, str]:
+    """The server's test environment, with the tool's own `node` (22) first on PATH and a private HOME."""
+    return {
+        **server_env(tmp_path),
+        "PATH": f"{tool.parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path / "home"),
+    }

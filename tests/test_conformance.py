@@ -10,7 +10,6 @@ without it these tests skip locally, and fail in CI, where REQUIRE_MCP_CONFORMAN
 from __future__ import annotations
 
 import json
-import os
 import re
 import tomllib
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from rawserver import server_env
+from rawserver import npm_tool, npm_tool_env
 from test_inspector import ROOT, http_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -30,22 +29,12 @@ SCENARIO_TIMEOUT_S = 60
 
 
 def conformance_path() -> Path:
-    found = os.environ.get("MCP_CONFORMANCE_BIN")
-    if found and Path(found).is_file():
-        return Path(found)
-    if os.environ.get("REQUIRE_MCP_CONFORMANCE"):
-        pytest.fail(f"REQUIRE_MCP_CONFORMANCE is set but MCP_CONFORMANCE_BIN ({found!r}) is not the suite")
-    pytest.skip("MCP conformance suite not installed (.ci/run installs it and sets MCP_CONFORMANCE_BIN)")
+    return npm_tool("MCP_CONFORMANCE_BIN", "MCP conformance suite")
 
 
 async def suite(tmp_path: Path, *args: str) -> tuple[int, str]:
     suite_bin = conformance_path()
-    env = {
-        **server_env(tmp_path),
-        "PATH": f"{suite_bin.parent}{os.pathsep}{os.environ['PATH']}",  # its `node` (22) comes first
-        "HOME": str(tmp_path / "home"),
-        "NO_COLOR": "1",
-    }
+    env = {**npm_tool_env(tmp_path, suite_bin), "NO_COLOR": "1"}
     with anyio.fail_after(SCENARIO_TIMEOUT_S):
         done = await anyio.run_process([str(suite_bin), *args], env=env, check=False)
     return done.returncode, done.stdout.decode() + done.stderr.decode()

@@ -7,7 +7,6 @@ tests skip locally, and fail in CI, where REQUIRE_MCP_INSPECTOR is set.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,7 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
-from rawserver import served_log, server_env
+from rawserver import npm_tool, npm_tool_env, served_log, server_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -25,23 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def inspector_path() -> Path:
-    found = os.environ.get("MCP_INSPECTOR_BIN")
-    if found and Path(found).is_file():
-        return Path(found)
-    if os.environ.get("REQUIRE_MCP_INSPECTOR"):
-        pytest.fail(f"REQUIRE_MCP_INSPECTOR is set but MCP_INSPECTOR_BIN ({found!r}) is not the inspector")
-    pytest.skip("MCP Inspector not installed (.ci/run installs it and sets MCP_INSPECTOR_BIN)")
+    return npm_tool("MCP_INSPECTOR_BIN", "MCP Inspector")
 
 
 async def inspect(tmp_path: Path, *args: str) -> dict[str, Any]:
     """One Inspector run (one connection); its JSON result."""
     inspector = inspector_path()
-    env = {
-        **server_env(tmp_path),
-        "PATH": f"{inspector.parent}{os.pathsep}{os.environ['PATH']}",  # its `node` (22) comes first
-        "HOME": str(tmp_path / "home"),
-        "MCP_CATALOG_PATH": str(tmp_path / "catalog.json"),
-    }
+    env = {**npm_tool_env(tmp_path, inspector), "MCP_CATALOG_PATH": str(tmp_path / "catalog.json")}
     with anyio.fail_after(60):
         done = await anyio.run_process([str(inspector), "--cli", "--format", "json", "-q", *args], env=env, check=False)
     assert done.returncode == 0, (done.returncode, done.stdout.decode(), done.stderr.decode())
