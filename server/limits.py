@@ -2,9 +2,11 @@
 
 uvicorn keeps a connection that never finishes its request headers open for ever, and accepts as many
 connections as there are descriptors: 1,100 half-sent requests made a server with a 1,024-descriptor
-limit unreachable (issue 12). Here a connection past `max_connections` is answered 503 and closed at
-once, and one whose headers do not arrive within `header_timeout_s` is closed. (Bodies that stop
-arriving are the middleware's: `server.auth`.)
+limit unreachable (issue 12). Here a connection whose headers do not arrive within `header_timeout_s` is
+closed, and a connection past `max_connections` displaces the oldest one still waiting for its headers;
+only when every connection is being served is the newcomer answered 503 and closed. So connections that
+never finish a request (no token needed to open them) cannot lock real clients out: a client that sends
+its request at once is served. (Bodies that stop arriving are the middleware's: `server.auth`.)
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import time
 from typing import Any
 
 import h11
@@ -48,14 +51,28 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
 
     class GuardedH11(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
+        _opened_at: float = 0.0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
+            self._opened_at = time.monotonic()
+            if len(self.connections) > max_connections and not self._displace_a_waiting_one():
                 transport.write(_BUSY)
                 transport.close()
                 return
             self._arm()
+
+        def _displace_a_waiting_one(self) -> bool:
+            """Closes the oldest connection still waiting for its request headers; False if none is."""
+            waiting = [
+                c
+                for c in self.connections
+                if c is not self and isinstance(c, GuardedH11) and c._header_timer is not None
+            ]
+            if not waiting:
+                return False
+            min(waiting, key=lambda c: c._opened_at).transport.close()
+            return True
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
