@@ -26,6 +26,8 @@ from tools.shell import SECRET_MARKERS, Preset, ShellConfig
 
 ENV_PREFIX = "OFFLOAD_"
 APP_NAME = "offload"
+LOCAL_OWNER = "local"
+"""The one owner of a server without bearer tokens (stdio, or HTTP on loopback without auth)."""
 
 PositiveSeconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
 OwnerName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]

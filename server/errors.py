@@ -70,13 +70,13 @@ class UnknownTaskError(RequestError):
 
 
 class ExpiredTaskError(RequestError):
-    """Raised for a task whose result is no longer kept; says when and why it went."""
+    """Raised for a task whose result is no longer kept; says when it went."""
 
-    def __init__(self, task_id: str, expired_at: str, reason: str) -> None:
+    def __init__(self, task_id: str, expired_at: str) -> None:
         self.task_id = task_id
         self.expired_at = expired_at
         super().__init__(
-            f"Task {task_id!r} {reason} at {expired_at}; its result and output are gone. "
+            f"Task {task_id!r} expired at {expired_at}; its result and output are gone. "
             "Fire the tool again to get a fresh result (list_tasks shows the tasks still kept)."
         )
 

@@ -2,7 +2,9 @@
 
 It is opened before any transport starts and closed after the last one stops, so no MCP
 session or connection owns running work. The MCP layer calls the methods here; they speak
-in views and raise `RequestError`s, never MCP types.
+in views and raise `RequestError`s, never MCP types, and every one takes the caller's owner:
+there is no default owner in a server several owners share. Task changes are published on
+`changes`; the face turns them into notifications.
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from server.auth import LOCAL_OWNER
 from server.cache import Clock
+from server.changes import Subscriber
 from server.config import Settings, clients_config, data_dir
 from server.errors import ConfigError, ForeignTaskError, RequestError
-from server.executor import Executor, ProgressFn, ReturnWhen
-from server.notify import Notifier
+from server.executor import Executor
 from server.recovery import recover, watch_peers
 from server.redact import Redactor
 from server.store import Store
@@ -40,9 +41,9 @@ from server.tasks import (
     TaskList,
     TaskView,
     UnknownTask,
-    summary_of,
     task_uri,
 )
+from server.waiting import ProgressFn, ReturnWhen
 from tools import sandbox
 from tools.claude import claude_specs
 from tools.clients import ClientPool
@@ -67,15 +68,14 @@ class Runtime:
         executor: Executor,
         pool: ClientPool,
         redactor: Redactor,
-        notifier: Notifier,
         task_group: TaskGroup,
     ) -> None:
         self.settings = settings
         self.executor = executor
         self.pool = pool
         self.redactor = redactor
-        self.notifier = notifier
         self._tg = task_group
+        self._at_close: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"<Runtime {self.executor!r}>"
@@ -120,18 +120,16 @@ class Runtime:
                     log.exception("settling earlier tasks or expiring old ones failed; will try again")
                 tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
                 tg.start_soon(watch_peers, executor, settings.lease_s / 3, name="offload lease and peers")
-                notifier = Notifier()
-                executor.watchers.append(notifier.task_changed)
-                tg.start_soon(notifier.run, name="offload notifications")
                 redactor = Redactor.from_environ(secret_variables(settings))
+                runtime = cls(settings, executor, pool, redactor, tg)
                 try:
-                    yield cls(settings, executor, pool, redactor, notifier, tg)
+                    yield runtime
                 finally:
                     with anyio.CancelScope(shield=True):
                         await executor.shutdown()
                         end_orphans()  # what left its command's group, marker or not
                         await pool.aclose()
-                    notifier.close()
+                    runtime.closing()
                     tg.cancel_scope.cancel()
         finally:
             with contextlib.suppress(sqlite3.Error):
@@ -139,9 +137,28 @@ class Runtime:
             store.close()
 
     def start_background(self, run: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
-        """Runs `run` until the Runtime closes: the face's delivery loops (log messages for clients) live as
-        long as the tasks they report on, not as long as one connection."""
+        """Runs `run` until the Runtime closes: the face's delivery loops (notifications, log messages for
+        clients) live as long as the tasks they report on, not as long as one connection."""
         self._tg.start_soon(run, name=name)
+
+    def at_close(self, callback: Callable[[], None]) -> None:
+        """Called once every task has ended, before the background loops are cancelled: the face's last
+        words to its clients (listen streams end with their final result)."""
+        self._at_close.append(callback)
+
+    def closing(self) -> None:
+        for callback in self._at_close:
+            try:
+                callback()
+            except Exception:
+                log.exception("a close callback raised")
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Hears every task change (synchronously; must not block); returns the call that unsubscribes."""
+        return self.executor.changes.subscribe(subscriber)
+
+    def tools(self) -> list[ToolSpec]:
+        return list(self.executor.registry)
 
     # ---- the MCP tools' logic ----
 
@@ -154,7 +171,7 @@ class Runtime:
         ttl_s: float | None,
         use_cache: bool,
         wait_s: float,
-        owner: str = LOCAL_OWNER,
+        owner: str,
     ) -> FireReply:
         fired = self.executor.fire(owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s, use_cache=use_cache)
         task = fired.task
@@ -176,7 +193,7 @@ class Runtime:
         arguments: dict[str, Any],
         *,
         timeout_s: float | None,
-        owner: str = LOCAL_OWNER,
+        owner: str,
     ) -> ShellReply:
         task = self.executor.fire(owner, "shell", arguments, timeout_s=timeout_s, use_cache=False).task
         with anyio.move_on_after(SPAWN_WAIT_S):
@@ -186,8 +203,8 @@ class Runtime:
                     await event.wait()
                     tg.cancel_scope.cancel()
 
-                tg.start_soon(until, task.started)
-                tg.start_soon(until, task.queued)
+                tg.start_soon(until, task.handle.started)
+                tg.start_soon(until, task.handle.queued)
         return ShellReply(task_id=task.id, resource=task_uri(task.id), pid=task.pid, status=task.status)
 
     def get_output(
@@ -197,7 +214,7 @@ class Runtime:
         offset: int,
         max_bytes: int,
         tail_bytes: int | None,
-        owner: str = LOCAL_OWNER,
+        owner: str,
     ) -> TaskView:
         task = self.executor.get(owner, task_id)
         return self.output_view(task, offset, max_bytes, tail_bytes)
@@ -220,7 +237,7 @@ class Runtime:
         return_when: ReturnWhen,
         max_bytes: int,
         on_progress: ProgressFn | None = None,
-        owner: str = LOCAL_OWNER,
+        owner: str,
     ) -> PollReply:
         tasks, unknown = [], []
         for task_id in dict.fromkeys(task_ids):
@@ -237,12 +254,24 @@ class Runtime:
         pending = [t.id for t in tasks if not t.status.finished]
         return PollReply(done=views, pending=pending, unknown=unknown, timed_out=timed_out)
 
-    def list_tasks(self, *, status: Status | None, tool: str | None, limit: int, owner: str = LOCAL_OWNER) -> TaskList:
-        wanted = None if status is None else status.value
-        rows = self.executor.store.rows(owner, self.executor.now(), wanted, tool, limit)
-        return TaskList(tasks=[summary_of(row) for row in rows])
+    def task(self, task_id: str, *, owner: str) -> Task:
+        """The task itself, for a face that shapes its own reply (the tasks extension)."""
+        return self.executor.get(owner, task_id)
 
-    def stats(self, owner: str = LOCAL_OWNER) -> dict[str, Any]:
+    def start(self, tool: str, arguments: dict[str, Any], *, owner: str) -> Task:
+        """Fires with the defaults and returns the task itself (the tasks extension's tools/call)."""
+        return self.executor.fire(owner, tool, arguments).task
+
+    async def settled(self, task: Task, wait_s: float) -> Task:
+        """The task once finished, or as it is after `wait_s`."""
+        if not task.status.finished:
+            await self.executor.wait([task], wait_s, "all")
+        return task
+
+    def list_tasks(self, *, status: Status | None, tool: str | None, limit: int, owner: str) -> TaskList:
+        return TaskList(tasks=self.executor.store.summaries(owner, self.executor.now(), status, tool, limit))
+
+    def stats(self, *, owner: str) -> dict[str, Any]:
         """What `offload://stats` shows: the caller's own work; server-wide figures (all owners' work, the
         reuse, the clients, the data directory) only to an admin owner or the only owner there is."""
         executor = self.executor
@@ -273,11 +302,10 @@ class Runtime:
             "fired": counters.fired,
             "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
             "clients": self.pool.stats(),
-            "notifications": self.notifier.stats(),
-            "data_dir": str(executor.store.root),
+            "data_dir": str(data_dir(self.settings)),
         }
 
-    async def cancel(self, task_id: str, owner: str = LOCAL_OWNER) -> TaskView:
+    async def cancel(self, task_id: str, *, owner: str) -> TaskView:
         try:
             task = await self.executor.cancel(owner, task_id)
         except ForeignTaskError:

@@ -22,8 +22,8 @@ from starlette.types import ASGIApp
 
 from server import __version__
 from server.app import OffloadServer, build_server
-from server.auth import LOCAL_OWNER, BearerAuth, Credentials, Limits, check_bind, check_isolation, is_loopback
-from server.config import Settings
+from server.auth import BearerAuth, Credentials, Limits, check_bind, check_isolation, is_loopback
+from server.config import LOCAL_OWNER, Settings
 from server.events import CallerScope, SessionEvents
 from server.limits import uvicorn_options
 from server.runtime import Runtime

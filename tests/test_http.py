@@ -27,8 +27,8 @@ from mcp.client.streamable_http import streamable_http_client
 from rawserver import served_log, server_env
 
 from server.app import build_server
-from server.auth import LOCAL_OWNER, Credentials, check_bind
-from server.config import Settings
+from server.auth import Credentials, check_bind
+from server.config import LOCAL_OWNER, Settings
 from server.errors import ConfigError
 from server.runtime import Runtime
 from server.web import PATHS, web_app

@@ -12,7 +12,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from tools.clients import ClientPool
-from tools.context import JSON, TaskFailure, ToolContext
+from tools.context import JSON, ErrorKind, TaskFailure, ToolContext
 from tools.http import failure_for_status, failure_for_transport
 from tools.registry import Handler, ToolSpec
 
@@ -139,12 +139,12 @@ async def _call(pool: ClientPool, method: str, path: str, what: str, **kwargs: A
     except RequestFailed as exc:
         raise failure_for_status(exc.response.status_code, exc.response.headers, what) from exc
     except RequestTimeout as exc:
-        raise TaskFailure("timeout", f"{what} timed out") from exc
+        raise TaskFailure(ErrorKind.TIMEOUT, f"{what} timed out") from exc
     except GitHubException as exc:
         cause = exc.__cause__
         if isinstance(cause, httpx.TransportError):
             raise failure_for_transport(cause, what) from exc
-        raise TaskFailure("http_status", f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        raise TaskFailure(ErrorKind.HTTP_STATUS, f"{what} failed: {type(exc).__name__}: {exc}") from exc
     except httpx.TransportError as exc:
         raise failure_for_transport(exc, what) from exc
     return response.json()

@@ -33,7 +33,7 @@ import anyio.lowlevel
 from anyio.abc import Process
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tools.context import JSON, LeftRunning, Orphan, ProcessInfo, TaskFailure, ToolContext
+from tools.context import JSON, ErrorKind, LeftRunning, Orphan, ProcessInfo, TaskFailure, ToolContext
 from tools.policy import ShellPolicy
 from tools.presets import preset_command
 from tools.process import (
@@ -411,7 +411,7 @@ def outcome_from_record(exit_path: Path, started_wall_s: float | None) -> JSON:
     record = read_exit_record(exit_path)
     if record is None:
         raise TaskFailure(
-            "interrupted",
+            ErrorKind.INTERRUPTED,
             "the command's capture process ended without recording how the command ended; what was left of "
             "the command was ended",
         )
@@ -440,9 +440,9 @@ def outcome(returncode: int | None, duration_s: float, output_bytes: int) -> JSO
     readable = f"its {output_bytes} bytes of output are readable" if output_bytes else "it wrote no output"
     if signum is not None:
         raise TaskFailure(
-            "signal", f"command was killed by {result['signal_name']} (signal {signum}); {readable}", result
+            ErrorKind.SIGNAL, f"command was killed by {result['signal_name']} (signal {signum}); {readable}", result
         )
-    raise TaskFailure("exit_status", f"command exited with code {code}; {readable}", result)
+    raise TaskFailure(ErrorKind.EXIT_STATUS, f"command exited with code {code}; {readable}", result)
 
 
 # ---- after a restart ----
@@ -460,7 +460,7 @@ async def recover(orphan: Orphan, ctx: ToolContext, *, config: ShellConfig) -> J
     if record is not None:
         return outcome_from_record(ctx.exit_path, orphan.started_wall_s)
     what = "what was left of it was killed" if killed else "nothing of it was still running"
-    raise TaskFailure("interrupted", f"the server running this command stopped before it finished; {what}")
+    raise TaskFailure(ErrorKind.INTERRUPTED, f"the server running this command stopped before it finished; {what}")
 
 
 async def _follow(watcher: ProcessInfo, orphan: Orphan, ctx: ToolContext, config: ShellConfig) -> JSON:
