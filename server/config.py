@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from server.errors import ConfigError
 from tools.clients import ClientsConfig
 from tools.policy import Mode, ShellPolicy
-from tools.presets import validate_rule
+from tools.presets import Preset, validate_rule
 from tools.sandbox import Kind, OwnerShell, Sandbox
-from tools.shell import SECRET_MARKERS, Preset, ShellConfig
+from tools.shell import SECRET_MARKERS, ShellConfig
 
 ENV_PREFIX = "OFFLOAD_"
 APP_NAME = "offload"

@@ -10,10 +10,14 @@
         ├── UnavailableToolError  the tool cannot run here (a credential is missing)
         ├── TooManyTasksError   the caller has the most queued + running tasks allowed
         ├── StoreFullError      the data directory cannot take a new task (disk full)
-        └── ForeignTaskError    cancelling a task another server process (same data dir) runs
+        ├── ForeignTaskError    cancelling a task another server process (same data dir) runs
+        ├── RefusedError        the owner's policy forbids these arguments (shell allow/deny lists, roots)
+        ├── TooLargeError       the arguments are over `max_argument_bytes`
+        └── TooManySubscriptionsError  one connection subscribed to too many resources
 
 Failures *inside* a running task are not exceptions that reach a caller: a tool raises
-`tools.context.TaskFailure`, and the executor records it on the task.
+`tools.context.TaskFailure` with an `ErrorKind`, and the runner records it on the task (adapters
+translate their library's exceptions into it at their edge, `raise ... from exc`).
 """
 
 from __future__ import annotations

@@ -49,9 +49,10 @@ from tools.claude import claude_specs
 from tools.clients import ClientPool
 from tools.github import github_specs
 from tools.http import http_specs
+from tools.presets import preset_specs
 from tools.process import become_subreaper, end_orphans
 from tools.registry import Registry, ToolSpec
-from tools.shell import shell_specs
+from tools.shell import shell_spec
 
 log = logging.getLogger(__name__)
 
@@ -91,35 +92,14 @@ class Runtime:
         load_plugins: bool = True,
     ) -> AsyncIterator[Runtime]:
         _use_pidfd_child_watcher()
-        shell = settings.shell_config()
-        try:
-            await sandbox.check([shell.sandbox, *(owner.sandbox for owner in shell.owners.values())])
-        except sandbox.SandboxError as exc:
-            raise ConfigError(str(exc)) from exc
         pool = ClientPool(clients_config(settings))
-        registry = Registry(
-            [
-                *shell_specs(shell),
-                *http_specs(pool),
-                *github_specs(pool),
-                *claude_specs(pool),
-                *extra_tools,
-            ]
-        )
-        if load_plugins:
-            registry.load_entry_points()
+        registry = await _registry(settings, pool, extra_tools, load_plugins)
         become_subreaper()  # what leaves a command's process group comes back to us
         store = Store.open(data_dir(settings), lease_s=settings.lease_s)
         try:
             async with anyio.create_task_group() as tg:
                 executor = Executor(registry, settings, clock, tg, store)
-                try:
-                    await recover(executor)
-                    await executor.sweep()
-                except sqlite3.Error:  # a full disk, say: serve anyway; the lease loop tries again
-                    log.exception("settling earlier tasks or expiring old ones failed; will try again")
-                tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
-                tg.start_soon(watch_peers, executor, settings.lease_s / 3, name="offload lease and peers")
+                await _start_engine(executor, tg)
                 redactor = Redactor.from_environ(secret_variables(settings))
                 runtime = cls(settings, executor, pool, redactor, tg)
                 try:
@@ -314,19 +294,58 @@ class Runtime:
         return self.output_view(task, 0, 4096, 4096)
 
     def catalog(self) -> Catalog:
-        return Catalog(
-            tools=[
-                FireableTool(
-                    name=spec.name,
-                    description=spec.description,
-                    input_schema=spec.input_schema,
-                    flags=spec.flags(),
-                    default_timeout_s=spec.default_timeout_s,
-                    note=spec.note,
-                )
-                for spec in self.executor.registry
-            ]
-        )
+        return catalog_of(self.executor.registry)
+
+
+async def _registry(
+    settings: Settings, pool: ClientPool, extra_tools: Iterable[ToolSpec], load_plugins: bool
+) -> Registry:
+    """Every fireable tool, after checking that the shell's sandboxes can start here."""
+    shell = settings.shell_config()
+    try:
+        await sandbox.check([shell.sandbox, *(owner.sandbox for owner in shell.owners.values())])
+    except sandbox.SandboxError as exc:
+        raise ConfigError(str(exc)) from exc
+    registry = Registry(
+        [
+            shell_spec(shell),
+            *preset_specs(shell),
+            *http_specs(pool),
+            *github_specs(pool),
+            *claude_specs(pool),
+            *extra_tools,
+        ]
+    )
+    if load_plugins:
+        registry.load_entry_points()
+    return registry
+
+
+async def _start_engine(executor: Executor, tg: TaskGroup) -> None:
+    """Settles what an earlier run left, expires old results, then keeps the lease and the store tended."""
+    try:
+        await recover(executor)
+        await executor.sweep()
+    except sqlite3.Error:  # a full disk, say: serve anyway; the lease loop tries again
+        log.exception("settling earlier tasks or expiring old ones failed; will try again")
+    tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
+    tg.start_soon(watch_peers, executor, executor.settings.lease_s / 3, name="offload lease and peers")
+
+
+def catalog_of(registry: Registry) -> Catalog:
+    return Catalog(
+        tools=[
+            FireableTool(
+                name=spec.name,
+                description=spec.description,
+                input_schema=spec.input_schema,
+                flags=spec.flags(),
+                default_timeout_s=spec.default_timeout_s,
+                note=spec.note,
+            )
+            for spec in registry
+        ]
+    )
 
 
 def secret_variables(settings: Settings) -> list[str]:

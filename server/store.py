@@ -332,26 +332,10 @@ class Store:
             if stale:
                 self._db.execute("DELETE FROM instances WHERE id = ?", (instance,))
             return stale
-        dead = self._lock_is_free(instance)
+        dead = _lock_is_free(self.root / "instances" / f"{instance}.lock")
         if dead:
             self._db.execute("DELETE FROM instances WHERE id = ?", (instance,))
         return dead
-
-    def _lock_is_free(self, instance: str) -> bool:
-        path = self.root / "instances" / f"{instance}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        return True
 
     def checkpoint(self) -> None:
         """Copies the WAL into the database file; blocking I/O with fsyncs, so it runs in a worker
@@ -386,15 +370,7 @@ class Store:
     def remove_files(self, task_ids: list[str]) -> None:
         """Blocking file I/O, a few unlinks a task: run it in a worker thread."""
         for task_id in task_ids:
-            log_path = self.output_path(task_id)
-            for path in (
-                log_path,
-                self.exit_path(task_id),
-                log_path.with_suffix(".sh"),
-                log_path.with_suffix(".stdin"),
-            ):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            _remove_task_files(self.output_path(task_id), self.exit_path(task_id))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -534,6 +510,29 @@ def _require_writable(root: Path) -> None:
             f"the data directory {str(root)!r} cannot be written ({exc.strerror or exc}); "
             "choose another with --data-dir or OFFLOAD_DATA_DIR"
         ) from exc
+
+
+def _lock_is_free(path: Path) -> bool:
+    """Free means its server is gone: a live one holds it for as long as it runs."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return True
+
+
+def _remove_task_files(log_path: Path, exit_path: Path) -> None:
+    for path in (log_path, exit_path, log_path.with_suffix(".sh"), log_path.with_suffix(".stdin")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _hold_lock(path: Path) -> int:

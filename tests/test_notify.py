@@ -20,13 +20,13 @@ from conftest import ERAS, FakeClock, Gate, call, data, open_client
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 from mcp_types import ResourceUpdatedNotification
-from rawserver import server_env
 from test_http import ALICE, BOB, TOKENS, connect, web_server
 
 from server.app import build_server
 from server.config import Settings
 from server.runtime import Runtime
 from server.sdk_compat import SDKChangedError, connection_of, lowlevel_of
+from testkit.rawserver import server_env
 
 pytestmark = pytest.mark.anyio
 
