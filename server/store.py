@@ -146,6 +146,7 @@ class Store:
         self._unwritten: dict[str, dict[str, Any]] = {}
         self._db = connection
         self._lock_fd = lock_fd
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"<Store {self.root} instance={self.instance}>"
@@ -175,6 +176,10 @@ class Store:
         return store
 
     def close(self) -> None:
+        """Gives up this server's lease: its unfinished tasks become claimable at once. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("DELETE FROM instances WHERE id = ?", (self.instance,))
             self._db.execute("PRAGMA optimize")
