@@ -282,7 +282,7 @@ class Runtime:
             "fired": counters.fired,
             "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
             "clients": self.pool.stats(),
-            "data_dir": str(data_dir(self.settings)),
+            "data_dir": str(data_dir(self.settings).expanduser()),
         }
 
     async def cancel(self, task_id: str, *, owner: str) -> TaskView:

@@ -46,7 +46,8 @@ class TaskFailure(Exception):
     task still reports it.
     """
 
-    def __init__(self, kind: ErrorKind, message: str, result: JSON | None = None) -> None:
+    def __init__(self, kind: ErrorKind | str, message: str, result: JSON | None = None) -> None:
+        """`kind`: one of `ErrorKind`; a plugin may use a word of its own, which is kept as it is."""
         super().__init__(message)
         self.kind = kind
         self.message = message

@@ -89,10 +89,10 @@ class ShellArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    command: Annotated[str, Field(min_length=1, description="Shell command line, run with bash -c.")]
-    cwd: Annotated[str | None, Field(description="Working directory; must exist.")] = None
-    env: Annotated[dict[str, str] | None, Field(description="Extra environment variables for this command.")] = None
-    stdin: Annotated[str | None, Field(description="Text written to stdin, then closed.")] = None
+    command: Annotated[str, Field(min_length=1, description="Run with bash -c in its own process group.")]
+    cwd: Annotated[str | None, Field(description="Working directory.")] = None
+    env: Annotated[dict[str, str] | None, Field(description="Extra environment variables.")] = None
+    stdin: Annotated[str | None, Field(description="Text fed to stdin, which is then closed.")] = None
 
     @field_validator("env")
     @classmethod
