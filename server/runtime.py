@@ -43,6 +43,7 @@ from server.tasks import (
     summary_of,
     task_uri,
 )
+from server.upstreams import prepare, upstreams_config
 from tools import sandbox
 from tools.claude import claude_specs
 from tools.clients import ClientPool
@@ -51,6 +52,7 @@ from tools.http import http_specs
 from tools.process import become_subreaper, end_orphans
 from tools.registry import Registry, ToolSpec
 from tools.shell import shell_specs
+from tools.upstream import UpstreamSet
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ SPAWN_WAIT_S = 5.0
 
 
 class Runtime:
+    upstreams: UpstreamSet | None = None
+    """Proxy mode's upstream MCP servers (their tools are in the registry as NAME.tool)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -108,10 +113,12 @@ class Runtime:
         )
         if load_plugins:
             registry.load_entry_points()
+        upstreams = UpstreamSet(upstreams_config(settings))
+        registry.add_source(upstreams)
         become_subreaper()  # what leaves a command's process group comes back to us
         store = Store.open(data_dir(settings), lease_s=settings.lease_s)
         try:
-            async with anyio.create_task_group() as tg:
+            async with upstreams, anyio.create_task_group() as tg:  # upstreams stop after every task has
                 executor = Executor(registry, settings, clock, tg, store)
                 try:
                     await recover(executor)
@@ -124,8 +131,11 @@ class Runtime:
                 executor.watchers.append(notifier.task_changed)
                 tg.start_soon(notifier.run, name="offload notifications")
                 redactor = Redactor.from_environ(secret_variables(settings))
+                await upstreams.start_eager()
+                runtime = cls(settings, executor, pool, redactor, notifier, tg)
+                runtime.upstreams = upstreams
                 try:
-                    yield cls(settings, executor, pool, redactor, notifier, tg)
+                    yield runtime
                 finally:
                     with anyio.CancelScope(shield=True):
                         await executor.shutdown()
@@ -156,6 +166,7 @@ class Runtime:
         wait_s: float,
         owner: str = LOCAL_OWNER,
     ) -> FireReply:
+        await prepare(self.upstreams, tool)  # a lazy upstream MCP server starts on its first fire
         fired = self.executor.fire(owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s, use_cache=use_cache)
         task = fired.task
         if wait_s > 0 and not task.status.finished:
