@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 from pydantic import Field
 
@@ -55,7 +56,7 @@ async def steps(count: int, ctx: Context) -> str:
 @server.tool()
 async def fail(reason: str) -> str:
     """Fails with isError."""
-    raise ValueError(reason)
+    raise ToolError(reason)
 
 
 @server.tool()
@@ -102,7 +103,8 @@ async def grow(ctx: Context) -> str:
         return "I was added"
 
     server.add_tool(added)
-    await ctx.session.send_tool_list_changed()
+    await ctx.notify_tools_changed()  # 2026-07-28 clients hear it on their subscriptions/listen stream
+    await ctx.session.send_tool_list_changed()  # earlier ones as a plain notification
     return "grown"
 
 

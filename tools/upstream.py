@@ -275,12 +275,26 @@ class Upstream:
                 session.ended.set()
 
             tg.start_soon(end_on_exit)
+            tg.start_soon(self._listen, session)
             while not session.ended.is_set():
                 await _first(session.ended, session.relist)
                 if session.relist.is_set() and not session.ended.is_set():
                     session.relist = anyio.Event()
                     await self._relist(session)
             tg.cancel_scope.cancel()
+
+    async def _listen(self, session: _Session) -> None:
+        """2026-07-28 servers tell of a changed tool list on a `subscriptions/listen` stream only (older ones
+        send the notification unasked: `_on_message`)."""
+        tools = session.client.server_capabilities.tools
+        if session.client.protocol_version < "2026" or tools is None or not tools.list_changed:
+            return
+        try:
+            async with session.client.listen(tools_list_changed=True) as events:
+                async for _event in events:
+                    session.relist.set()
+        except Exception as exc:  # the session ended, or the server will not listen: no refreshes then
+            log.debug("MCP server %r: no tool list changes heard any more: %r", self.config.name, exc)
 
     def _describe_end(self, what: str) -> str:
         status = f" ({self._exit_status})" if self._exit_status else ""
