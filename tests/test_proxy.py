@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -336,3 +338,42 @@ async def test_a_claude_desktop_config_file_is_read_as_it_is(tmp_path: Path) -> 
     desktop.write_text(json.dumps({"mcpServers": {"fx": {"command": sys.executable, "args": [str(FIXTURE)]}}}))
     async with proxy(mcp_servers_file=str(desktop)) as (_rt, client):
         assert (await run(client, "fx.add", a=20, b=22))["result"]["structured_content"] == {"result": 42}
+
+
+# ---- streamable HTTP upstreams ----
+
+
+@asynccontextmanager
+async def everything_over_http() -> AsyncIterator[str]:
+    """server-everything on a free loopback port; yields its MCP endpoint once it says it listens."""
+    stdio = everything_server()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, **stdio["env"], "PORT": str(port)}
+    process = await anyio.open_process(
+        [stdio["command"], "streamableHttp"], env=env, stderr=subprocess.PIPE, start_new_session=True
+    )
+    async with process:
+        assert process.stderr is not None
+        seen = b""
+        with anyio.fail_after(20):
+            async for piece in process.stderr:
+                seen += piece
+                if b"listening on port" in seen:
+                    break
+        try:
+            yield f"http://127.0.0.1:{port}/mcp"
+        finally:
+            process.terminate()
+            await process.wait()
+
+
+async def test_a_streamable_http_upstream() -> None:
+    async with everything_over_http() as url, proxy(mcp_servers={"web": {"url": url}}) as (_rt, client):
+        long_run = await run(client, "web.trigger-long-running-operation", duration=0.3, steps=2)
+        assert long_run["status"] == "completed", long_run
+        assert "progress 2/2" in long_run["output"]["text"]
+        summed = await run(client, "web.get-sum", a=1, b=2)
+        assert "3" in summed["result"]["content"][0]["text"]
+        assert summed["pid"] is None  # no process of ours

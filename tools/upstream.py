@@ -333,12 +333,13 @@ class Upstream:
                 yield opened
             return
         assert config.url is not None
+        headers = {name: _expand(value, self._set.config.environ) for name, value in config.headers.items()}
         if config.transport == "sse":
-            async with sse_client(config.url, headers=dict(config.headers)) as streams:
+            async with sse_client(config.url, headers=headers) as streams:
                 yield None, streams
             return
         async with (
-            httpx2.AsyncClient(headers=dict(config.headers), timeout=httpx2.Timeout(30.0, read=None)) as http,
+            httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=None)) as http,
             streamable_http_client(config.url, http_client=http) as streams,
         ):
             yield None, streams
@@ -518,6 +519,8 @@ class Upstream:
             ended = self.failure or self._describe_end("exited")
             lost = f"the call to {self.config.name}.{tool} was lost (not retried)"
             raise TaskFailure("upstream_exited", f"{lost}: {ended}")
+        if result is None and self.config.url is not None and _connection_lost(error):
+            raise TaskFailure("connection", f"MCP server {self.config.name!r} at {self.config.url} was lost: {error}")
         if result is None:
             raise TaskFailure("upstream_error", f"MCP server {self.config.name!r} refused the call: {error}")
         return _as_result(self.config.name, tool, result)
@@ -658,9 +661,13 @@ def arguments_model(tool: str, schema: JSON) -> type[BaseModel]:
 def upstream_env(config: UpstreamConfig, environ: Mapping[str, str]) -> dict[str, str]:
     """BASE_ENV from Offload's environment, plus the config's `env` (with `${VAR}` filled in from it)."""
     env = {name: environ[name] for name in BASE_ENV if name in environ}
-    for name, value in config.env.items():
-        env[name] = _ENV_REFERENCE.sub(lambda found: environ.get(found.group(1), ""), value)
+    env.update({name: _expand(value, environ) for name, value in config.env.items()})
     return env
+
+
+def _expand(value: str, environ: Mapping[str, str]) -> str:
+    """`${VAR}` → Offload's VAR (empty if unset): how a config hands an upstream a secret on purpose."""
+    return _ENV_REFERENCE.sub(lambda found: environ.get(found.group(1), ""), value)
 
 
 def _as_result(server: str, tool: str, result: types.CallToolResult) -> JSON:
