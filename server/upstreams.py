@@ -43,6 +43,8 @@ class McpServerSettings(BaseModel):
     start: Literal["lazy", "eager"] = "lazy"
     cacheable: tuple[str, ...] = ()
     """Globs of tools whose results may be reused although not annotated readOnlyHint and idempotentHint."""
+    health_check_s: Annotated[float, Field(gt=0, le=3600)] | None = 60.0
+    """A `tools/list` this often, answered within twice that (10 s at most), or the upstream is restarted."""
 
     @model_validator(mode="after")
     def _one_transport(self) -> McpServerSettings:
@@ -80,6 +82,7 @@ def _upstream(name: str, server: McpServerSettings) -> UpstreamConfig:
         max_concurrency=server.max_concurrency,
         start=server.start,
         cacheable=server.cacheable,
+        health_check_s=server.health_check_s,
     )
 
 

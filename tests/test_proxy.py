@@ -222,6 +222,17 @@ async def test_an_upstream_that_dies_mid_call_fails_the_task_with_its_stderr_and
         assert again["status"] == "completed" and again["pid"] != crashed["pid"]
 
 
+async def test_an_upstream_that_stops_answering_is_restarted(events: Events) -> None:
+    async with proxy(mcp_servers={"fx": fixture_server(health_check_s=0.5)}) as (_rt, client):
+        frozen = await fired(client, "fx.freeze", seconds=60, events=str(events.path))
+        await events.expect("started freeze")
+        view = await finish(client, frozen["task_id"])
+        assert view["status"] == "failed" and view["error"]["kind"] == "upstream_exited"
+        assert "failed a health check (tools/list: no answer within 1 s)" in view["error"]["message"]
+        again = await run(client, "fx.add", a=1, b=1)
+        assert again["status"] == "completed" and again["pid"] != view["pid"]
+
+
 async def test_is_error_fails_the_task_as_upstream_error() -> None:
     async with proxy(mcp_servers={"fx": fixture_server()}) as (_rt, client):
         failed = await run(client, "fx.fail", reason="no such row")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from typing import Annotated, Any
 
@@ -86,6 +87,14 @@ async def stubborn(events: str | None = None) -> str:
     with anyio.CancelScope(shield=True):
         await anyio.sleep(3600)
     return "finally"
+
+
+@server.tool()
+async def freeze(seconds: float, events: str | None = None) -> str:
+    """Blocks the whole server (a synchronous sleep): it answers nothing, health checks included."""
+    _tell(events, "started freeze")
+    time.sleep(seconds)  # noqa: ASYNC251 - the point: the event loop stops
+    return "thawed"
 
 
 @server.tool()

@@ -62,6 +62,7 @@ START_TIMEOUT_S = 30.0
 QUICK_DEATH_S = 10.0
 """A session that ends sooner than this after it was ready (or never became ready) died quickly."""
 GIVE_UP_AFTER = 3
+HEALTH_TIMEOUT_S = 10.0
 BACKOFF_S = (0.5, 30.0)
 """First and longest wait before a dead upstream is started again (doubling in between)."""
 _PIPE_ENDS = (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream, OSError)
@@ -92,6 +93,8 @@ class UpstreamConfig:
     start: Literal["lazy", "eager"] = "lazy"
     cacheable: tuple[str, ...] = ()
     """Globs of tools whose results may be reused although the upstream does not annotate them so."""
+    health_check_s: float | None = 60.0
+    """How often the session is checked with a `tools/list`; None: only a process exit ends it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,7 @@ class _Session:
     ended: anyio.Event = field(default_factory=anyio.Event)
     relist: anyio.Event = field(default_factory=anyio.Event)
     ready_at: float = 0.0
+    unhealthy: str | None = None
 
 
 class Upstream:
@@ -250,7 +254,8 @@ class Upstream:
                     self._tell()
                     log.info("MCP server %r ready: %d tools offered", self.config.name, len(self.specs))
                     await self._serve(session, exited)
-                    self.failure = self._describe_end("exited" if self._exit_status else "closed the connection")
+                    ended = session.unhealthy or ("exited" if self._exit_status else "closed the connection")
+                    self.failure = self._describe_end(ended)
             if starting.cancelled_caught and ready_at is None:
                 self.failure = self._describe_end(f"did not become ready within {START_TIMEOUT_S:g} s")
         except Exception as exc:  # a start that failed, or a connection that broke
@@ -276,12 +281,31 @@ class Upstream:
 
             tg.start_soon(end_on_exit)
             tg.start_soon(self._listen, session)
+            tg.start_soon(self._check_health, session)
             while not session.ended.is_set():
                 await _first(session.ended, session.relist)
                 if session.relist.is_set() and not session.ended.is_set():
                     session.relist = anyio.Event()
                     await self._relist(session)
             tg.cancel_scope.cancel()
+
+    async def _check_health(self, session: _Session) -> None:
+        """Every `health_check_s`: a `tools/list` (both protocol eras answer it) within twice that, at most
+        HEALTH_TIMEOUT_S; an upstream that does not answer is taken for dead, stopped and started again."""
+        interval_s = self.config.health_check_s
+        if interval_s is None:
+            return
+        timeout_s = min(2 * interval_s, HEALTH_TIMEOUT_S)
+        while True:
+            await anyio.sleep(interval_s)
+            try:
+                with anyio.fail_after(timeout_s):
+                    await session.client.list_tools(cache_mode="bypass")
+            except Exception as exc:  # a timeout, or a broken connection (an HTTP upstream that went away)
+                what = "no answer" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {_first_line(exc)}"
+                session.unhealthy = f"failed a health check (tools/list: {what} within {timeout_s:g} s)"
+                session.ended.set()
+                return
 
     async def _listen(self, session: _Session) -> None:
         """2026-07-28 servers tell of a changed tool list on a `subscriptions/listen` stream only (older ones
