@@ -24,6 +24,7 @@ import pytest
 from conftest import ERAS, FakeClock, Gate, call, error_text, finish, live_group_members, open_client
 from mcp import Client
 from rawserver import npm_tool, start_server
+from test_inspector import inspect
 
 from server.config import Settings
 from server.errors import RefusedError
@@ -388,3 +389,31 @@ async def test_a_streamable_http_upstream() -> None:
         summed = await run(client, "web.get-sum", a=1, b=2)
         assert "3" in summed["result"]["content"][0]["text"]
         assert summed["pid"] is None  # no process of ours
+
+
+# ---- a client nobody here wrote: the MCP Inspector CLI ----
+
+
+@pytest.mark.parametrize("era", ["legacy", "modern"])
+async def test_the_inspector_fires_an_upstream_tool_and_calls_an_exposed_one(tmp_path: Path, era: str) -> None:
+    config = tmp_path / "offload.toml"
+    config.write_text(
+        'expose = ["fx.add"]\n'
+        f"[mcp_servers.fx]\ncommand = {json.dumps(sys.executable)}\nargs = [{json.dumps(str(FIXTURE))}]\n"
+        'start = "eager"\n',  # exposed tools are those known when Offload starts
+        encoding="utf-8",
+    )
+    server = ["--", sys.executable, "-m", "server", "--data-dir", str(tmp_path / "data"), "--config", str(config)]
+
+    async def tools_call(tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        args = ["--protocol-era", era, "--method", "tools/call", "--tool-name", tool]
+        result = await inspect(tmp_path, *args, "--tool-args-json", json.dumps(arguments), *server)
+        assert not result.get("isError"), result
+        structured: dict[str, Any] = result["structuredContent"]
+        return structured
+
+    fired_tool = await tools_call("fire_tool", {"tool": "fx.add", "arguments": {"a": 2, "b": 2}, "wait_s": 20})
+    assert fired_tool["task"]["result"]["structured_content"] == {"result": 4}
+    if era == "modern":  # as a task of the tasks extension (the legacy era gets the inline answer)
+        exposed = await tools_call("fx.add", {"a": 3, "b": 3})
+        assert exposed["status"] == "completed" and exposed["result"]["structured_content"] == {"result": 6}
