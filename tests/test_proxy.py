@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -26,9 +27,10 @@ from mcp import Client
 from rawserver import npm_tool, start_server
 from test_inspector import inspect
 
-from server.config import Settings
-from server.errors import RefusedError
+from server.config import Settings, load_settings
+from server.errors import ConfigError, RefusedError
 from server.runtime import Runtime
+from server.upstreams import upstreams_config
 from tools.upstream import BASE_ENV
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -100,6 +102,26 @@ async def run(client: Client, tool: str, **arguments: Any) -> dict[str, Any]:
     """Fires and returns the finished task."""
     reply = await fired(client, tool, **arguments)
     return await finish(client, reply["task_id"])
+
+
+# ---- configuration ----
+
+
+def test_upstream_settings_are_checked_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "offload.toml"
+    path.write_text('[mcp_servers.fx]\ncommand = "x"\ntimout_s = 3\n')
+    with pytest.raises(ConfigError, match=re.escape("unknown setting 'mcp_servers.fx.timout_s'")):
+        load_settings(path, environ={})
+    path.write_text('[mcp_servers.fx]\ncommand = "x"\nurl = "http://127.0.0.1:1/mcp"\n')
+    with pytest.raises(ConfigError, match="give either command"):
+        load_settings(path, environ={})
+    with pytest.raises(ConfigError, match="unknown environment setting OFFLOAD_MCP_SERVERS"):
+        load_settings(None, environ={"OFFLOAD_MCP_SERVERS": "x"})
+    desktop = tmp_path / "claude.json"
+    desktop.write_text(json.dumps({"mcpServers": {"fx": {"command": "x", "disabled": True}}}))
+    settings = load_settings(None, environ={"OFFLOAD_MCP_SERVERS_FILE": str(desktop)})
+    with pytest.raises(ConfigError, match=re.escape("mcpServers.fx: disabled: unknown key")):
+        upstreams_config(settings)
 
 
 # ---- stdio upstreams end to end ----
