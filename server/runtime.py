@@ -43,7 +43,7 @@ from server.tasks import (
     summary_of,
     task_uri,
 )
-from server.upstreams import prepare, upstreams_config
+from server.upstreams import check_names, prepare, upstreams_config
 from tools import sandbox
 from tools.claude import claude_specs
 from tools.clients import ClientPool
@@ -114,6 +114,7 @@ class Runtime:
         if load_plugins:
             registry.load_entry_points()
         upstreams = UpstreamSet(upstreams_config(settings))
+        check_names(upstreams.config, registry.names())
         registry.add_source(upstreams)
         become_subreaper()  # what leaves a command's process group comes back to us
         store = Store.open(data_dir(settings), lease_s=settings.lease_s)
@@ -166,7 +167,7 @@ class Runtime:
         wait_s: float,
         owner: str = LOCAL_OWNER,
     ) -> FireReply:
-        await prepare(self.upstreams, tool)  # a lazy upstream MCP server starts on its first fire
+        await prepare(self.upstreams, tool, owner)  # a lazy upstream MCP server starts on its first fire
         fired = self.executor.fire(owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s, use_cache=use_cache)
         task = fired.task
         if wait_s > 0 and not task.status.finished:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from server.errors import ConfigError, UnavailableToolError, UnknownToolError
+from server.errors import ConfigError, RefusedError, UnavailableToolError, UnknownToolError
 from tools.upstream import UnknownUpstreamTool, UpstreamConfig, UpstreamsConfig, UpstreamSet, UpstreamUnavailable
 
 if TYPE_CHECKING:
@@ -122,10 +122,27 @@ def _plain(exc: Exception) -> str:
     return "; ".join(problems)
 
 
-async def prepare(upstreams: UpstreamSet | None, tool: str) -> None:
-    """Before `fire_tool("NAME.tool")`: starts a lazy upstream, so its tools are known and checked."""
-    if upstreams is None:
+def check_names(upstreams: UpstreamsConfig, fixed: Iterable[str]) -> None:
+    """An upstream may not be named like a group of Offload's own tools (`github`): `github.get_issue` would
+    be both."""
+    taken = {name.partition(".")[0] for name in fixed}
+    if clashes := sorted(taken.intersection(upstreams.servers)):
+        raise ConfigError(
+            f"[mcp_servers.{clashes[0]}] has the name of Offload's own tools {clashes[0]}.*; "
+            f"rename it (its tools would be {clashes[0]}.TOOL)"
+        )
+
+
+async def prepare(upstreams: UpstreamSet | None, tool: str, owner: str) -> None:
+    """Before `fire_tool("NAME.tool")`: the owner may use NAME, and a lazy upstream is started, so its tools
+    are known and checked."""
+    upstream = None if upstreams is None else upstreams.upstream_of(tool)
+    if upstreams is None or upstream is None:
         return
+    try:
+        upstreams.check_owner(upstream.config.name, owner)
+    except ValueError as exc:
+        raise RefusedError(tool, str(exc)) from exc
     try:
         await upstreams.prepare(tool)
     except UpstreamUnavailable as exc:

@@ -15,7 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -88,9 +88,9 @@ class Events:
 
 
 @pytest.fixture
-def events(tmp_path: Path) -> AsyncIterator[Events]:
+def events(tmp_path: Path) -> Iterator[Events]:
     found = Events(tmp_path)
-    yield found  # type: ignore[misc]
+    yield found
     found.close()
 
 
@@ -117,11 +117,18 @@ def test_upstream_settings_are_checked_by_name(tmp_path: Path) -> None:
         load_settings(path, environ={})
     with pytest.raises(ConfigError, match="unknown environment setting OFFLOAD_MCP_SERVERS"):
         load_settings(None, environ={"OFFLOAD_MCP_SERVERS": "x"})
+    with pytest.raises(ConfigError, match=re.escape("[mcp_servers.github] has the name of Offload's own tools")):
+        anyio.run(_open, Settings.model_validate({"mcp_servers": {"github": {"command": "x"}}}))
     desktop = tmp_path / "claude.json"
     desktop.write_text(json.dumps({"mcpServers": {"fx": {"command": "x", "disabled": True}}}))
     settings = load_settings(None, environ={"OFFLOAD_MCP_SERVERS_FILE": str(desktop)})
     with pytest.raises(ConfigError, match=re.escape("mcpServers.fx: disabled: unknown key")):
         upstreams_config(settings)
+
+
+async def _open(settings: Settings) -> None:
+    async with Runtime.open(settings, load_plugins=False):
+        pass
 
 
 # ---- stdio upstreams end to end ----
