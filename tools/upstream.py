@@ -41,7 +41,6 @@ from anyio.streams.text import TextReceiveStream
 from jsonschema import validators
 from jsonschema.exceptions import SchemaError
 from mcp import Client
-from mcp.client._transport import TransportStreams
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -65,6 +64,8 @@ GIVE_UP_AFTER = 3
 HEALTH_TIMEOUT_S = 10.0
 BACKOFF_S = (0.5, 30.0)
 """First and longest wait before a dead upstream is started again (doubling in between)."""
+TransportStreams = tuple[Any, Any]
+"""An MCP transport's (read, write) streams; the SDK's own alias lives in a private module."""
 _PIPE_ENDS = (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream, OSError)
 """A pipe closed under a read or write (the process died, or we are stopping) ends that loop quietly."""
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
