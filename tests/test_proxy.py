@@ -385,33 +385,35 @@ async def test_a_claude_desktop_config_file_is_read_as_it_is(tmp_path: Path) -> 
 
 
 @asynccontextmanager
-async def everything_over_http() -> AsyncIterator[str]:
-    """server-everything on a free loopback port; yields its MCP endpoint once it says it listens."""
+async def everything_over_http(mode: str) -> AsyncIterator[str]:
+    """server-everything on a free loopback port; yields its endpoint once it says it listens."""
     stdio = everything_server()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, **stdio["env"], "PORT": str(port)}
-    process = await anyio.open_process(
-        [stdio["command"], "streamableHttp"], env=env, stderr=subprocess.PIPE, start_new_session=True
-    )
+    process = await anyio.open_process([stdio["command"], mode], env=env, stderr=subprocess.PIPE)
     async with process:
         assert process.stderr is not None
         seen = b""
         with anyio.fail_after(20):
             async for piece in process.stderr:
                 seen += piece
-                if b"listening on port" in seen:
+                if f"port {port}".encode() in seen:
                     break
         try:
-            yield f"http://127.0.0.1:{port}/mcp"
+            yield f"http://127.0.0.1:{port}/{'sse' if mode == 'sse' else 'mcp'}"
         finally:
             process.terminate()
             await process.wait()
 
 
-async def test_a_streamable_http_upstream() -> None:
-    async with everything_over_http() as url, proxy(mcp_servers={"web": {"url": url}}) as (_rt, client):
+@pytest.mark.parametrize(("mode", "kind"), [("streamableHttp", "http"), ("sse", "sse")])
+async def test_http_upstreams(mode: str, kind: str) -> None:
+    async with (
+        everything_over_http(mode) as url,
+        proxy(mcp_servers={"web": {"url": url, "type": kind}}) as (_rt, client),
+    ):
         long_run = await run(client, "web.trigger-long-running-operation", duration=0.3, steps=2)
         assert long_run["status"] == "completed", long_run
         assert "progress 2/2" in long_run["output"]["text"]
