@@ -28,7 +28,7 @@ from rawserver import npm_tool, start_server
 from test_inspector import inspect
 
 from server.config import Settings, load_settings
-from server.errors import ConfigError, RefusedError
+from server.errors import ConfigError, RefusedError, UnknownTaskError
 from server.runtime import Runtime
 from server.upstreams import upstreams_config
 from tools.upstream import BASE_ENV
@@ -335,6 +335,29 @@ async def test_owners_may_be_limited_to_some_upstreams() -> None:
             )
         reply = await rt.fire("fx.add", {"a": 1, "b": 1}, timeout_s=None, ttl_s=None, use_cache=True, wait_s=10)
         assert reply.status == "completed"
+
+
+async def test_one_session_serves_every_owner_but_results_stay_owner_scoped() -> None:
+    config = {"mcp_servers": {"fx": fixture_server()}, "owners": {"a": {}, "b": {}}}
+    async with proxy(**config) as (rt, _client):
+        options: dict[str, Any] = {"timeout_s": None, "ttl_s": None, "use_cache": True, "wait_s": 10}
+        mine = await rt.fire("fx.add", {"a": 1, "b": 1}, **options, owner="a")
+        theirs = await rt.fire("fx.add", {"a": 1, "b": 1}, **options, owner="b")
+        assert not theirs.cached and theirs.task_id != mine.task_id  # a's result is not b's to reuse
+        assert mine.task is not None and theirs.task is not None and mine.task.pid == theirs.task.pid
+        with pytest.raises(UnknownTaskError):
+            rt.get_output(mine.task_id, offset=0, max_bytes=100, tail_bytes=None, owner="b")
+
+
+async def test_max_concurrency_holds_calls_to_one_upstream(events: Events) -> None:
+    async with proxy(mcp_servers={"fx": fixture_server(max_concurrency=1)}) as (_rt, client):
+        blocking = await fired(client, "fx.stubborn", events=str(events.path))
+        await events.expect("started stubborn")
+        waiting = await fired(client, "fx.add", a=1, b=1)
+        still = await call(client, "poll_output", task_ids=[waiting["task_id"]], timeout_s=0.3)
+        assert still["pending"] == [waiting["task_id"]]
+        await call(client, "cancel_task", task_id=blocking["task_id"])
+        assert (await finish(client, waiting["task_id"]))["status"] == "completed"
 
 
 async def test_eager_upstreams_start_with_offload_and_stop_with_it(events: Events) -> None:
