@@ -392,7 +392,7 @@ class Upstream:
         write_in, write_out = anyio.create_memory_object_stream[SessionMessage](0)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read_stdout, process, read_in)
+                tg.start_soon(self._read_stdout, process, read_in, exited, stderr_done)
                 tg.start_soon(_write_stdin, process, write_out)
                 tg.start_soon(self._read_stderr, process, stderr_done)
                 tg.start_soon(self._watch_exit, process, exited, stderr_done)
@@ -408,8 +408,14 @@ class Upstream:
                 stream.close()
 
     async def _read_stdout(
-        self, process: anyio.abc.Process, sink: anyio.abc.ObjectSendStream[SessionMessage | Exception]
+        self,
+        process: anyio.abc.Process,
+        sink: anyio.abc.ObjectSendStream[SessionMessage | Exception],
+        exited: anyio.Event,
+        stderr_done: anyio.Event,
     ) -> None:
+        """Messages, line by line. Its end ends the session even if the process lives on (a wrapper whose
+        server died): the connection is gone either way."""
         assert process.stdout is not None
         buffer = b""
         async with sink:
@@ -420,6 +426,7 @@ class Upstream:
                     for line in lines:
                         if line.strip():
                             await sink.send(_parse(line))
+        await self._settle(process, exited, stderr_done, self._set.config.kill_grace_s)
 
     async def _read_stderr(self, process: anyio.abc.Process, done: anyio.Event) -> None:
         assert process.stderr is not None
@@ -434,8 +441,15 @@ class Upstream:
             done.set()
 
     async def _watch_exit(self, process: anyio.abc.Process, exited: anyio.Event, stderr_done: anyio.Event) -> None:
-        code = await process.wait()
-        self._exit_status = f"exit status {code}" if code >= 0 else f"killed by {signal_name(-code)}"
+        await self._settle(process, exited, stderr_done, math.inf)
+
+    async def _settle(
+        self, process: anyio.abc.Process, exited: anyio.Event, stderr_done: anyio.Event, wait_s: float
+    ) -> None:
+        """Records the exit status (waiting `wait_s` for it) and the last stderr lines, then ends the session."""
+        with anyio.move_on_after(wait_s):
+            code = await process.wait()
+            self._exit_status = f"exit status {code}" if code >= 0 else f"killed by {signal_name(-code)}"
         with anyio.move_on_after(0.5):  # its last stderr lines, unless a child still holds the pipe
             await stderr_done.wait()
         exited.set()
