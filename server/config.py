@@ -18,6 +18,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.errors import ConfigError
+from server.upstreams import McpServerSettings, ServerName
 from tools.clients import ClientsConfig
 from tools.policy import Mode, ShellPolicy
 from tools.presets import Preset, validate_rule
@@ -71,6 +72,8 @@ class OwnerSettings(BaseModel):
     """The part of max_concurrency this owner may run at once."""
     admin: bool = False
     """Sees server-wide figures in offload://stats."""
+    mcp_servers: tuple[str, ...] | None = None
+    """Globs of the upstream MCP servers (proxy mode) this owner may fire tools of; left out: every one."""
 
 
 class Settings(BaseModel):
@@ -166,6 +169,10 @@ class Settings(BaseModel):
     """Sandboxed commands reach the network (false: only a loopback of their own)."""
     owners: dict[OwnerName, OwnerSettings] = {}
     """Per-owner tokens and policy; `[auth_tokens]` NAME = "VARIABLE" is shorthand for a token_env alone."""
+    mcp_servers: dict[ServerName, McpServerSettings] = {}
+    """Proxy mode: `[mcp_servers.NAME]` other MCP servers, each of whose tools is fireable as NAME.tool."""
+    mcp_servers_file: Path | None = None
+    """A Claude Desktop / Claude Code config file whose `mcpServers` are read as they are (tables here win)."""
 
     @model_validator(mode="after")
     def _shell_policy_is_valid(self) -> Settings:
@@ -331,7 +338,7 @@ _NOT_SETTINGS = {"CONFIG", "AUTH_TOKEN"}
 """OFFLOAD_CONFIG names the file; OFFLOAD_AUTH_TOKEN is a secret, read only by `server.auth`."""
 
 
-_TABLES = ("presets", "tool_concurrency", "auth_tokens", "owners")
+_TABLES = ("presets", "tool_concurrency", "auth_tokens", "owners", "mcp_servers")
 """Settings that only the TOML file can give."""
 
 

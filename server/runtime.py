@@ -43,6 +43,7 @@ from server.tasks import (
     UnknownTask,
     task_uri,
 )
+from server.upstreams import check_names, prepare, upstreams_config
 from server.waiting import ProgressFn, ReturnWhen
 from tools import sandbox
 from tools.claude import claude_specs
@@ -53,6 +54,7 @@ from tools.presets import preset_specs
 from tools.process import become_subreaper, end_orphans
 from tools.registry import Registry, ToolSpec
 from tools.shell import shell_spec
+from tools.upstream import UpstreamSet
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,9 @@ SPAWN_WAIT_S = 5.0
 
 
 class Runtime:
+    upstreams: UpstreamSet | None = None
+    """Proxy mode's upstream MCP servers (their tools are in the registry as NAME.tool)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -94,14 +99,19 @@ class Runtime:
         _use_pidfd_child_watcher()
         pool = ClientPool(clients_config(settings))
         registry = await _registry(settings, pool, extra_tools, load_plugins)
+        upstreams = UpstreamSet(upstreams_config(settings))
+        check_names(upstreams.config, registry.names())
+        registry.add_source(upstreams)
         become_subreaper()  # what leaves a command's process group comes back to us
         store = Store.open(data_dir(settings), lease_s=settings.lease_s)
         try:
-            async with anyio.create_task_group() as tg:
+            async with upstreams, anyio.create_task_group() as tg:  # upstreams stop after every task has
                 executor = Executor(registry, settings, clock, tg, store)
                 await _start_engine(executor, tg)
                 redactor = Redactor.from_environ(secret_variables(settings))
+                await upstreams.start_eager()
                 runtime = cls(settings, executor, pool, redactor, tg)
+                runtime.upstreams = upstreams
                 try:
                     yield runtime
                 finally:
@@ -153,6 +163,7 @@ class Runtime:
         wait_s: float,
         owner: str,
     ) -> FireReply:
+        await prepare(self.upstreams, tool, owner)  # a lazy upstream MCP server starts on its first fire
         fired = self.executor.fire(owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s, use_cache=use_cache)
         task = fired.task
         if wait_s > 0 and not task.status.finished:
@@ -238,8 +249,9 @@ class Runtime:
         """The task itself, for a face that shapes its own reply (the tasks extension)."""
         return self.executor.get(owner, task_id)
 
-    def start(self, tool: str, arguments: dict[str, Any], *, owner: str) -> Task:
+    async def start(self, tool: str, arguments: dict[str, Any], *, owner: str) -> Task:
         """Fires with the defaults and returns the task itself (the tasks extension's tools/call)."""
+        await prepare(self.upstreams, tool, owner)  # the owner's upstreams only; a lazy one starts now
         return self.executor.fire(owner, tool, arguments).task
 
     async def settled(self, task: Task, wait_s: float) -> Task:
