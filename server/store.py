@@ -151,8 +151,6 @@ class Store:
     def __repr__(self) -> str:
         return f"<Store {self.root} instance={self.instance}>"
 
-    # ---- opening ----
-
     @classmethod
     def open(cls, root: Path, *, lease_s: float = 10.0, now: float | None = None) -> Store:
         """Opens (or creates) the data directory; a corrupt database is moved aside, not fatal."""

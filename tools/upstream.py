@@ -17,14 +17,12 @@ applies, never a request timeout of the client.
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import json
 import logging
 import math
 import os
 import re
-import subprocess
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -36,20 +34,18 @@ import anyio
 import anyio.abc
 import httpx2
 import mcp_types as types
-from anyio.streams.memory import MemoryObjectSendStream
-from anyio.streams.text import TextReceiveStream
 from jsonschema import validators
 from jsonschema.exceptions import SchemaError
 from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from mcp.shared.message import SessionMessage
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from tools.context import JSON, ErrorKind, ProcessInfo, TaskFailure, ToolContext
-from tools.process import identify, signal_name, spawning, stop_group, track, untrack
 from tools.registry import ToolSpec
+from tools.upstream_stdio import StdioProcess, TransportStreams
+from tools.upstream_stdio import UpstreamUnavailable as UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +60,6 @@ GIVE_UP_AFTER = 3
 HEALTH_TIMEOUT_S = 10.0
 BACKOFF_S = (0.5, 30.0)
 """First and longest wait before a dead upstream is started again (doubling in between)."""
-TransportStreams = tuple[Any, Any]
-"""An MCP transport's (read, write) streams; the SDK's own alias lives in a private module."""
-_PIPE_ENDS = (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream, OSError)
-"""A pipe closed under a read or write (the process died, or we are stopping) ends that loop quietly."""
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -105,10 +97,6 @@ class UpstreamsConfig:
     """Owner → globs of the upstreams it may use; an owner not named here may use every one."""
     kill_grace_s: float = 1.0
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
-
-
-class UpstreamUnavailable(Exception):
-    """The upstream cannot serve calls now (it failed to start, or was given up on); says why."""
 
 
 class UnknownUpstreamTool(Exception):
@@ -155,7 +143,7 @@ class Upstream:
         self._changed = anyio.Event()
         self._limiter = None if config.max_concurrency is None else anyio.CapacityLimiter(config.max_concurrency)
         self._in_flight: dict[str, ToolContext] = {}
-        self._exit_status: str | None = None
+        self._process: StdioProcess | None = None
 
     def __repr__(self) -> str:
         state = "given up" if self.given_up else "ready" if self.current else "down"
@@ -230,7 +218,7 @@ class Upstream:
     async def _serve_once(self) -> float | None:
         """Runs one session until it ends; returns when it became ready (None if it never did)."""
         self.stderr.clear()
-        self._exit_status = None
+        self._process = None
         ready_at: float | None = None
         exited = anyio.Event()
         try:
@@ -255,7 +243,7 @@ class Upstream:
                     self._tell()
                     log.info("MCP server %r ready: %d tools offered", self.config.name, len(self.specs))
                     await self._serve(session, exited)
-                    ended = session.unhealthy or ("exited" if self._exit_status else "closed the connection")
+                    ended = session.unhealthy or ("exited" if self._exit_status() else "closed the connection")
                     self.failure = self._describe_end(ended)
             if starting.cancelled_caught and ready_at is None:
                 self.failure = self._describe_end(f"did not become ready within {START_TIMEOUT_S:g} s")
@@ -281,8 +269,8 @@ class Upstream:
                 session.ended.set()
 
             tg.start_soon(end_on_exit)
-            tg.start_soon(self._listen, session)
-            tg.start_soon(self._check_health, session)
+            tg.start_soon(_listen, session, self.config.name)
+            tg.start_soon(_check_health, session, self.config.health_check_s)
             while not session.ended.is_set():
                 await _first(session.ended, session.relist)
                 if session.relist.is_set() and not session.ended.is_set():
@@ -290,39 +278,11 @@ class Upstream:
                     await self._relist(session)
             tg.cancel_scope.cancel()
 
-    async def _check_health(self, session: _Session) -> None:
-        """Every `health_check_s`: a `tools/list` (both protocol eras answer it) within twice that, at most
-        HEALTH_TIMEOUT_S; an upstream that does not answer is taken for dead, stopped and started again."""
-        interval_s = self.config.health_check_s
-        if interval_s is None:
-            return
-        timeout_s = min(2 * interval_s, HEALTH_TIMEOUT_S)
-        while True:
-            await anyio.sleep(interval_s)
-            try:
-                with anyio.fail_after(timeout_s):
-                    await session.client.list_tools(cache_mode="bypass")
-            except Exception as exc:  # a timeout, or a broken connection (an HTTP upstream that went away)
-                what = "no answer" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {_first_line(exc)}"
-                session.unhealthy = f"failed a health check (tools/list: {what} within {timeout_s:g} s)"
-                session.ended.set()
-                return
-
-    async def _listen(self, session: _Session) -> None:
-        """2026-07-28 servers tell of a changed tool list on a `subscriptions/listen` stream only (older ones
-        send the notification unasked: `_on_message`)."""
-        tools = session.client.server_capabilities.tools
-        if session.client.protocol_version < "2026" or tools is None or not tools.list_changed:
-            return
-        try:
-            async with session.client.listen(tools_list_changed=True) as events:
-                async for _event in events:
-                    session.relist.set()
-        except Exception as exc:  # the session ended, or the server will not listen: no refreshes then
-            log.debug("MCP server %r: no tool list changes heard any more: %r", self.config.name, exc)
+    def _exit_status(self) -> str | None:
+        return None if self._process is None else self._process.exit_status
 
     def _describe_end(self, what: str) -> str:
-        status = f" ({self._exit_status})" if self._exit_status else ""
+        status = f" ({self._exit_status()})" if self._exit_status() else ""
         tail = "\n".join(self.stderr)
         told = f"; its last stderr lines:\n{tail}" if tail else "; it wrote nothing to stderr"
         return f"MCP server {self.config.name!r} {what}{status}{told}"
@@ -337,7 +297,7 @@ class Upstream:
             if not cursor:
                 break
         offered = [tool for tool in tools if any(fnmatch.fnmatchcase(tool.name, g) for g in self.config.tools)]
-        self.specs = {tool.name: self._spec(tool) for tool in offered}
+        self.specs = {tool.name: _tool_spec(self, tool) for tool in offered}
         self.listed = True
 
     async def _relist(self, session: _Session) -> None:
@@ -352,125 +312,15 @@ class Upstream:
 
     @asynccontextmanager
     async def _transport(self, exited: anyio.Event) -> AsyncIterator[tuple[ProcessInfo | None, TransportStreams]]:
-        config = self.config
-        if config.command is not None:
-            async with self._stdio(exited) as opened:
-                yield opened
-            return
-        assert config.url is not None
-        headers = {name: _expand(value, self._set.config.environ) for name, value in config.headers.items()}
-        if config.transport == "sse":
-            async with sse_client(config.url, headers=headers) as streams:
+        config, environ = self.config, self._set.config.environ
+        if config.command is None:
+            async with _http_transport(config, environ) as streams:
                 yield None, streams
             return
-        async with (
-            httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=None)) as http,
-            streamable_http_client(config.url, http_client=http) as streams,
-        ):
-            yield None, streams
-
-    @asynccontextmanager
-    async def _stdio(self, exited: anyio.Event) -> AsyncIterator[tuple[ProcessInfo | None, TransportStreams]]:
-        config = self.config
-        try:
-            with spawning():
-                process = await anyio.open_process(
-                    [config.command or "", *config.args],
-                    env=upstream_env(config, self._set.config.environ),
-                    cwd=config.cwd,
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                )
-                track(process.pid)  # ours to reap: never taken for an orphan of a command
-        except OSError as exc:
-            raise UpstreamUnavailable(f"cannot run {config.command!r}: {exc}") from exc
-        info = identify(process.pid)
-        stderr_done = anyio.Event()
-        read_in, read_out = anyio.create_memory_object_stream[SessionMessage | Exception](0)
-        write_in, write_out = anyio.create_memory_object_stream[SessionMessage](0)
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read_stdout, process, read_in, exited, stderr_done)
-                tg.start_soon(_write_stdin, process, write_out)
-                tg.start_soon(self._read_stderr, process, stderr_done)
-                tg.start_soon(self._watch_exit, process, exited, stderr_done)
-                try:
-                    yield info, (read_out, write_in)
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await self._stop(process, write_in, stderr_done)
-                    tg.cancel_scope.cancel()
-        finally:
-            untrack(process.pid)
-            for stream in (read_in, read_out, write_in, write_out):
-                stream.close()
-
-    async def _read_stdout(
-        self,
-        process: anyio.abc.Process,
-        sink: anyio.abc.ObjectSendStream[SessionMessage | Exception],
-        exited: anyio.Event,
-        stderr_done: anyio.Event,
-    ) -> None:
-        """Messages, line by line. Its end ends the session even if the process lives on (a wrapper whose
-        server died): the connection is gone either way."""
-        assert process.stdout is not None
-        buffer = b""
-        async with sink:
-            with contextlib.suppress(*_PIPE_ENDS):
-                async for chunk in process.stdout:
-                    lines = (buffer + chunk).split(b"\n")
-                    buffer = lines.pop()
-                    for line in lines:
-                        if line.strip():
-                            await sink.send(_parse(line))
-        await self._settle(process, exited, stderr_done, self._set.config.kill_grace_s)
-
-    async def _read_stderr(self, process: anyio.abc.Process, done: anyio.Event) -> None:
-        assert process.stderr is not None
-        try:
-            with contextlib.suppress(*_PIPE_ENDS):
-                async for text in TextReceiveStream(process.stderr, errors="replace"):
-                    for line in text.splitlines():
-                        if line.strip():
-                            self.stderr.append(line[:500])
-                            log.debug("MCP server %r stderr: %s", self.config.name, line)
-        finally:
-            done.set()
-
-    async def _watch_exit(self, process: anyio.abc.Process, exited: anyio.Event, stderr_done: anyio.Event) -> None:
-        await self._settle(process, exited, stderr_done, math.inf)
-
-    async def _settle(
-        self, process: anyio.abc.Process, exited: anyio.Event, stderr_done: anyio.Event, wait_s: float
-    ) -> None:
-        """Records the exit status (waiting `wait_s` for it) and the last stderr lines, then ends the session."""
-        with anyio.move_on_after(wait_s):
-            code = await process.wait()
-            self._exit_status = f"exit status {code}" if code >= 0 else f"killed by {signal_name(-code)}"
-        with anyio.move_on_after(0.5):  # its last stderr lines, unless a child still holds the pipe
-            await stderr_done.wait()
-        exited.set()
-
-    async def _stop(
-        self,
-        process: anyio.abc.Process,
-        stdin: MemoryObjectSendStream[SessionMessage],
-        stderr_done: anyio.Event,
-    ) -> None:
-        """Closes stdin (most servers exit), then TERM and KILL to its whole process group."""
-        stdin.close()
-        if process.stdin is not None:
-            with contextlib.suppress(*_PIPE_ENDS):
-                await process.stdin.aclose()
-        grace_s = self._set.config.kill_grace_s
-        with anyio.move_on_after(grace_s):
-            await process.wait()
-        await stop_group(process.pid, grace_s, process.wait)
-        with anyio.move_on_after(0.5):
-            await stderr_done.wait()
+        argv, env = [config.command, *config.args], upstream_env(config, environ)
+        self._process = StdioProcess(config.name, argv, env, config.cwd, self._set.config.kill_grace_s, self.stderr)
+        async with self._process.open(exited) as opened:
+            yield opened
 
     # ---- notifications ----
 
@@ -487,35 +337,8 @@ class Upstream:
 
     # ---- the tools ----
 
-    def _spec(self, tool: types.Tool) -> ToolSpec:
-        config = self.config
-        schema = dict(tool.input_schema or {"type": "object"})
-        hints = tool.annotations
-        read_only = hints is not None and hints.read_only_hint is True
-        idempotent = hints is not None and hints.idempotent_hint is True
-        configured = any(fnmatch.fnmatchcase(tool.name, glob) for glob in config.cacheable)
-        name = f"{config.name}.{tool.name}"
-
-        async def handler(args: BaseModel, ctx: ToolContext) -> JSON:
-            return await self.call(tool.name, args.model_dump(mode="json"), ctx)
-
-        def check(_args: Any, owner: str) -> None:
-            self._set.check_owner(config.name, owner)
-
-        spec = ToolSpec(
-            name=name,
-            description=(tool.description or tool.title or f"{tool.name} of the MCP server {config.name}").strip(),
-            input_model=arguments_model(name, schema),
-            handler=handler,
-            cacheable=(read_only and idempotent) or configured,
-            destructive=not read_only and (hints is None or hints.destructive_hint is not False),
-            open_world=hints is None or hints.open_world_hint is not False,
-            default_timeout_s=config.timeout_s,
-            note=f"from the MCP server {config.name!r}",
-            check=check,
-        )
-        object.__setattr__(spec, "input_schema", schema)  # the upstream's own schema, as it gave it
-        return spec
+    def check_owner(self, owner: str) -> None:
+        self._set.check_owner(self.config.name, owner)
 
     async def call(self, tool: str, arguments: JSON, ctx: ToolContext) -> JSON:
         """One `tools/call` on the live session, raced against the session's end."""
@@ -530,41 +353,128 @@ class Upstream:
                 self._in_flight.pop(ctx.task_id, None)
 
     async def _call_on(self, session: _Session, tool: str, arguments: JSON, ctx: ToolContext) -> JSON:
-        async def progress(progress: float, total: float | None, message: str | None) -> None:
-            of = f"/{total:g}" if total is not None else ""
-            ctx.write_output(f"progress {progress:g}{of}{': ' + message if message else ''}\n".encode())
-
-        result: types.CallToolResult | None = None
-        error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-
-            async def end_with_session() -> None:
-                await session.ended.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(end_with_session)
-            try:
-                result = await session.client.call_tool(tool, arguments, progress_callback=progress)
-            except (MCPError, anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
-                error = exc
-            tg.cancel_scope.cancel()
+        result, error = await _call_raced(session, tool, arguments, ctx)
+        grace_s = self._set.config.kill_grace_s + 1
         if result is None and not session.ended.is_set() and _connection_lost(error):
-            with anyio.move_on_after(self._set.config.kill_grace_s + 1):  # a pipe closes before the exit is seen
+            with anyio.move_on_after(grace_s):  # a pipe closes before the exit is seen
                 await session.ended.wait()
         if result is None and session.ended.is_set():
-            with anyio.move_on_after(self._set.config.kill_grace_s + 1):
+            with anyio.move_on_after(grace_s):
                 while self.current is session:  # until the supervisor has recorded how it ended
                     await self._changed.wait()
             ended = self.failure or self._describe_end("exited")
             lost = f"the call to {self.config.name}.{tool} was lost (not retried)"
             raise TaskFailure(ErrorKind.UPSTREAM_EXITED, f"{lost}: {ended}")
         if result is None and self.config.url is not None and _connection_lost(error):
-            raise TaskFailure(
-                ErrorKind.CONNECTION, f"MCP server {self.config.name!r} at {self.config.url} was lost: {error}"
-            )
+            lost = f"MCP server {self.config.name!r} at {self.config.url} was lost"
+            raise TaskFailure(ErrorKind.CONNECTION, f"{lost}: {error}")
         if result is None:
             raise TaskFailure(ErrorKind.UPSTREAM_ERROR, f"MCP server {self.config.name!r} refused the call: {error}")
         return _as_result(self.config.name, tool, result)
+
+
+async def _call_raced(
+    session: _Session, tool: str, arguments: JSON, ctx: ToolContext
+) -> tuple[types.CallToolResult | None, Exception | None]:
+    """One `tools/call`, its progress written as output lines, abandoned if the session ends first."""
+
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
+        of = f"/{total:g}" if total is not None else ""
+        ctx.write_output(f"progress {progress:g}{of}{': ' + message if message else ''}\n".encode())
+
+    result: types.CallToolResult | None = None
+    error: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def end_with_session() -> None:
+            await session.ended.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(end_with_session)
+        try:
+            result = await session.client.call_tool(tool, arguments, progress_callback=progress)
+        except (MCPError, anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
+            error = exc
+        tg.cancel_scope.cancel()
+    return result, error
+
+
+@asynccontextmanager
+async def _http_transport(config: UpstreamConfig, environ: Mapping[str, str]) -> AsyncIterator[TransportStreams]:
+    assert config.url is not None
+    headers = {name: _expand(value, environ) for name, value in config.headers.items()}
+    if config.transport == "sse":
+        async with sse_client(config.url, headers=headers) as streams:
+            yield streams
+        return
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=None)) as http,
+        streamable_http_client(config.url, http_client=http) as streams,
+    ):
+        yield streams
+
+
+async def _check_health(session: _Session, interval_s: float | None) -> None:
+    """Every `health_check_s`: a `tools/list` (both protocol eras answer it) within twice that, at most
+    HEALTH_TIMEOUT_S; an upstream that does not answer is taken for dead, stopped and started again."""
+    if interval_s is None:
+        return
+    timeout_s = min(2 * interval_s, HEALTH_TIMEOUT_S)
+    while True:
+        await anyio.sleep(interval_s)
+        try:
+            with anyio.fail_after(timeout_s):
+                await session.client.list_tools(cache_mode="bypass")
+        except Exception as exc:  # a timeout, or a broken connection (an HTTP upstream that went away)
+            what = "no answer" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {_first_line(exc)}"
+            session.unhealthy = f"failed a health check (tools/list: {what} within {timeout_s:g} s)"
+            session.ended.set()
+            return
+
+
+async def _listen(session: _Session, name: str) -> None:
+    """2026-07-28 servers tell of a changed tool list on a `subscriptions/listen` stream only (older ones
+    send the notification unasked: `_on_message`)."""
+    tools = session.client.server_capabilities.tools
+    if session.client.protocol_version < "2026" or tools is None or not tools.list_changed:
+        return
+    try:
+        async with session.client.listen(tools_list_changed=True) as events:
+            async for _event in events:
+                session.relist.set()
+    except Exception as exc:  # the session ended, or the server will not listen: no refreshes then
+        log.debug("MCP server %r: no tool list changes heard any more: %r", name, exc)
+
+
+def _tool_spec(upstream: Upstream, tool: types.Tool) -> ToolSpec:
+    config = upstream.config
+    schema = dict(tool.input_schema or {"type": "object"})
+    hints = tool.annotations
+    read_only = hints is not None and hints.read_only_hint is True
+    idempotent = hints is not None and hints.idempotent_hint is True
+    configured = any(fnmatch.fnmatchcase(tool.name, glob) for glob in config.cacheable)
+    name = f"{config.name}.{tool.name}"
+
+    async def handler(args: BaseModel, ctx: ToolContext) -> JSON:
+        return await upstream.call(tool.name, args.model_dump(mode="json"), ctx)
+
+    def check(_args: Any, owner: str) -> None:
+        upstream.check_owner(owner)
+
+    spec = ToolSpec(
+        name=name,
+        description=(tool.description or tool.title or f"{tool.name} of the MCP server {config.name}").strip(),
+        input_model=arguments_model(name, schema),
+        handler=handler,
+        cacheable=(read_only and idempotent) or configured,
+        destructive=not read_only and (hints is None or hints.destructive_hint is not False),
+        open_world=hints is None or hints.open_world_hint is not False,
+        default_timeout_s=config.timeout_s,
+        note=f"from the MCP server {config.name!r}",
+        check=check,
+    )
+    object.__setattr__(spec, "input_schema", schema)  # the upstream's own schema, as it gave it
+    return spec
 
 
 # ---- the set of upstreams: a source of fireable tools ----
@@ -722,22 +632,6 @@ def _as_result(server: str, tool: str, result: types.CallToolResult) -> JSON:
             ErrorKind.UPSTREAM_ERROR, f"{server}.{tool} reported an error: {text[:2000] or '(no text)'}", value
         )
     return value
-
-
-def _parse(line: bytes) -> SessionMessage | Exception:
-    try:
-        return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
-    except ValueError as exc:
-        return exc
-
-
-async def _write_stdin(process: anyio.abc.Process, source: anyio.abc.ObjectReceiveStream[SessionMessage]) -> None:
-    assert process.stdin is not None
-    async with source:
-        with contextlib.suppress(*_PIPE_ENDS):
-            async for message in source:
-                data = message.message.model_dump_json(by_alias=True, exclude_unset=True)
-                await process.stdin.send(data.encode() + b"\n")
 
 
 class _Streams:
