@@ -96,6 +96,9 @@ class Settings(BaseModel):
     directory then settles its tasks (on one machine a dead server is known at once by its lock)."""
     detach: bool = False
     """Shell commands outlive the server and are followed again after a restart."""
+    portable_process: bool = False
+    """Use the portable process core (psutil identity, no pidfd, no /proc, no subreaper) even on Linux,
+    where the Linux one is the default: what macOS runs, so CI runs it on every change."""
     max_active_per_owner: Annotated[int, Field(ge=1)] = 1000
     """Queued plus running tasks one owner may have; more is refused with a clear error."""
     sweep_interval_s: PositiveSeconds = 60.0

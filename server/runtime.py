@@ -48,7 +48,7 @@ from tools.claude import claude_specs
 from tools.clients import ClientPool
 from tools.github import github_specs
 from tools.http import http_specs
-from tools.process import become_subreaper, end_orphans
+from tools.process import become_subreaper, end_orphans, force_portable, portable
 from tools.registry import Registry, ToolSpec
 from tools.shell import shell_specs
 
@@ -90,6 +90,8 @@ class Runtime:
         clock: Clock = time.time,
         load_plugins: bool = True,
     ) -> AsyncIterator[Runtime]:
+        if settings.portable_process:
+            force_portable()
         _use_pidfd_child_watcher()
         shell = settings.shell_config()
         try:
@@ -314,14 +316,15 @@ def secret_variables(settings: Settings) -> list[str]:
 def _use_pidfd_child_watcher() -> None:
     """Python 3.11 watches each child with a thread (~1.5 ms of loop time a spawn, measured);
     pidfd watching, the default from 3.12, costs ~0.2 ms. Linux only; harmless to skip."""
-    if sys.version_info >= (3, 12) or not sys.platform.startswith("linux"):
+    if sys.version_info >= (3, 12) or portable():
         return
-    try:
-        current = asyncio.get_child_watcher()
-        if isinstance(current, asyncio.PidfdChildWatcher) and current.is_active():
-            return  # already watching this loop: replacing it would orphan its pending children
-        watcher = asyncio.PidfdChildWatcher()
-        watcher.attach_loop(asyncio.get_running_loop())
-        asyncio.set_child_watcher(watcher)
-    except (OSError, RuntimeError, AttributeError) as exc:  # old kernel, or not on asyncio
-        log.debug("keeping the default child watcher: %s", exc)
+    if sys.platform == "linux":  # a check mypy reads, so the block is skipped for other platforms
+        try:
+            current = asyncio.get_child_watcher()
+            if isinstance(current, asyncio.PidfdChildWatcher) and current.is_active():
+                return  # already watching this loop: replacing it would orphan its pending children
+            watcher = asyncio.PidfdChildWatcher()
+            watcher.attach_loop(asyncio.get_running_loop())
+            asyncio.set_child_watcher(watcher)
+        except (OSError, RuntimeError, AttributeError) as exc:  # old kernel, or not on asyncio
+            log.debug("keeping the default child watcher: %s", exc)

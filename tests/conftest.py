@@ -25,9 +25,16 @@ from server.app import build_server
 from server.config import Settings
 from server.runtime import Runtime
 from tools.context import JSON, ToolContext
+from tools.process import portable
 from tools.registry import ToolSpec
 
 ERAS = {"modern": "auto", "legacy": "legacy"}
+
+needs_subreaper = pytest.mark.skipif(
+    portable(),
+    reason="the portable process core (macOS, OFFLOAD_PORTABLE_PROCESS=1) has no subreaper: a process that leaves "
+    "its group and drops the task's marker goes to init/launchd, where nothing ties it to its task",
+)
 
 
 @pytest.fixture

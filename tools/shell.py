@@ -43,6 +43,7 @@ from tools.process import (
     identify,
     is_same_process,
     kill_left_behind,
+    portable,
     signal_name,
     spawning,
     stop_group,
@@ -313,7 +314,7 @@ async def _run_detached(
     owns when it is closed, and this one must survive the server's shutdown.
     """
     stdin_path = ctx.output_path.with_suffix(".stdin")
-    capture = [*ctx.capture_argv]
+    capture = [*ctx.capture_argv, *(["--portable"] if portable() else [])]
     if stdin is not None:
         fd = os.open(stdin_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
