@@ -48,6 +48,7 @@ from tools.claude import claude_specs
 from tools.clients import ClientPool
 from tools.github import github_specs
 from tools.http import http_specs
+from tools.login_env import with_command_environment
 from tools.process import become_subreaper, end_orphans, force_portable, portable
 from tools.registry import Registry, ToolSpec
 from tools.shell import shell_specs
@@ -94,6 +95,7 @@ class Runtime:
             force_portable()
         _use_pidfd_child_watcher()
         shell = settings.shell_config()
+        shell = await with_command_environment(shell, settings.shell_env, settings.shell_path)
         try:
             await sandbox.check([shell.sandbox, *(owner.sandbox for owner in shell.owners.values())])
         except sandbox.SandboxError as exc:

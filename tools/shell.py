@@ -79,6 +79,9 @@ class ShellConfig:
     sandbox: Sandbox = field(default_factory=Sandbox)
     owners: Mapping[str, OwnerShell] = field(default_factory=dict)
     """Per-owner policy and sandbox; an owner without an entry gets `policy` and `sandbox`."""
+    base_env: Mapping[str, str] | None = None
+    """The environment commands start from (the login shell's, `shell_path`; tools/login_env.py), scrubbed
+    like any; None: the server's own."""
 
     def for_owner(self, owner: str) -> OwnerShell:
         return self.owners.get(owner) or OwnerShell(self.policy, self.sandbox)
@@ -198,7 +201,7 @@ async def run_command(
     stdin: str | None = None,
 ) -> JSON:
     """Runs one command to completion; a non-zero exit or a death by signal becomes a `TaskFailure`."""
-    environment = scrubbed_environment(os.environ, config, env)
+    environment = scrubbed_environment(os.environ if config.base_env is None else config.base_env, config, env)
     environment[TASK_MARKER] = ctx.task_id  # how what leaves the group is found again
     script = ctx.output_path.with_suffix(".sh")
     try:
