@@ -312,6 +312,9 @@ async def _wait_kqueue(pid: int) -> None:
                 kq.control([exit_event], 0, 0)
             except ProcessLookupError:
                 return  # gone already
+            except PermissionError:  # not ours to watch (another user's): look instead
+                await _wait_polling(pid)
+                return
             if _state(pid) in (None, "Z"):
                 return  # a zombie: exited, though still registered
             await anyio.wait_readable(kq.fileno())
