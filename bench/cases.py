@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import anyio
 import anyio.lowlevel
@@ -152,8 +153,7 @@ async def http_server() -> AsyncIterator[str]:
         async with await anyio.open_process(
             command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
         ) as process:
-            sys.path.insert(0, TESTS_DIR)
-            from rawserver import served_log  # the tests' reader of the server's log
+            from testkit.rawserver import served_log  # the tests' reader of the server's log
 
             url, _ = await served_log(process)
             async with anyio.create_task_group() as tg:
@@ -281,9 +281,6 @@ async def naive_vs_fire(quick: bool) -> CaseResult:
     result.add("fire all, then collect", offload_s, "s")
     result.add("speed-up", speedup, "x", ">= 15" if n == 20 else "", speedup >= 15 if n == 20 else None)
     return result
-
-
-TESTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 
 # ---- helpers that read the server process from /proc ----
@@ -474,8 +471,7 @@ async def shutdown(quick: bool) -> CaseResult:
     """stdin closed → server exited, with five running command trees to kill."""
     runs = 3 if quick else 10
     result = CaseResult("shutdown on stdin EOF")
-    sys.path.insert(0, TESTS_DIR)
-    from rawserver import start_server  # the tests' raw JSON-RPC speaker
+    from testkit.rawserver import start_server  # the tests' raw JSON-RPC speaker
 
     timings = []
     for _ in range(runs):
@@ -615,40 +611,39 @@ async def _via_tasks_extension(runs: int) -> list[float]:
 async def client_reuse(quick: bool) -> CaseResult:
     """500 `http.request` tasks: the shared client against a fresh client per request; and 200 GitHub
     reads fired then collected against the same reads made one after another. Local servers."""
-    sys.path.insert(0, TESTS_DIR)
-    from fakes import GITHUB_TOKEN, SlowReads, github_app, plain_app, serve  # the tests' local servers
+    from testkit.fakes import GITHUB_TOKEN, SlowReads, github_app, plain_app, serve  # the tests' local servers
 
     n_http, n_github = (100, 20) if quick else (500, 200)
     result = CaseResult("client reuse (local servers)")
-    os.environ["GITHUB_TOKEN"] = GITHUB_TOKEN
-    async with (
-        serve(plain_app()) as (web, _),
-        serve(github_app(SlowReads(until=lambda: anyio.sleep(0.2)))) as (gh_url, gh_traffic),  # 200 ms upstream
-        bench_runtime(github_base_url=gh_url, max_concurrency=256, max_active_per_owner=1000) as runtime,
-    ):
-        executor = runtime.executor
-        started = time.perf_counter()
-        tasks = [executor.fire("local", "http.request", {"url": f"{web}/hello?i={i}"}).task for i in range(n_http)]
-        await executor.wait(tasks, 60, "all")
-        shared_s = time.perf_counter() - started
+    with patch.dict(os.environ, {"GITHUB_TOKEN": GITHUB_TOKEN}):  # the environment is restored after
+        async with (
+            serve(plain_app()) as (web, _),
+            serve(github_app(SlowReads(until=lambda: anyio.sleep(0.2)))) as (gh_url, gh_traffic),  # 200 ms upstream
+            bench_runtime(github_base_url=gh_url, max_concurrency=256, max_active_per_owner=1000) as runtime,
+        ):
+            executor = runtime.executor
+            started = time.perf_counter()
+            tasks = [executor.fire("local", "http.request", {"url": f"{web}/hello?i={i}"}).task for i in range(n_http)]
+            await executor.wait(tasks, 60, "all")
+            shared_s = time.perf_counter() - started
 
-        started = time.perf_counter()
-        async with anyio.create_task_group() as tg:
-            for i in range(n_http):
-                tg.start_soon(_fresh_client_get, f"{web}/hello?i={i}")
-        fresh_s = time.perf_counter() - started
+            started = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for i in range(n_http):
+                    tg.start_soon(_fresh_client_get, f"{web}/hello?i={i}")
+            fresh_s = time.perf_counter() - started
 
-        def read(i: int) -> Task:
-            arguments = {"owner": "o", "repo": "slow", "number": i}
-            return executor.fire("local", "github.get_issue", arguments, use_cache=False).task
+            def read(i: int) -> Task:
+                arguments = {"owner": "o", "repo": "slow", "number": i}
+                return executor.fire("local", "github.get_issue", arguments, use_cache=False).task
 
-        started = time.perf_counter()
-        await executor.wait([read(i) for i in range(1, n_github + 1)], 60, "all")
-        concurrent_s = time.perf_counter() - started
-        started = time.perf_counter()
-        for i in range(1, n_github + 1):
-            await executor.wait([read(i)], 60, "all")
-        sequential_s = time.perf_counter() - started
+            started = time.perf_counter()
+            await executor.wait([read(i) for i in range(1, n_github + 1)], 60, "all")
+            concurrent_s = time.perf_counter() - started
+            started = time.perf_counter()
+            for i in range(1, n_github + 1):
+                await executor.wait([read(i)], 60, "all")
+            sequential_s = time.perf_counter() - started
     result.add(f"{n_http} GETs, shared client", shared_s * 1000, "ms")
     result.add(f"{n_http} GETs, a client per request", fresh_s * 1000, "ms")
     result.add("per-request / shared", fresh_s / shared_s, "x")

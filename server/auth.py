@@ -23,12 +23,11 @@ from mcp.server.auth.provider import AccessToken
 from starlette.authentication import AuthCredentials
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.config import Settings
+from server.config import LOCAL_OWNER, Settings
 from server.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-LOCAL_OWNER = "local"
 DEFAULT_OWNER = "default"
 """The owner behind the single token of `auth_token_env`."""
 MIN_TOKEN_CHARS = 16

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import select
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 from server.output import OutputLog
+from tools import exit_record
 from tools.process import (
     TASK_MARKER,
     become_subreaper,
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     status = _capture(child, read_fd, log, args.grace)
     log.finish()
     record = {**status, "duration_s": round(time.monotonic() - started, 3), "output_bytes": log.total_bytes}
-    _write_record(args.exit, record)
+    exit_record.write(args.exit, record)
     return 0
 
 
@@ -142,16 +142,6 @@ def _our_children() -> list[int]:
     """What the command left: our children (orphans come to this subreaper), or, with the portable
     core, every process still carrying the task's marker (this one carries it too, and is left out)."""
     return leftovers(os.environ.get(TASK_MARKER))
-
-
-def _write_record(path: Path, record: Mapping[str, object]) -> None:
-    partial = path.with_suffix(".exit-partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, json.dumps(record).encode())
-    finally:
-        os.close(fd)
-    os.replace(partial, path)
 
 
 if __name__ == "__main__":

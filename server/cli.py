@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from server.errors import ConfigError
 from server.logs import RepeatFilter
 from server.redact import RedactingFilter, Redactor
 from server.runtime import Runtime, secret_variables
+from server.signals import stop_on_signal
 from server.stdio import loop_stdio_server
 
 log = logging.getLogger("offload")
@@ -132,18 +132,10 @@ def _log_to_stderr(level: str, redactor: Redactor) -> None:
 async def serve_stdio(settings: Settings) -> None:
     """Serves until stdin closes or SIGTERM/SIGINT arrives, then kills every task's process group."""
     async with Runtime.open(settings) as runtime, anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signal, tg.cancel_scope)
+        tg.start_soon(stop_on_signal, tg.cancel_scope.cancel)
         log.info("offload-mcp %s serving MCP on stdio", __version__)
         server = build_server(runtime)
         async with loop_stdio_server(settings.max_request_body_bytes) as (read_stream, write_stream):
             await server.run_streams(read_stream, write_stream)
         log.info("stdin closed; shutting down")
         tg.cancel_scope.cancel()
-
-
-async def _stop_on_signal(scope: anyio.CancelScope) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s; shutting down", signal.Signals(signum).name)
-            scope.cancel()
-            return

@@ -21,12 +21,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from server.errors import ConfigError
 from tools.clients import ClientsConfig
 from tools.policy import Mode, ShellPolicy
-from tools.presets import validate_rule
+from tools.presets import Preset, validate_rule
 from tools.sandbox import Kind, OwnerShell, Sandbox
-from tools.shell import SECRET_MARKERS, Preset, ShellConfig
+from tools.shell import SECRET_MARKERS, ShellConfig
 
 ENV_PREFIX = "OFFLOAD_"
 APP_NAME = "offload"
+LOCAL_OWNER = "local"
+"""The one owner of a server without bearer tokens (stdio, or HTTP on loopback without auth)."""
 
 PositiveSeconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
 OwnerName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]

@@ -10,10 +10,14 @@
         ├── UnavailableToolError  the tool cannot run here (a credential is missing)
         ├── TooManyTasksError   the caller has the most queued + running tasks allowed
         ├── StoreFullError      the data directory cannot take a new task (disk full)
-        └── ForeignTaskError    cancelling a task another server process (same data dir) runs
+        ├── ForeignTaskError    cancelling a task another server process (same data dir) runs
+        ├── RefusedError        the owner's policy forbids these arguments (shell allow/deny lists, roots)
+        ├── TooLargeError       the arguments are over `max_argument_bytes`
+        └── TooManySubscriptionsError  one connection subscribed to too many resources
 
 Failures *inside* a running task are not exceptions that reach a caller: a tool raises
-`tools.context.TaskFailure`, and the executor records it on the task.
+`tools.context.TaskFailure` with an `ErrorKind`, and the runner records it on the task (adapters
+translate their library's exceptions into it at their edge, `raise ... from exc`).
 """
 
 from __future__ import annotations
@@ -70,13 +74,13 @@ class UnknownTaskError(RequestError):
 
 
 class ExpiredTaskError(RequestError):
-    """Raised for a task whose result is no longer kept; says when and why it went."""
+    """Raised for a task whose result is no longer kept; says when it went."""
 
-    def __init__(self, task_id: str, expired_at: str, reason: str) -> None:
+    def __init__(self, task_id: str, expired_at: str) -> None:
         self.task_id = task_id
         self.expired_at = expired_at
         super().__init__(
-            f"Task {task_id!r} {reason} at {expired_at}; its result and output are gone. "
+            f"Task {task_id!r} expired at {expired_at}; its result and output are gone. "
             "Fire the tool again to get a fresh result (list_tasks shows the tasks still kept)."
         )
 

@@ -34,7 +34,8 @@ from mcp_types import JSONRPCMessage
 from pydantic import TypeAdapter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.auth import LOCAL_OWNER, OWNER_SCOPE_KEY
+from server.auth import OWNER_SCOPE_KEY
+from server.config import LOCAL_OWNER
 
 log = logging.getLogger(__name__)
 

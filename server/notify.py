@@ -12,6 +12,7 @@ changed": reading it shows how), so news is never dropped however far behind del
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +46,13 @@ class _Subscriber:
     uris: set[str] = field(default_factory=set)
 
 
+Start = Callable[[Callable[[], Coroutine[Any, Any, None]]], None]
+"""Runs the delivery loop for as long as the tasks it reports on (`Runtime.start_background`)."""
+
+
 class Notifier:
-    def __init__(self) -> None:
+    def __init__(self, start: Start | None = None) -> None:
+        self._start = start
         self._listeners: dict[str, tuple[InMemorySubscriptionBus, ListenHandler]] = {}
         self._subscribers: dict[Connection, _Subscriber] = {}
         self._pending: dict[str, str] = {}
@@ -60,6 +66,9 @@ class Notifier:
         if not self._closed:  # shutting down: nobody is left to tell
             self._pending[task.id] = task.owner
             self._wake.set()
+            start, self._start = self._start, None
+            if start is not None:  # the first change starts delivery, on the event loop
+                start(self.run)
 
     async def listen(
         self, ctx: ServerRequestContext[Any, Any], params: SubscriptionsListenRequestParams

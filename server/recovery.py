@@ -39,12 +39,7 @@ class Recovered:
 
 async def recover(executor: Executor, wall_clock: Callable[[], float] = time.time) -> Recovered:
     report = Recovered()
-    store = executor.store
-    tasks = [
-        Task.from_row(row, store.output_path(row["id"]), executor.registry.get(row["tool"]), local=False)
-        for row in store.orphaned(wall_clock())
-        if store.claim(row["id"], row["instance"])
-    ]
+    tasks = executor.store.claim_orphans(wall_clock(), executor.registry.get)
     async with anyio.create_task_group() as tg:
         for task in tasks:
             tg.start_soon(_recover_one, executor, task, report)
@@ -73,7 +68,7 @@ async def _recover_one(executor: Executor, task: Task, report: Recovered) -> Non
         report.handed_to_tool += 1
         if not following:
             with anyio.move_on_after(executor.settings.kill_grace_s + 2):  # nothing to follow: settled at once
-                await task.done.wait()
+                await task.handle.done.wait()
         return
     grace_s = executor.settings.kill_grace_s
     killed = task.process is not None and await kill_left_behind(task.process, grace_s)

@@ -2,7 +2,9 @@
 
 It is opened before any transport starts and closed after the last one stops, so no MCP
 session or connection owns running work. The MCP layer calls the methods here; they speak
-in views and raise `RequestError`s, never MCP types.
+in views and raise `RequestError`s, never MCP types, and every one takes the caller's owner:
+there is no default owner in a server several owners share. Task changes are published on
+`changes`; the face turns them into notifications.
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from server.auth import LOCAL_OWNER
 from server.cache import Clock
+from server.changes import Subscriber
 from server.config import Settings, clients_config, data_dir
 from server.errors import ConfigError, ForeignTaskError, RequestError
-from server.executor import Executor, ProgressFn, ReturnWhen
-from server.notify import Notifier
+from server.executor import Executor
 from server.recovery import recover, watch_peers
 from server.redact import Redactor
 from server.store import Store
@@ -40,18 +41,19 @@ from server.tasks import (
     TaskList,
     TaskView,
     UnknownTask,
-    summary_of,
     task_uri,
 )
+from server.waiting import ProgressFn, ReturnWhen
 from tools import sandbox
 from tools.claude import claude_specs
 from tools.clients import ClientPool
 from tools.github import github_specs
 from tools.http import http_specs
 from tools.login_env import with_command_environment
+from tools.presets import preset_specs
 from tools.process import become_subreaper, end_orphans, force_portable, portable
 from tools.registry import Registry, ToolSpec
-from tools.shell import shell_specs
+from tools.shell import shell_spec
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +70,14 @@ class Runtime:
         executor: Executor,
         pool: ClientPool,
         redactor: Redactor,
-        notifier: Notifier,
         task_group: TaskGroup,
     ) -> None:
         self.settings = settings
         self.executor = executor
         self.pool = pool
         self.redactor = redactor
-        self.notifier = notifier
         self._tg = task_group
+        self._at_close: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"<Runtime {self.executor!r}>"
@@ -94,48 +95,24 @@ class Runtime:
         if settings.portable_process:
             force_portable()
         _use_pidfd_child_watcher()
-        shell = settings.shell_config()
-        shell = await with_command_environment(shell, settings.shell_env, settings.shell_path)
-        try:
-            await sandbox.check([shell.sandbox, *(owner.sandbox for owner in shell.owners.values())])
-        except sandbox.SandboxError as exc:
-            raise ConfigError(str(exc)) from exc
         pool = ClientPool(clients_config(settings))
-        registry = Registry(
-            [
-                *shell_specs(shell),
-                *http_specs(pool),
-                *github_specs(pool),
-                *claude_specs(pool),
-                *extra_tools,
-            ]
-        )
-        if load_plugins:
-            registry.load_entry_points()
+        registry = await _registry(settings, pool, extra_tools, load_plugins)
         become_subreaper()  # what leaves a command's process group comes back to us
         store = Store.open(data_dir(settings), lease_s=settings.lease_s)
         try:
             async with anyio.create_task_group() as tg:
                 executor = Executor(registry, settings, clock, tg, store)
-                try:
-                    await recover(executor)
-                    await executor.sweep()
-                except sqlite3.Error:  # a full disk, say: serve anyway; the lease loop tries again
-                    log.exception("settling earlier tasks or expiring old ones failed; will try again")
-                tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
-                tg.start_soon(watch_peers, executor, settings.lease_s / 3, name="offload lease and peers")
-                notifier = Notifier()
-                executor.watchers.append(notifier.task_changed)
-                tg.start_soon(notifier.run, name="offload notifications")
+                await _start_engine(executor, tg)
                 redactor = Redactor.from_environ(secret_variables(settings))
+                runtime = cls(settings, executor, pool, redactor, tg)
                 try:
-                    yield cls(settings, executor, pool, redactor, notifier, tg)
+                    yield runtime
                 finally:
                     with anyio.CancelScope(shield=True):
                         await executor.shutdown()
                         end_orphans()  # what left its command's group, marker or not
                         await pool.aclose()
-                    notifier.close()
+                    runtime.closing()
                     tg.cancel_scope.cancel()
         finally:
             with contextlib.suppress(sqlite3.Error):
@@ -143,9 +120,28 @@ class Runtime:
             store.close()
 
     def start_background(self, run: Callable[[], Coroutine[Any, Any, None]], name: str) -> None:
-        """Runs `run` until the Runtime closes: the face's delivery loops (log messages for clients) live as
-        long as the tasks they report on, not as long as one connection."""
+        """Runs `run` until the Runtime closes: the face's delivery loops (notifications, log messages for
+        clients) live as long as the tasks they report on, not as long as one connection."""
         self._tg.start_soon(run, name=name)
+
+    def at_close(self, callback: Callable[[], None]) -> None:
+        """Called once every task has ended, before the background loops are cancelled: the face's last
+        words to its clients (listen streams end with their final result)."""
+        self._at_close.append(callback)
+
+    def closing(self) -> None:
+        for callback in self._at_close:
+            try:
+                callback()
+            except Exception:
+                log.exception("a close callback raised")
+
+    def subscribe(self, subscriber: Subscriber) -> Callable[[], None]:
+        """Hears every task change (synchronously; must not block); returns the call that unsubscribes."""
+        return self.executor.changes.subscribe(subscriber)
+
+    def tools(self) -> list[ToolSpec]:
+        return list(self.executor.registry)
 
     # ---- the MCP tools' logic ----
 
@@ -158,7 +154,7 @@ class Runtime:
         ttl_s: float | None,
         use_cache: bool,
         wait_s: float,
-        owner: str = LOCAL_OWNER,
+        owner: str,
     ) -> FireReply:
         fired = self.executor.fire(owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s, use_cache=use_cache)
         task = fired.task
@@ -180,7 +176,7 @@ class Runtime:
         arguments: dict[str, Any],
         *,
         timeout_s: float | None,
-        owner: str = LOCAL_OWNER,
+        owner: str,
     ) -> ShellReply:
         task = self.executor.fire(owner, "shell", arguments, timeout_s=timeout_s, use_cache=False).task
         with anyio.move_on_after(SPAWN_WAIT_S):
@@ -190,8 +186,8 @@ class Runtime:
                     await event.wait()
                     tg.cancel_scope.cancel()
 
-                tg.start_soon(until, task.started)
-                tg.start_soon(until, task.queued)
+                tg.start_soon(until, task.handle.started)
+                tg.start_soon(until, task.handle.queued)
         return ShellReply(task_id=task.id, resource=task_uri(task.id), pid=task.pid, status=task.status)
 
     def get_output(
@@ -201,7 +197,7 @@ class Runtime:
         offset: int,
         max_bytes: int,
         tail_bytes: int | None,
-        owner: str = LOCAL_OWNER,
+        owner: str,
     ) -> TaskView:
         task = self.executor.get(owner, task_id)
         return self.output_view(task, offset, max_bytes, tail_bytes)
@@ -224,7 +220,7 @@ class Runtime:
         return_when: ReturnWhen,
         max_bytes: int,
         on_progress: ProgressFn | None = None,
-        owner: str = LOCAL_OWNER,
+        owner: str,
     ) -> PollReply:
         tasks, unknown = [], []
         for task_id in dict.fromkeys(task_ids):
@@ -241,12 +237,24 @@ class Runtime:
         pending = [t.id for t in tasks if not t.status.finished]
         return PollReply(done=views, pending=pending, unknown=unknown, timed_out=timed_out)
 
-    def list_tasks(self, *, status: Status | None, tool: str | None, limit: int, owner: str = LOCAL_OWNER) -> TaskList:
-        wanted = None if status is None else status.value
-        rows = self.executor.store.rows(owner, self.executor.now(), wanted, tool, limit)
-        return TaskList(tasks=[summary_of(row) for row in rows])
+    def task(self, task_id: str, *, owner: str) -> Task:
+        """The task itself, for a face that shapes its own reply (the tasks extension)."""
+        return self.executor.get(owner, task_id)
 
-    def stats(self, owner: str = LOCAL_OWNER) -> dict[str, Any]:
+    def start(self, tool: str, arguments: dict[str, Any], *, owner: str) -> Task:
+        """Fires with the defaults and returns the task itself (the tasks extension's tools/call)."""
+        return self.executor.fire(owner, tool, arguments).task
+
+    async def settled(self, task: Task, wait_s: float) -> Task:
+        """The task once finished, or as it is after `wait_s`."""
+        if not task.status.finished:
+            await self.executor.wait([task], wait_s, "all")
+        return task
+
+    def list_tasks(self, *, status: Status | None, tool: str | None, limit: int, owner: str) -> TaskList:
+        return TaskList(tasks=self.executor.store.summaries(owner, self.executor.now(), status, tool, limit))
+
+    def stats(self, *, owner: str) -> dict[str, Any]:
         """What `offload://stats` shows: the caller's own work; server-wide figures (all owners' work, the
         reuse, the clients, the data directory) only to an admin owner or the only owner there is."""
         executor = self.executor
@@ -277,11 +285,10 @@ class Runtime:
             "fired": counters.fired,
             "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
             "clients": self.pool.stats(),
-            "notifications": self.notifier.stats(),
-            "data_dir": str(executor.store.root),
+            "data_dir": str(data_dir(self.settings)),
         }
 
-    async def cancel(self, task_id: str, owner: str = LOCAL_OWNER) -> TaskView:
+    async def cancel(self, task_id: str, *, owner: str) -> TaskView:
         try:
             task = await self.executor.cancel(owner, task_id)
         except ForeignTaskError:
@@ -290,19 +297,58 @@ class Runtime:
         return self.output_view(task, 0, 4096, 4096)
 
     def catalog(self) -> Catalog:
-        return Catalog(
-            tools=[
-                FireableTool(
-                    name=spec.name,
-                    description=spec.description,
-                    input_schema=spec.input_schema,
-                    flags=spec.flags(),
-                    default_timeout_s=spec.default_timeout_s,
-                    note=spec.note,
-                )
-                for spec in self.executor.registry
-            ]
-        )
+        return catalog_of(self.executor.registry)
+
+
+async def _registry(
+    settings: Settings, pool: ClientPool, extra_tools: Iterable[ToolSpec], load_plugins: bool
+) -> Registry:
+    """Every fireable tool, after checking that the shell's sandboxes can start here."""
+    shell = await with_command_environment(settings.shell_config(), settings.shell_env, settings.shell_path)
+    try:
+        await sandbox.check([shell.sandbox, *(owner.sandbox for owner in shell.owners.values())])
+    except sandbox.SandboxError as exc:
+        raise ConfigError(str(exc)) from exc
+    registry = Registry(
+        [
+            shell_spec(shell),
+            *preset_specs(shell),
+            *http_specs(pool),
+            *github_specs(pool),
+            *claude_specs(pool),
+            *extra_tools,
+        ]
+    )
+    if load_plugins:
+        registry.load_entry_points()
+    return registry
+
+
+async def _start_engine(executor: Executor, tg: TaskGroup) -> None:
+    """Settles what an earlier run left, expires old results, then keeps the lease and the store tended."""
+    try:
+        await recover(executor)
+        await executor.sweep()
+    except sqlite3.Error:  # a full disk, say: serve anyway; the lease loop tries again
+        log.exception("settling earlier tasks or expiring old ones failed; will try again")
+    tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
+    tg.start_soon(watch_peers, executor, executor.settings.lease_s / 3, name="offload lease and peers")
+
+
+def catalog_of(registry: Registry) -> Catalog:
+    return Catalog(
+        tools=[
+            FireableTool(
+                name=spec.name,
+                description=spec.description,
+                input_schema=spec.input_schema,
+                flags=spec.flags(),
+                default_timeout_s=spec.default_timeout_s,
+                note=spec.note,
+            )
+            for spec in registry
+        ]
+    )
 
 
 def secret_variables(settings: Settings) -> list[str]:

@@ -16,18 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import secrets
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from server.errors import ConfigError, StoreFullError
+from server.output import OutputLog, StoredLog
+from server.tasks import Status, Task, TaskError, TaskSummary, error_kind, iso
+from tools.context import ProcessInfo
+from tools.registry import ToolSpec
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +97,42 @@ _MIGRATIONS: dict[int, str] = {
 
 @dataclass(frozen=True, slots=True)
 class Expired:
+    """What is left of an expired task: whose it was, and when it expired."""
+
     owner: str
     at: float
-    reason: str
+
+
+SpecOf = Callable[[str], ToolSpec | None]
+"""The configured tool of a stored task's name (None when it is no longer configured)."""
+
+
+class TaskStore(Protocol):
+    """Where task records, tombstones, leases, reuse keys and output live. `Store` (SQLite + files) is the
+    embedded one; tests/test_task_store.py is the contract a second one must pass too."""
+
+    instance: str
+
+    def output_path(self, task_id: str) -> Path: ...
+    def exit_path(self, task_id: str) -> Path: ...
+    def add(self, task: Task) -> None: ...
+    def record_running(self, task: Task) -> None: ...
+    def record_process(self, task: Task) -> None: ...
+    def record_watcher(self, task: Task) -> None: ...
+    def record_outcome(self, task: Task) -> None: ...
+    def load(self, task_id: str, spec_of: SpecOf) -> Task | None: ...
+    def summaries(
+        self, owner: str, now: float, status: Status | None, tool: str | None, limit: int
+    ) -> list[TaskSummary]: ...
+    def reusable(self, cache_key: str, now: float) -> str | None: ...
+    def count_by_status(self, owner: str, now: float) -> dict[str, int]: ...
+    def tombstone(self, task_id: str) -> Expired | None: ...
+    def heartbeat(self, now: float) -> None: ...
+    def claim_orphans(self, now: float, spec_of: SpecOf) -> list[Task]: ...
+    def sweep(self, now: float, tombstones_max: int) -> list[str]: ...
+    def remove_files(self, task_ids: list[str]) -> None: ...
+    def checkpoint(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class Store:
@@ -108,6 +146,7 @@ class Store:
         self._unwritten: dict[str, dict[str, Any]] = {}
         self._db = connection
         self._lock_fd = lock_fd
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"<Store {self.root} instance={self.instance}>"
@@ -137,6 +176,10 @@ class Store:
         return store
 
     def close(self) -> None:
+        """Gives up this server's lease: its unfinished tasks become claimable at once. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("DELETE FROM instances WHERE id = ?", (self.instance,))
             self._db.execute("PRAGMA optimize")
@@ -153,14 +196,39 @@ class Store:
 
     # ---- writes (each one a commit) ----
 
-    def insert(self, row: dict[str, Any]) -> None:
+    def add(self, task: Task) -> None:
         """Raises `StoreFullError` when the data directory cannot take the row: nothing is started then."""
+        row = _row(task, self.instance)
         columns = ", ".join(row)
         marks = ", ".join(f":{name}" for name in row)
         try:
             self._db.execute(f"INSERT INTO tasks ({columns}) VALUES ({marks})", row)  # noqa: S608 - our column names
         except sqlite3.OperationalError as exc:
             raise StoreFullError(str(self.root), str(exc)) from exc
+
+    def record_running(self, task: Task) -> None:
+        self.update(task.id, status=task.status.value, started_at=task.started_at)
+
+    def record_process(self, task: Task) -> None:
+        process = task.process
+        assert process is not None
+        self.update(
+            task.id,
+            pid=process.pid,
+            start_ticks=process.start_ticks,
+            boot_id=process.boot_id,
+            detached=int(task.detached),
+        )
+
+    def record_watcher(self, task: Task) -> None:
+        watcher = task.watcher
+        assert watcher is not None
+        self.update(
+            task.id, watcher_pid=watcher.pid, watcher_ticks=watcher.start_ticks, boot_id=watcher.boot_id, detached=1
+        )
+
+    def record_outcome(self, task: Task) -> None:
+        self.update(task.id, **_outcome(task))
 
     def update(self, task_id: str, **values: Any) -> None:
         """Never raises: a change the database cannot take now (disk full, locked past the timeout) is
@@ -186,22 +254,25 @@ class Store:
 
     # ---- reads ----
 
-    def row(self, task_id: str) -> sqlite3.Row | None:
-        found: sqlite3.Row | None = self._db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        return found
+    def load(self, task_id: str, spec_of: SpecOf) -> Task | None:
+        """The task as stored, expired or not (the caller decides); `local` False: no handle of ours runs it."""
+        row = self._db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return None if row is None else _task(row, self.output_path(task_id), spec_of(row["tool"]))
 
-    def rows(self, owner: str, now: float, status: str | None, tool: str | None, limit: int) -> list[sqlite3.Row]:
+    def summaries(
+        self, owner: str, now: float, status: Status | None, tool: str | None, limit: int
+    ) -> list[TaskSummary]:
         """The owner's unexpired tasks, newest first."""
         query = "SELECT * FROM tasks WHERE owner = ? AND (expires_at IS NULL OR expires_at > ?)"
         params: list[Any] = [owner, now]
         if status is not None:
             query += " AND status = ?"
-            params.append(status)
+            params.append(status.value)
         if tool is not None:
             query += " AND tool = ?"
             params.append(tool)
         query += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
-        return list(self._db.execute(query, [*params, limit]))
+        return [_summary(row) for row in self._db.execute(query, [*params, limit])]
 
     def reusable(self, cache_key: str, now: float) -> str | None:
         """The newest completed, unexpired task with this result key."""
@@ -221,8 +292,8 @@ class Store:
         return {str(status): int(count) for status, count in rows}
 
     def tombstone(self, task_id: str) -> Expired | None:
-        found = self._db.execute("SELECT owner, at, reason FROM tombstones WHERE id = ?", (task_id,)).fetchone()
-        return None if found is None else Expired(found[0], found[1], found[2])
+        found = self._db.execute("SELECT owner, at FROM tombstones WHERE id = ?", (task_id,)).fetchone()
+        return None if found is None else Expired(found[0], found[1])
 
     # ---- leases ----
 
@@ -235,8 +306,9 @@ class Store:
             (self.instance, os.getpid(), socket.gethostname(), now, now),
         )
 
-    def orphaned(self, now: float) -> list[sqlite3.Row]:
-        """Unfinished tasks of server instances that are gone: lock free, or lease expired."""
+    def claim_orphans(self, now: float, spec_of: SpecOf) -> list[Task]:
+        """Takes over the unfinished tasks of server instances that are gone (lock free, or lease expired),
+        each with one atomic UPDATE, so of several live servers exactly one settles each task."""
         rows = self._db.execute(
             "SELECT * FROM tasks WHERE status IN ('queued', 'running') AND instance != ?", (self.instance,)
         ).fetchall()
@@ -244,10 +316,13 @@ class Store:
         for row in rows:
             if row["instance"] not in dead:
                 dead[row["instance"]] = self._instance_is_dead(row["instance"], now)
-        return [row for row in rows if dead[row["instance"]]]
+        return [
+            _task(row, self.output_path(row["id"]), spec_of(row["tool"]))
+            for row in rows
+            if dead[row["instance"]] and self._claim(row["id"], row["instance"])
+        ]
 
-    def claim(self, task_id: str, from_instance: str) -> bool:
-        """Takes a dead server's task over; False if another live server got it first."""
+    def _claim(self, task_id: str, from_instance: str) -> bool:
         cursor = self._db.execute(
             "UPDATE tasks SET instance = ? WHERE id = ? AND instance = ? AND status IN ('queued', 'running')",
             (self.instance, task_id, from_instance),
@@ -262,26 +337,10 @@ class Store:
             if stale:
                 self._db.execute("DELETE FROM instances WHERE id = ?", (instance,))
             return stale
-        dead = self._lock_is_free(instance)
+        dead = _lock_is_free(self.root / "instances" / f"{instance}.lock")
         if dead:
             self._db.execute("DELETE FROM instances WHERE id = ?", (instance,))
         return dead
-
-    def _lock_is_free(self, instance: str) -> bool:
-        path = self.root / "instances" / f"{instance}.lock"
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(fd)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        return True
 
     def checkpoint(self) -> None:
         """Copies the WAL into the database file; blocking I/O with fsyncs, so it runs in a worker
@@ -316,15 +375,7 @@ class Store:
     def remove_files(self, task_ids: list[str]) -> None:
         """Blocking file I/O, a few unlinks a task: run it in a worker thread."""
         for task_id in task_ids:
-            log_path = self.output_path(task_id)
-            for path in (
-                log_path,
-                self.exit_path(task_id),
-                log_path.with_suffix(".sh"),
-                log_path.with_suffix(".stdin"),
-            ):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+            _remove_task_files(self.output_path(task_id), self.exit_path(task_id))
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -335,6 +386,98 @@ class Store:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+# ---- row mapping ----
+
+Row = Mapping[str, Any] | sqlite3.Row
+
+
+def _row(task: Task, instance: str) -> dict[str, Any]:
+    """Every column of a new task."""
+    process = task.process
+    return {
+        "id": task.id,
+        "owner": task.owner,
+        "tool": task.tool,
+        "arguments": "{}" if task.arguments is None else task.arguments.model_dump_json(by_alias=True),
+        "instance": instance,
+        "created_at": task.created_at,
+        "started_at": task.started_at,
+        "ttl_s": task.ttl_s,
+        "timeout_s": task.timeout_s,
+        "cache_key": task.cache_key,
+        "pid": None if process is None else process.pid,
+        "start_ticks": None if process is None else process.start_ticks,
+        "boot_id": None if process is None else process.boot_id,
+        "detached": int(task.detached),
+        **_outcome(task),
+    }
+
+
+def _outcome(task: Task) -> dict[str, Any]:
+    """What changes when a task finishes: its outcome and how much output it wrote."""
+    return {
+        "status": task.status.value,
+        "finished_at": task.finished_at,
+        "expires_at": task.expires_at,
+        "result": None if task.result is None else json.dumps(task.result, separators=(",", ":")),
+        "error_kind": None if task.error is None else task.error.kind,
+        "error_message": None if task.error is None else task.error.message,
+        "output_total": task.output.total_bytes,
+    }
+
+
+def _task(row: Row, output_path: Path, spec: ToolSpec | None) -> Task:
+    if row["output_inline"] is not None and not output_path.exists():
+        _write_inline(output_path, row["output_inline"])  # a small output Offload 0.1 kept in its row
+    error = (
+        None
+        if row["error_kind"] is None
+        else TaskError(kind=error_kind(row["error_kind"]), message=row["error_message"])
+    )
+    return Task(
+        id=row["id"],
+        tool=row["tool"],
+        owner=row["owner"],
+        created_at=row["created_at"],
+        ttl_s=row["ttl_s"],
+        output=StoredLog(output_path),
+        spec=spec,
+        timeout_s=row["timeout_s"],
+        time_left_s=row["timeout_s"],
+        cache_key=row["cache_key"],
+        status=Status(row["status"]),
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        result=None if row["result"] is None else json.loads(row["result"]),
+        error=error,
+        process=_process(row["pid"], row["start_ticks"], row["boot_id"]),
+        watcher=_process(row["watcher_pid"], row["watcher_ticks"], row["boot_id"]),
+        detached=bool(row["detached"]),
+        local=False,
+    )
+
+
+def _summary(row: Row) -> TaskSummary:
+    return TaskSummary(
+        task_id=row["id"],
+        tool=row["tool"],
+        status=Status(row["status"]),
+        error_kind=None if row["error_kind"] is None else error_kind(row["error_kind"]),
+        created_at=iso(row["created_at"]) or "",
+        finished_at=iso(row["finished_at"]),
+    )
+
+
+def _process(pid: int | None, ticks: int | None, boot_id: str | None) -> ProcessInfo | None:
+    return None if pid is None else ProcessInfo(pid, ticks, boot_id)
+
+
+def _write_inline(path: Path, data: bytes) -> None:
+    log = OutputLog(path, max(len(data), 2) * 2)
+    log.write(data)
+    log.finish()
 
 
 PRIVATE_DIR_MODE = 0o700
@@ -372,6 +515,29 @@ def _require_writable(root: Path) -> None:
             f"the data directory {str(root)!r} cannot be written ({exc.strerror or exc}); "
             "choose another with --data-dir or OFFLOAD_DATA_DIR"
         ) from exc
+
+
+def _lock_is_free(path: Path) -> bool:
+    """Free means its server is gone: a live one holds it for as long as it runs."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        path.unlink()
+    return True
+
+
+def _remove_task_files(log_path: Path, exit_path: Path) -> None:
+    for path in (log_path, exit_path, log_path.with_suffix(".sh"), log_path.with_suffix(".stdin")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _hold_lock(path: Path) -> int:

@@ -75,15 +75,13 @@ class TasksExtension(Extension):
             return await call_next(ctx)
         runtime = self._runtime
         try:
-            task = runtime.executor.fire(owner_of_request(ctx.request), params.name, dict(params.arguments or {})).task
+            task = runtime.start(params.name, dict(params.arguments or {}), owner=owner_of_request(ctx.request))
         except RequestError as exc:
             return _tool_error(runtime.redactor.text(str(exc)))
         if declared(ctx):
             log.debug("tools/call %s answered with the task handle %s", params.name, task.id)
             return {"resultType": "task", **self._fields(task)}
-        if not task.status.finished:
-            await runtime.executor.wait([task], runtime.settings.expose_wait_s, "all")
-        return self._call_result(task)
+        return self._call_result(await runtime.settled(task, runtime.settings.expose_wait_s))
 
     # ---- methods ----
 
@@ -113,7 +111,7 @@ class TasksExtension(Extension):
     def _task(self, ctx: ServerRequestContext[Any, Any], task_id: str) -> Task:
         require_extension(ctx)
         try:
-            return self._runtime.executor.get(owner_of_request(ctx.request), task_id)
+            return self._runtime.task(task_id, owner=owner_of_request(ctx.request))
         except RequestError as exc:
             raise MCPError(INVALID_PARAMS, f"Failed to retrieve task: {self._runtime.redactor.text(str(exc))}") from exc
 

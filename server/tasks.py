@@ -1,20 +1,18 @@
-"""The task record the executor keeps, and the immutable views the MCP tools return."""
+"""The task record, the runtime handle the executor keeps beside it, and the immutable views the MCP
+tools return. How a record is stored is the store's business (`server/store.py`)."""
 
 from __future__ import annotations
 
-import json
-import sqlite3
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated, Any
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from server.output import Chunk, Output, OutputLog, StoredLog
+from server.output import Chunk, Output
+from tools.context import ErrorKind as ErrorKind
 from tools.context import Orphan, ProcessInfo
 from tools.registry import ToolSpec
 
@@ -31,25 +29,12 @@ class Status(StrEnum):
         return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
 
 
-class ErrorKind(StrEnum):
-    """Every `error.kind` a task can carry, from the engine or from a tool (`TaskFailure.kind`)."""
-
-    TIMEOUT = "timeout"
-    EXIT_STATUS = "exit_status"
-    SIGNAL = "signal"
-    EXCEPTION = "exception"
-    INVALID_ARGUMENTS = "invalid_arguments"
-    REFUSED = "refused"
-    INTERRUPTED = "interrupted"
-    SHUTDOWN = "shutdown"
-    CANCELLED_BY_CLIENT = "cancelled_by_client"
-    HTTP_STATUS = "http_status"
-    RATE_LIMITED = "rate_limited"
-    AUTH = "auth"
-    NOT_FOUND = "not_found"
-    CONNECTION = "connection"
-    UPSTREAM_ERROR = "upstream_error"
-    UPSTREAM_EXITED = "upstream_exited"
+def error_kind(value: str) -> ErrorKind:
+    """A stored or plugin-given kind as the enum; one this version does not know reads as `exception`."""
+    try:
+        return ErrorKind(value)
+    except ValueError:
+        return ErrorKind.EXCEPTION
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -65,8 +50,12 @@ class _View(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True)
 
 
+Kind = Annotated[ErrorKind, WithJsonSchema({"type": "string"})]
+"""Listed in the README, not in every tool's output schema: tools/list bytes are paid in every conversation."""
+
+
 class TaskError(_View):
-    kind: str
+    kind: Kind
     message: str
 
 
@@ -102,7 +91,7 @@ class TaskSummary(_View):
     task_id: str
     tool: str
     status: Status
-    error_kind: str | None = None
+    error_kind: Annotated[ErrorKind | None, WithJsonSchema({"type": ["string", "null"]})] = None
     created_at: str
     finished_at: str | None = None
 
@@ -165,12 +154,27 @@ class Catalog(_View):
 
 # ---- the record ----
 
-Row = Mapping[str, Any] | sqlite3.Row
+
+@dataclass(eq=False, slots=True)
+class Handle:
+    """What only the running server has of a task: its cancel scope and the events waiters wait on."""
+
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    cancel_reason: ErrorKind | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+    started: anyio.Event = field(default_factory=anyio.Event)
+    """Set once the task has a pid, or has finished without one."""
+    queued: anyio.Event = field(default_factory=anyio.Event)
+    """Set when the task has to wait for a concurrency limit (it stays `queued` meanwhile)."""
+    listeners: set[anyio.Event] = field(default_factory=set)
+    """Set (each) whenever the task changes: what a `poll_output` waits on."""
+    released: anyio.Event = field(default_factory=anyio.Event)
+    """Set when this server stops running the task: finished, or left running on purpose."""
 
 
 @dataclass(eq=False, slots=True)
 class Task:
-    """Mutable while it runs; only the executor writes it (and commits each change to the store)."""
+    """The record: mutable while it runs; only the executor writes it (and commits each change)."""
 
     id: str
     tool: str
@@ -196,16 +200,7 @@ class Task:
     detached: bool = False
     local: bool = True
     """Run by this server process; False for a task another server on the same data dir runs."""
-    cancel_reason: ErrorKind | None = None
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    started: anyio.Event = field(default_factory=anyio.Event)
-    """Set once the task has a pid, or has finished without one."""
-    queued: anyio.Event = field(default_factory=anyio.Event)
-    """Set when the task has to wait for a concurrency limit (it stays `queued` meanwhile)."""
-    listeners: set[anyio.Event] = field(default_factory=set)
-    released: anyio.Event = field(default_factory=anyio.Event)
-    """Set when this server stops running the task: finished, or left running on purpose."""
+    handle: Handle = field(default_factory=Handle)
 
     @property
     def pid(self) -> int | None:
@@ -230,94 +225,13 @@ class Task:
             expires_at=iso(self.expires_at),
         )
 
-    def row(self, instance: str) -> dict[str, Any]:
-        """Every column the store keeps, as of now."""
-        process = self.process
-        return {
-            "id": self.id,
-            "owner": self.owner,
-            "tool": self.tool,
-            "arguments": "{}" if self.arguments is None else self.arguments.model_dump_json(by_alias=True),
-            "instance": instance,
-            "created_at": self.created_at,
-            "started_at": self.started_at,
-            "ttl_s": self.ttl_s,
-            "timeout_s": self.timeout_s,
-            "cache_key": self.cache_key,
-            "pid": None if process is None else process.pid,
-            "start_ticks": None if process is None else process.start_ticks,
-            "boot_id": None if process is None else process.boot_id,
-            "detached": int(self.detached),
-            **self.final_columns(),
-        }
-
-    def final_columns(self) -> dict[str, Any]:
-        """What changes when a task finishes: its outcome and how much output it wrote."""
-        return {
-            "status": self.status.value,
-            "finished_at": self.finished_at,
-            "expires_at": self.expires_at,
-            "result": None if self.result is None else json.dumps(self.result, separators=(",", ":")),
-            "error_kind": None if self.error is None else self.error.kind,
-            "error_message": None if self.error is None else self.error.message,
-            "output_total": self.output.total_bytes,
-        }
-
     def orphan(self) -> Orphan:
         return Orphan(self.process, self.watcher, self.detached, self.started_at or self.created_at)
-
-    @classmethod
-    def from_row(cls, row: Row, output_path: Path, spec: ToolSpec | None, local: bool) -> Task:
-        if row["output_inline"] is not None and not output_path.exists():
-            _write_inline(output_path, row["output_inline"])  # a small output Offload 0.1 kept in its row
-        error = None if row["error_kind"] is None else TaskError(kind=row["error_kind"], message=row["error_message"])
-        return cls(
-            id=row["id"],
-            tool=row["tool"],
-            owner=row["owner"],
-            created_at=row["created_at"],
-            ttl_s=row["ttl_s"],
-            output=StoredLog(output_path),
-            spec=spec,
-            timeout_s=row["timeout_s"],
-            time_left_s=row["timeout_s"],
-            cache_key=row["cache_key"],
-            status=Status(row["status"]),
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            result=None if row["result"] is None else json.loads(row["result"]),
-            error=error,
-            process=_process(row["pid"], row["start_ticks"], row["boot_id"]),
-            watcher=_process(row["watcher_pid"], row["watcher_ticks"], row["boot_id"]),
-            detached=bool(row["detached"]),
-            local=local,
-        )
-
-
-def _process(pid: int | None, ticks: int | None, boot_id: str | None) -> ProcessInfo | None:
-    return None if pid is None else ProcessInfo(pid, ticks, boot_id)
-
-
-def _write_inline(path: Path, data: bytes) -> None:
-    log = OutputLog(path, max(len(data), 2) * 2)
-    log.write(data)
-    log.finish()
 
 
 def task_uri(task_id: str) -> str:
     """The task as an MCP resource: read it for its view, subscribe to it to hear when it changes."""
     return f"task://{task_id}"
-
-
-def summary_of(row: Row) -> TaskSummary:
-    return TaskSummary(
-        task_id=row["id"],
-        tool=row["tool"],
-        status=Status(row["status"]),
-        error_kind=row["error_kind"],
-        created_at=iso(row["created_at"]) or "",
-        finished_at=iso(row["finished_at"]),
-    )
 
 
 def output_view(chunk: Chunk) -> OutputView:

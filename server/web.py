@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import signal
 import socket
 from collections.abc import Iterator
 from typing import Literal
@@ -22,12 +21,13 @@ from starlette.types import ASGIApp
 
 from server import __version__
 from server.app import OffloadServer, build_server
-from server.auth import LOCAL_OWNER, BearerAuth, Credentials, Limits, check_bind, check_isolation, is_loopback
-from server.config import Settings
+from server.auth import BearerAuth, Credentials, Limits, check_bind, check_isolation, is_loopback
+from server.config import LOCAL_OWNER, Settings
 from server.events import CallerScope, SessionEvents
 from server.limits import uvicorn_options
 from server.runtime import Runtime
 from server.sdk_compat import sessions_held
+from server.signals import stop_on_signal
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +137,12 @@ async def serve_http(settings: Settings, credentials: Credentials) -> None:
             PATHS[settings.transport],
             " with bearer auth" if credentials else "",
         )
+
+        def stop() -> None:
+            web.should_exit = True
+
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_exit_on_signal, web)
+            tg.start_soon(stop_on_signal, stop)
             await web.serve(sockets=[sock])
             tg.cancel_scope.cancel()
         log.info("web server stopped; shutting down the tasks")
-
-
-async def _exit_on_signal(web: uvicorn.Server) -> None:
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            log.info("received %s; shutting down", signal.Signals(signum).name)
-            web.should_exit = True
-            return

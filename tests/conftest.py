@@ -8,12 +8,10 @@ registry interface: `test.gate` (cacheable; each key finishes when the test rele
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import pytest
@@ -24,9 +22,12 @@ from pydantic import BaseModel
 from server.app import build_server
 from server.config import Settings
 from server.runtime import Runtime
+from testkit.processes import live_group_members, when_tree_runs
 from tools.context import JSON, ToolContext
 from tools.process import portable
 from tools.registry import ToolSpec
+
+__all__ = ["live_group_members", "when_tree_runs"]  # the tests import them from here too
 
 ERAS = {"modern": "auto", "legacy": "legacy"}
 
@@ -172,45 +173,8 @@ async def finish(client: Client, task_id: str, timeout_s: float = 20) -> dict[st
     return reply["done"][0]
 
 
-T = TypeVar("T")
-
-
-async def when_tree_runs(start: Callable[[str], Awaitable[T]], timeout_s: float = 5) -> T:
-    """Starts, through `start(command)`, a command with two background children, and returns once
-    all its processes exist: the command says so by writing to a FIFO, whose read end turns readable
-    then. An event, bounded by `timeout_s`; no polling."""
-    with tempfile.TemporaryDirectory(prefix="offload-tree-") as folder:
-        fifo = Path(folder) / "ready"
-        os.mkfifo(fifo)
-        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # held open first, so the writer never blocks
-        try:
-            started = await start(f"sleep 300 & sleep 300 & echo ready; echo ready > {fifo}; wait")
-            with anyio.fail_after(timeout_s):
-                await anyio.wait_readable(fd)
-        finally:
-            os.close(fd)
-    return started
-
-
 async def start_tree(client: Client, **arguments: Any) -> tuple[str, int]:
     """Starts the tree command; returns (task_id, pgid) once its whole process tree is running."""
     reply = await when_tree_runs(lambda command: call(client, "run_shell_background", command=command, **arguments))
     assert len(live_group_members(reply["pid"])) == 3  # the command shell, two sleeps
     return reply["task_id"], reply["pid"]
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """Processes (not zombies) in a process group, read from /proc."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(entry))
-    return members

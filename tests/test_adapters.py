@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from conftest import FakeClock, Gate, call, error_text, finish, open_client
-from fakes import ANTHROPIC_KEY, GITHUB_TOKEN, SlowReads, Traffic, anthropic_app, github_app, plain_app, serve
 from mcp import Client
 from starlette.applications import Starlette
 
 from server.config import Settings
 from server.runtime import Runtime
+from testkit.fakes import ANTHROPIC_KEY, GITHUB_TOKEN, SlowReads, Traffic, anthropic_app, github_app, plain_app, serve
 
 pytestmark = pytest.mark.anyio
 

@@ -19,8 +19,8 @@ from typing import Any
 
 import anyio
 import pytest
-from rawserver import RawServer, start_server
 
+from testkit.rawserver import RawServer, start_server
 from tools.process import TASK_MARKER
 
 pytestmark = pytest.mark.anyio

@@ -17,8 +17,9 @@ from typing import Any
 
 import anyio
 import pytest
-from rawserver import npm_tool, npm_tool_env
 from test_inspector import ROOT, http_server
+
+from testkit.rawserver import npm_tool, npm_tool_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

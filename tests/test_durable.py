@@ -11,11 +11,11 @@ from pathlib import Path
 import anyio
 import pytest
 from conftest import FakeClock, Gate, call, error_text, live_group_members, open_client
-from rawserver import RawServer, start_server
 
 from server.config import Settings
 from server.errors import ConfigError
 from server.runtime import Runtime
+from testkit.rawserver import RawServer, start_server
 
 pytestmark = pytest.mark.anyio
 

@@ -20,18 +20,18 @@ import httpx
 import httpx2
 import pytest
 from conftest import ERAS, FakeClock, Gate, data, error_text, live_group_members, when_tree_runs
-from fakes import serve
 from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
-from rawserver import served_log, server_env
 
 from server.app import build_server
-from server.auth import LOCAL_OWNER, Credentials, check_bind
-from server.config import Settings
+from server.auth import Credentials, check_bind
+from server.config import LOCAL_OWNER, Settings
 from server.errors import ConfigError
 from server.runtime import Runtime
 from server.web import PATHS, web_app
+from testkit.fakes import serve
+from testkit.rawserver import served_log, server_env
 
 ALICE = "alice-token-" + "a" * 20
 BOB = "bob-token-" + "b" * 20

@@ -16,7 +16,8 @@ from typing import Any
 
 import anyio
 import pytest
-from rawserver import npm_tool, npm_tool_env, served_log, server_env
+
+from testkit.rawserver import npm_tool, npm_tool_env, served_log, server_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

@@ -20,13 +20,13 @@ from conftest import ERAS, FakeClock, Gate, call, data, open_client
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
 from mcp_types import ResourceUpdatedNotification
-from rawserver import server_env
 from test_http import ALICE, BOB, TOKENS, connect, web_server
 
 from server.app import build_server
 from server.config import Settings
 from server.runtime import Runtime
 from server.sdk_compat import SDKChangedError, connection_of, lowlevel_of
+from testkit.rawserver import server_env
 
 pytestmark = pytest.mark.anyio
 
@@ -256,10 +256,12 @@ async def test_one_connection_may_subscribe_to_a_bounded_number_of_resources() -
 
 async def test_a_closed_connection_leaves_no_subscriptions_behind(tmp_path: Path, gate: Gate) -> None:
     async with Runtime.open(Settings(data_dir=tmp_path / "d"), extra_tools=gate.specs(), load_plugins=False) as rt:
-        async with Client(build_server(rt), mode="legacy") as client:
+        server = build_server(rt)
+        assert server.notifier is not None
+        async with Client(server, mode="legacy") as client:
             fired = await call(client, "fire_tool", tool="test.gate", arguments={"key": "k"})
             await _subscribe(client)(fired["resource"])
             await _subscribe(client)("tasks://recent")
-            assert rt.notifier.stats()["subscribed_resources"] == 2
-        assert rt.notifier.stats()["subscribed_connections"] == 0
+            assert server.notifier.stats()["subscribed_resources"] == 2
+        assert server.notifier.stats()["subscribed_connections"] == 0
         gate.release("k")

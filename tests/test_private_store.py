@@ -9,9 +9,9 @@ from pathlib import Path
 
 import anyio
 import pytest
-from rawserver import start_server
 
 from server.store import Store
+from testkit.rawserver import start_server
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,6 @@ import anyio
 import httpx
 import pytest
 from conftest import FakeClock, Gate, data, error_text
-from fakes import serve
 from mcp.server.streamable_http import EventCallback, EventId, StreamId
 from mcp_types import JSONRPCMessage, JSONRPCResponse
 from test_http import connect
@@ -28,6 +27,7 @@ from server.config import Settings
 from server.events import Caller, SessionEvents, current_caller
 from server.runtime import Runtime
 from server.web import PATHS, web_app
+from testkit.fakes import serve
 
 pytestmark = pytest.mark.anyio
 

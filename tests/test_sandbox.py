@@ -20,12 +20,12 @@ import anyio
 import pytest
 from conftest import FakeClock, Gate, call, data, finish, live_group_members, open_client
 from mcp import Client
-from rawserver import start_server
 from test_durable import kill_9
 from test_http import ALICE, BOB, TOKENS, connect, tool, web_server
 
 from server.config import Settings
 from server.errors import ConfigError
+from testkit.rawserver import start_server
 
 pytestmark = [
     pytest.mark.anyio,

@@ -21,10 +21,10 @@ import anyio
 import httpx
 import pytest
 from conftest import Gate
-from rawserver import served_log, server_env
 from test_http import ALICE, BOB, INITIALIZE, INITIALIZED, MCP_POST_HEADERS, PING, TOKENS, web_server
 
 from server.auth import SessionIdFilter
+from testkit.rawserver import served_log, server_env
 
 pytestmark = pytest.mark.anyio
 

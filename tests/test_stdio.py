@@ -11,7 +11,8 @@ import anyio
 import pytest
 from conftest import call, finish, live_group_members
 from mcp import Client, StdioServerParameters
-from rawserver import server_env, start_server
+
+from testkit.rawserver import server_env, start_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

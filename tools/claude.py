@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from tools.clients import ClientPool
-from tools.context import JSON, TaskFailure, ToolContext
+from tools.context import JSON, ErrorKind, TaskFailure, ToolContext
 from tools.http import failure_for_status
 from tools.registry import ToolSpec
 
@@ -61,9 +61,9 @@ async def message(args: Any, pool: ClientPool) -> JSON:
     except anthropic.APIStatusError as exc:
         raise failure_for_status(exc.status_code, exc.response.headers, what) from exc
     except anthropic.APITimeoutError as exc:
-        raise TaskFailure("timeout", f"{what} timed out") from exc
+        raise TaskFailure(ErrorKind.TIMEOUT, f"{what} timed out") from exc
     except anthropic.APIConnectionError as exc:
-        raise TaskFailure("connection", f"{what} could not connect: {type(exc).__name__}") from exc
+        raise TaskFailure(ErrorKind.CONNECTION, f"{what} could not connect: {type(exc).__name__}") from exc
     text = "".join(getattr(block, "text", "") for block in reply.content)
     return {
         "text": text,

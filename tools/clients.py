@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 
+from tools.context import ErrorKind, TaskFailure
+
 if TYPE_CHECKING:  # imported when first built: anthropic alone takes ~1.7 s to import
     from anthropic import AsyncAnthropic
     from githubkit import GitHub
@@ -94,7 +96,8 @@ class ClientPool:
     def anthropic(self) -> AsyncAnthropic:
         key = self.config.secret(self.config.anthropic_key_env)
         if key is None:
-            raise LookupError(self.config.anthropic_key_env)
+            env = self.config.anthropic_key_env
+            raise TaskFailure(ErrorKind.AUTH, f"no Anthropic API key: {env} is not set in the server's environment")
         client: AsyncAnthropic = self._get(("anthropic", _fingerprint(key)), lambda: self._build_anthropic(key))
         return client
 

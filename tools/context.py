@@ -8,12 +8,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 JSON = dict[str, Any]
+
+
+class ErrorKind(StrEnum):
+    """Every `error.kind` a task can carry, from the engine or from a tool: one list, so a client can
+    branch on them and a reviewer can see them all. Defined here because `tools/` never imports `server/`."""
+
+    TIMEOUT = "timeout"
+    EXIT_STATUS = "exit_status"
+    SIGNAL = "signal"
+    EXCEPTION = "exception"
+    INVALID_ARGUMENTS = "invalid_arguments"
+    REFUSED = "refused"
+    INTERRUPTED = "interrupted"
+    SHUTDOWN = "shutdown"
+    CANCELLED_BY_CLIENT = "cancelled_by_client"
+    HTTP_STATUS = "http_status"
+    RATE_LIMITED = "rate_limited"
+    AUTH = "auth"
+    NOT_FOUND = "not_found"
+    CONNECTION = "connection"
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_EXITED = "upstream_exited"
 
 
 class TaskFailure(Exception):
@@ -23,7 +46,7 @@ class TaskFailure(Exception):
     task still reports it.
     """
 
-    def __init__(self, kind: str, message: str, result: JSON | None = None) -> None:
+    def __init__(self, kind: ErrorKind, message: str, result: JSON | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message

@@ -6,13 +6,14 @@ server errors) but read raw JSON, trimmed to the fields an assistant needs.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from tools.clients import ClientPool
-from tools.context import JSON, TaskFailure, ToolContext
+from tools.context import JSON, ErrorKind, TaskFailure, ToolContext
 from tools.http import failure_for_status, failure_for_transport
 from tools.registry import Handler, ToolSpec
 
@@ -139,12 +140,12 @@ async def _call(pool: ClientPool, method: str, path: str, what: str, **kwargs: A
     except RequestFailed as exc:
         raise failure_for_status(exc.response.status_code, exc.response.headers, what) from exc
     except RequestTimeout as exc:
-        raise TaskFailure("timeout", f"{what} timed out") from exc
+        raise TaskFailure(ErrorKind.TIMEOUT, f"{what} timed out") from exc
     except GitHubException as exc:
         cause = exc.__cause__
         if isinstance(cause, httpx.TransportError):
             raise failure_for_transport(cause, what) from exc
-        raise TaskFailure("http_status", f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        raise TaskFailure(ErrorKind.HTTP_STATUS, f"{what} failed: {type(exc).__name__}: {exc}") from exc
     except httpx.TransportError as exc:
         raise failure_for_transport(exc, what) from exc
     return response.json()
@@ -154,59 +155,104 @@ def _paging(args: Any) -> dict[str, Any]:
     return {"per_page": args.per_page, "page": args.page}
 
 
+Read = Callable[[ClientPool, Any], Awaitable[JSON]]
+
+
+async def _get_issue(pool: ClientPool, a: IssueArgs) -> JSON:
+    return _issue(await _call(pool, "GET", f"/repos/{a.owner}/{a.repo}/issues/{a.number}", f"issue #{a.number}"))
+
+
+async def _list_issue_comments(pool: ClientPool, a: PagedIssueArgs) -> JSON:
+    path = f"/repos/{a.owner}/{a.repo}/issues/{a.number}/comments"
+    data = await _call(pool, "GET", path, f"comments of #{a.number}", params=_paging(a))
+    return {"comments": [_comment(c) for c in data], "page": a.page, "more": len(data) == a.per_page}
+
+
+async def _list_issues(pool: ClientPool, a: ListIssuesArgs) -> JSON:
+    params = {**_paging(a), "state": a.state}
+    if a.labels:
+        params["labels"] = ",".join(a.labels)
+    data = await _call(pool, "GET", f"/repos/{a.owner}/{a.repo}/issues", f"issues of {a.owner}/{a.repo}", params=params)
+    return {"issues": [_issue(i) for i in data], "page": a.page, "more": len(data) == a.per_page}
+
+
+async def _get_pull_request(pool: ClientPool, a: IssueArgs) -> JSON:
+    return _pull(await _call(pool, "GET", f"/repos/{a.owner}/{a.repo}/pulls/{a.number}", f"pull #{a.number}"))
+
+
+async def _list_pull_request_files(pool: ClientPool, a: PagedIssueArgs) -> JSON:
+    path = f"/repos/{a.owner}/{a.repo}/pulls/{a.number}/files"
+    data = await _call(pool, "GET", path, f"files of pull #{a.number}", params=_paging(a))
+    return {"files": [_file(f) for f in data], "page": a.page, "more": len(data) == a.per_page}
+
+
+async def _list_workflow_runs(pool: ClientPool, a: WorkflowRunsArgs) -> JSON:
+    params: dict[str, Any] = _paging(a)
+    params |= {k: v for k, v in (("branch", a.branch), ("status", a.status)) if v}
+    data = await _call(pool, "GET", f"/repos/{a.owner}/{a.repo}/actions/runs", "workflow runs", params=params)
+    runs = data.get("workflow_runs", [])
+    return {"total": data.get("total_count"), "runs": [_run(r) for r in runs], "page": a.page}
+
+
+async def _add_labels(pool: ClientPool, a: AddLabelsArgs) -> JSON:
+    path = f"/repos/{a.owner}/{a.repo}/issues/{a.number}/labels"
+    data = await _call(pool, "POST", path, f"labelling #{a.number}", json={"labels": a.labels})
+    return {"labels": [label.get("name") for label in data]}
+
+
+async def _create_issue_comment(pool: ClientPool, a: CommentArgs) -> JSON:
+    path = f"/repos/{a.owner}/{a.repo}/issues/{a.number}/comments"
+    return _comment(await _call(pool, "POST", path, f"commenting on #{a.number}", json={"body": a.body}))
+
+
+_TOOLS: list[tuple[str, str, type[BaseModel], Read, bool]] = [
+    ("get_issue", "One issue: title, state, labels, author, body (trimmed).", IssueArgs, _get_issue, False),
+    (
+        "list_issue_comments",
+        "Comments of an issue or pull request, a page at a time.",
+        PagedIssueArgs,
+        _list_issue_comments,
+        False,
+    ),
+    (
+        "list_issues",
+        "Issues of a repository by state and labels, a page at a time.",
+        ListIssuesArgs,
+        _list_issues,
+        False,
+    ),
+    ("get_pull_request", "One pull request: branches, mergeability, size, body.", IssueArgs, _get_pull_request, False),
+    (
+        "list_pull_request_files",
+        "Files a pull request changes, with trimmed patches.",
+        PagedIssueArgs,
+        _list_pull_request_files,
+        False,
+    ),
+    (
+        "list_workflow_runs",
+        "Recent GitHub Actions runs, by branch and status.",
+        WorkflowRunsArgs,
+        _list_workflow_runs,
+        False,
+    ),
+    ("add_labels", "Add labels to an issue or pull request.", AddLabelsArgs, _add_labels, True),
+    ("create_issue_comment", "Comment on an issue or pull request.", CommentArgs, _create_issue_comment, True),
+]
+"""name, description, input model, call, writes: every github.* tool."""
+
+
 def github_specs(pool: ClientPool) -> list[ToolSpec]:
     token_env = pool.config.github_token_env
     has_token = pool.config.secret(token_env) is not None
     read_note = None if has_token else f"unauthenticated (60 requests/hour): set {token_env} for more"
     write_block = None if has_token else f"no GitHub token: set the environment variable {token_env} and restart"
-
-    async def get_issue(a: IssueArgs, _: ToolContext) -> JSON:
-        return _issue(await _call(pool, "GET", f"/repos/{a.owner}/{a.repo}/issues/{a.number}", f"issue #{a.number}"))
-
-    async def list_issue_comments(a: PagedIssueArgs, _: ToolContext) -> JSON:
-        path = f"/repos/{a.owner}/{a.repo}/issues/{a.number}/comments"
-        data = await _call(pool, "GET", path, f"comments of #{a.number}", params=_paging(a))
-        return {"comments": [_comment(c) for c in data], "page": a.page, "more": len(data) == a.per_page}
-
-    async def list_issues(a: ListIssuesArgs, _: ToolContext) -> JSON:
-        params = {**_paging(a), "state": a.state}
-        if a.labels:
-            params["labels"] = ",".join(a.labels)
-        data = await _call(
-            pool, "GET", f"/repos/{a.owner}/{a.repo}/issues", f"issues of {a.owner}/{a.repo}", params=params
-        )
-        return {"issues": [_issue(i) for i in data], "page": a.page, "more": len(data) == a.per_page}
-
-    async def get_pull_request(a: IssueArgs, _: ToolContext) -> JSON:
-        return _pull(await _call(pool, "GET", f"/repos/{a.owner}/{a.repo}/pulls/{a.number}", f"pull #{a.number}"))
-
-    async def list_pull_request_files(a: PagedIssueArgs, _: ToolContext) -> JSON:
-        path = f"/repos/{a.owner}/{a.repo}/pulls/{a.number}/files"
-        data = await _call(pool, "GET", path, f"files of pull #{a.number}", params=_paging(a))
-        return {"files": [_file(f) for f in data], "page": a.page, "more": len(data) == a.per_page}
-
-    async def list_workflow_runs(a: WorkflowRunsArgs, _: ToolContext) -> JSON:
-        params: dict[str, Any] = _paging(a)
-        params |= {k: v for k, v in (("branch", a.branch), ("status", a.status)) if v}
-        data = await _call(pool, "GET", f"/repos/{a.owner}/{a.repo}/actions/runs", "workflow runs", params=params)
-        runs = data.get("workflow_runs", [])
-        return {"total": data.get("total_count"), "runs": [_run(r) for r in runs], "page": a.page}
-
-    async def add_labels(a: AddLabelsArgs, _: ToolContext) -> JSON:
-        path = f"/repos/{a.owner}/{a.repo}/issues/{a.number}/labels"
-        data = await _call(pool, "POST", path, f"labelling #{a.number}", json={"labels": a.labels})
-        return {"labels": [label.get("name") for label in data]}
-
-    async def create_issue_comment(a: CommentArgs, _: ToolContext) -> JSON:
-        path = f"/repos/{a.owner}/{a.repo}/issues/{a.number}/comments"
-        return _comment(await _call(pool, "POST", path, f"commenting on #{a.number}", json={"body": a.body}))
-
-    def spec(name: str, text: str, model: type[BaseModel], fn: Handler, *, write: bool = False) -> ToolSpec:
-        return ToolSpec(
+    return [
+        ToolSpec(
             name=f"github.{name}",
             description=text,
             input_model=model,
-            handler=fn,
+            handler=_bound(call, pool),
             cacheable=not write,
             destructive=write,
             open_world=True,
@@ -215,37 +261,12 @@ def github_specs(pool: ClientPool) -> list[ToolSpec]:
             unavailable=write_block if write else None,
             note=write_block if write else read_note,
         )
-
-    return [
-        spec("get_issue", "One issue: title, state, labels, author, body (trimmed).", IssueArgs, get_issue),
-        spec(
-            "list_issue_comments",
-            "Comments of an issue or pull request, a page at a time.",
-            PagedIssueArgs,
-            list_issue_comments,
-        ),
-        spec(
-            "list_issues", "Issues of a repository by state and labels, a page at a time.", ListIssuesArgs, list_issues
-        ),
-        spec("get_pull_request", "One pull request: branches, mergeability, size, body.", IssueArgs, get_pull_request),
-        spec(
-            "list_pull_request_files",
-            "Files a pull request changes, with trimmed patches.",
-            PagedIssueArgs,
-            list_pull_request_files,
-        ),
-        spec(
-            "list_workflow_runs",
-            "Recent GitHub Actions runs, by branch and status.",
-            WorkflowRunsArgs,
-            list_workflow_runs,
-        ),
-        spec("add_labels", "Add labels to an issue or pull request.", AddLabelsArgs, add_labels, write=True),
-        spec(
-            "create_issue_comment",
-            "Comment on an issue or pull request.",
-            CommentArgs,
-            create_issue_comment,
-            write=True,
-        ),
+        for name, text, model, call, write in _TOOLS
     ]
+
+
+def _bound(call: Read, pool: ClientPool) -> Handler:
+    async def handler(arguments: Any, _ctx: ToolContext) -> JSON:
+        return await call(pool, arguments)
+
+    return handler

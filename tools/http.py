@@ -10,7 +10,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tools.clients import ClientPool, PrivateAddressError
-from tools.context import JSON, TaskFailure, ToolContext
+from tools.context import JSON, ErrorKind, TaskFailure, ToolContext
 from tools.registry import ToolSpec
 
 KEPT_HEADERS = (
@@ -34,20 +34,20 @@ def failure_for_status(status: int, headers: Mapping[str, str], what: str, resul
         reset = headers.get("x-ratelimit-reset")
         retry = headers.get("retry-after")
         when = f"; the limit resets at epoch {reset}" if reset else f"; retry after {retry} s" if retry else ""
-        return TaskFailure("rate_limited", f"{what} was rate limited (HTTP {status}){when}", result)
+        return TaskFailure(ErrorKind.RATE_LIMITED, f"{what} was rate limited (HTTP {status}){when}", result)
     if status in (401, 403):
         return TaskFailure(
-            "auth", f"{what} was refused (HTTP {status}): check the credentials and their scopes", result
+            ErrorKind.AUTH, f"{what} was refused (HTTP {status}): check the credentials and their scopes", result
         )
     if status == 404:
-        return TaskFailure("not_found", f"{what} found nothing (HTTP 404)", result)
-    return TaskFailure("http_status", f"{what} failed with HTTP {status}", result)
+        return TaskFailure(ErrorKind.NOT_FOUND, f"{what} found nothing (HTTP 404)", result)
+    return TaskFailure(ErrorKind.HTTP_STATUS, f"{what} failed with HTTP {status}", result)
 
 
 def failure_for_transport(exc: httpx.TransportError, what: str) -> TaskFailure:
     if isinstance(exc, httpx.TimeoutException):
-        return TaskFailure("timeout", f"{what} timed out ({type(exc).__name__})")
-    return TaskFailure("connection", f"{what} could not connect: {type(exc).__name__}: {exc}")
+        return TaskFailure(ErrorKind.TIMEOUT, f"{what} timed out ({type(exc).__name__})")
+    return TaskFailure(ErrorKind.CONNECTION, f"{what} could not connect: {type(exc).__name__}: {exc}")
 
 
 class HttpArgs(BaseModel):
@@ -86,11 +86,11 @@ async def request(args: HttpArgs, ctx: ToolContext, pool: ClientPool) -> JSON:
         ) as response:
             body, truncated = await _read_bounded(response, args.max_bytes)
     except PrivateAddressError as exc:
-        raise TaskFailure("refused", f"{what} refused: {exc}") from exc
+        raise TaskFailure(ErrorKind.REFUSED, f"{what} refused: {exc}") from exc
     except httpx.TransportError as exc:
         raise failure_for_transport(exc, what) from exc
     except httpx.HTTPError as exc:  # invalid URL, redirect loops, ...
-        raise TaskFailure("http_status", f"{what} failed: {type(exc).__name__}: {exc}") from exc
+        raise TaskFailure(ErrorKind.HTTP_STATUS, f"{what} failed: {type(exc).__name__}: {exc}") from exc
     result: JSON = {
         "status": response.status_code,
         "url": str(response.url),

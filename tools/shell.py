@@ -18,24 +18,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import Process
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tools.context import JSON, LeftRunning, Orphan, ProcessInfo, TaskFailure, ToolContext
+from tools import exit_record
+from tools.context import JSON, ErrorKind, LeftRunning, Orphan, ProcessInfo, TaskFailure, ToolContext
 from tools.policy import ShellPolicy
-from tools.presets import preset_command
 from tools.process import (
     TASK_MARKER,
     end_escaped,
@@ -44,7 +43,6 @@ from tools.process import (
     is_same_process,
     kill_left_behind,
     portable,
-    signal_name,
     spawning,
     stop_group,
     track,
@@ -53,6 +51,9 @@ from tools.process import (
 )
 from tools.registry import ToolSpec
 from tools.sandbox import OwnerShell, Sandbox, prefix
+
+if TYPE_CHECKING:
+    from tools.presets import Preset
 
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
 """Environment names containing any of these (case-insensitive) are not passed to commands."""
@@ -85,21 +86,6 @@ class ShellConfig:
 
     def for_owner(self, owner: str) -> OwnerShell:
         return self.owners.get(owner) or OwnerShell(self.policy, self.sandbox)
-
-
-@dataclass(frozen=True, slots=True)
-class Preset:
-    """A named command from the config file, fired as a tool of its own name."""
-
-    command: str
-    cwd: str | None = None
-    timeout_s: float | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
-    description: str | None = None
-    args: str = "none"
-    """Which `args` a caller may append: "none", "any", or a regex each argument must match (tools/presets.py)."""
-    allow_options: bool = False
-    """Arguments starting with "-" are refused unless this is set."""
 
 
 class ShellArgs(BaseModel):
@@ -139,24 +125,6 @@ class ShellArgs(BaseModel):
     def _no_nul(cls, value: str) -> str:
         if "\x00" in value:
             raise ValueError("command contains a NUL byte")
-        return value
-
-
-class PresetArgs(BaseModel):
-    """Arguments of a preset: extra words appended (quoted) to its command."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    args: Annotated[
-        list[str], Field(description="Extra arguments appended to the preset command, each shell-quoted.")
-    ] = []
-    stdin: Annotated[str | None, Field(description="Text written to stdin, then closed.")] = None
-
-    @field_validator("args")
-    @classmethod
-    def _no_nul(cls, value: list[str]) -> list[str]:
-        if any("\x00" in arg for arg in value):
-            raise ValueError("an argument contains a NUL byte, which no command can receive")
         return value
 
 
@@ -299,7 +267,7 @@ async def _run_attached(
         with anyio.CancelScope(shield=True):
             await process.aclose()
         untrack(process.pid)
-    return outcome(process.returncode, time.monotonic() - started, ctx.output_bytes())
+    return exit_record.outcome(process.returncode, time.monotonic() - started, ctx.output_bytes())
 
 
 async def _stop(pgid: int, ctx: ToolContext, grace_s: float, leader_exit: Callable[[], Awaitable[object]]) -> None:
@@ -370,11 +338,11 @@ async def _outcome_of_capture(
 ) -> JSON:
     """What the capture process recorded; if it died without a record, its command must not run on
     unwatched: what is left of it is ended, and the task is `interrupted`."""
-    if read_exit_record(ctx.exit_path) is None:
+    if exit_record.read(ctx.exit_path) is None:
         if command is not None:
             await kill_left_behind(command, config.kill_grace_s)
         await end_marked(ctx.task_id, config.kill_grace_s)
-    return outcome_from_record(ctx.exit_path, started_wall_s)
+    return exit_record.outcome_from(ctx.exit_path, started_wall_s)
 
 
 async def _announced_pid(watcher: subprocess.Popen[bytes]) -> int | None:
@@ -392,63 +360,6 @@ async def _announced_pid(watcher: subprocess.Popen[bytes]) -> int | None:
         watcher.stdout.close()
 
 
-# ---- outcomes ----
-
-
-def read_exit_record(path: Path) -> JSON | None:
-    """What a capture process recorded, or None if the command never finished under it."""
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    try:
-        record = json.loads(text)
-    except ValueError:
-        return None
-    if isinstance(record, int):  # Offload 0.1 wrote the bare exit status
-        return {"exit_code": record}
-    return record if isinstance(record, dict) else None
-
-
-def outcome_from_record(exit_path: Path, started_wall_s: float | None) -> JSON:
-    """The result of a detached command, from its capture process's record."""
-    record = read_exit_record(exit_path)
-    if record is None:
-        raise TaskFailure(
-            "interrupted",
-            "the command's capture process ended without recording how the command ended; what was left of "
-            "the command was ended",
-        )
-    duration_s = record.get("duration_s")
-    if duration_s is None and started_wall_s is not None:
-        with contextlib.suppress(OSError):
-            duration_s = max(exit_path.stat().st_mtime - started_wall_s, 0.0)
-    signum = record.get("signal")
-    returncode = -int(signum) if signum else int(record.get("exit_code", 0))
-    return outcome(returncode, float(duration_s or 0.0), int(record.get("output_bytes", 0)))
-
-
-def outcome(returncode: int | None, duration_s: float, output_bytes: int) -> JSON:
-    """exit_code for an exit; signal and signal_name for a death by signal, real-time ones included."""
-    code = returncode if returncode is not None and returncode >= 0 else None
-    signum = -returncode if returncode is not None and returncode < 0 else None
-    result: JSON = {
-        "exit_code": code,
-        "signal": signum,
-        "signal_name": None if signum is None else signal_name(signum),
-        "duration_s": round(duration_s, 3),
-        "output_bytes": output_bytes,
-    }
-    if code == 0:
-        return result
-    readable = f"its {output_bytes} bytes of output are readable" if output_bytes else "it wrote no output"
-    if signum is not None:
-        raise TaskFailure(
-            "signal", f"command was killed by {result['signal_name']} (signal {signum}); {readable}", result
-        )
-    raise TaskFailure("exit_status", f"command exited with code {code}; {readable}", result)
-
-
 # ---- after a restart ----
 
 
@@ -458,13 +369,13 @@ async def recover(orphan: Orphan, ctx: ToolContext, *, config: ShellConfig) -> J
     watcher = orphan.watcher
     if orphan.detached and watcher is not None and is_same_process(watcher):
         return await _follow(watcher, orphan, ctx, config)
-    record = read_exit_record(ctx.exit_path)
+    record = exit_record.read(ctx.exit_path)
     killed = orphan.process is not None and await kill_left_behind(orphan.process, config.kill_grace_s)
     killed = await end_marked(ctx.task_id, config.kill_grace_s) > 0 or killed
     if record is not None:
-        return outcome_from_record(ctx.exit_path, orphan.started_wall_s)
+        return exit_record.outcome_from(ctx.exit_path, orphan.started_wall_s)
     what = "what was left of it was killed" if killed else "nothing of it was still running"
-    raise TaskFailure("interrupted", f"the server running this command stopped before it finished; {what}")
+    raise TaskFailure(ErrorKind.INTERRUPTED, f"the server running this command stopped before it finished; {what}")
 
 
 async def _follow(watcher: ProcessInfo, orphan: Orphan, ctx: ToolContext, config: ShellConfig) -> JSON:
@@ -518,29 +429,3 @@ def shell_spec(config: ShellConfig) -> ToolSpec:
         check=check,
         recover=functools.partial(recover, config=config),
     )
-
-
-def preset_spec(name: str, preset: Preset, config: ShellConfig) -> ToolSpec:
-    def check(args: PresetArgs, owner: str) -> None:
-        check_cwd(preset.cwd, f"preset {name!r}: ")
-        preset_command(name, preset, args.args, config.for_owner(owner).policy)
-
-    async def handler(args: PresetArgs, ctx: ToolContext) -> JSON:
-        command = preset_command(name, preset, args.args, config.for_owner(ctx.owner).policy)
-        return await run_command(command, ctx, config, cwd=preset.cwd, env=preset.env, stdin=args.stdin)
-
-    return ToolSpec(
-        name=name,
-        description=preset.description or f"Preset command: {preset.command}",
-        input_model=PresetArgs,
-        handler=handler,
-        destructive=True,
-        open_world=True,
-        default_timeout_s=preset.timeout_s,
-        check=check,
-        recover=functools.partial(recover, config=config),
-    )
-
-
-def shell_specs(config: ShellConfig) -> Sequence[ToolSpec]:
-    return [shell_spec(config), *(preset_spec(name, p, config) for name, p in config.presets.items())]

@@ -13,7 +13,8 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import Process
-from conftest import live_group_members, when_tree_runs
+
+from testkit.processes import live_group_members, when_tree_runs
 
 
 def server_env(tmp_path: Path, data_dir: Path | None = None) -> dict[str, str]:

@@ -1,0 +1,77 @@
+"""Waiting for tasks to finish: on each task's change events, never a sleep loop, except for tasks
+another server process runs, which send no events here and are read again every second."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Literal
+
+import anyio
+
+from server.tasks import Task
+
+ReturnWhen = Literal["all", "any"]
+ProgressFn = Callable[[int, int], Awaitable[None]]
+FOREIGN_RECHECK_S = 1.0
+"""Tasks of another server process send no events here: a wait re-reads them this often."""
+
+
+class Waiters:
+    def __init__(self, refresh: Callable[[Task], Task]) -> None:
+        self._refresh = refresh
+        self._waiting = 0
+        self._no_waiters = anyio.Event()
+        self._no_waiters.set()
+
+    @property
+    def count(self) -> int:
+        return self._waiting
+
+    async def wait(
+        self,
+        tasks: Sequence[Task],
+        timeout_s: float,
+        return_when: ReturnWhen,
+        on_progress: ProgressFn | None = None,
+        heartbeat_s: float = 5.0,
+    ) -> tuple[list[Task], bool]:
+        """Returns the tasks as they are now, and whether it timed out."""
+        self._waiting += 1
+        self._no_waiters = anyio.Event() if self._waiting == 1 else self._no_waiters
+        current = list(tasks)
+        try:
+            with anyio.move_on_after(timeout_s):
+                while not satisfied(current, return_when):
+                    beat = FOREIGN_RECHECK_S if any(not t.local for t in current) else heartbeat_s
+                    await _next_change(current, beat)
+                    current = [self._refresh(t) for t in current]
+                    if on_progress is not None:
+                        await on_progress(sum(t.status.finished for t in current), len(current))
+                return current, False
+            return current, not satisfied(current, return_when)
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0:
+                self._no_waiters.set()
+
+    async def none_left(self) -> None:
+        """Returns once no `wait` is in progress (tests use it to see a cancelled poll end)."""
+        await self._no_waiters.wait()
+
+
+async def _next_change(tasks: Iterable[Task], heartbeat_s: float) -> None:
+    changed = anyio.Event()
+    pending = [t for t in tasks if not t.status.finished]
+    for task in pending:
+        task.handle.listeners.add(changed)
+    try:
+        with anyio.move_on_after(heartbeat_s):
+            await changed.wait()
+    finally:
+        for task in pending:
+            task.handle.listeners.discard(changed)
+
+
+def satisfied(tasks: Sequence[Task], return_when: ReturnWhen) -> bool:
+    finished = [t.status.finished for t in tasks]
+    return all(finished) if return_when == "all" else any(finished) or not tasks
