@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -101,11 +102,20 @@ class Settings(BaseModel):
     directory then settles its tasks (on one machine a dead server is known at once by its lock)."""
     detach: bool = False
     """Shell commands outlive the server and are followed again after a restart."""
+    portable_process: bool = False
+    """Use the portable process core (psutil identity, no pidfd, no /proc, no subreaper) even on Linux,
+    where the Linux one is the default: what macOS runs, so CI runs it on every change."""
     max_active_per_owner: Annotated[int, Field(ge=1)] = 1000
     """Queued plus running tasks one owner may have; more is refused with a clear error."""
     sweep_interval_s: PositiveSeconds = 60.0
     kill_grace_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     shutdown_timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.5
+    shell_env: Literal["login", "inherit"] = "login" if sys.platform == "darwin" else "inherit"
+    """"login": commands get the environment of the user's login shell ($SHELL -l -i), read once at start
+    (an app started by launchd, like Claude Desktop, has a minimal PATH); "inherit": the server's own.
+    The default is "login" on macOS, "inherit" elsewhere; a login shell that fails falls back to "inherit"."""
+    shell_path: str | None = None
+    """The PATH commands get, whatever shell_env says."""
     shell_secret_markers: tuple[str, ...] = SECRET_MARKERS
     shell_pass_env: tuple[str, ...] = ()
     presets: dict[str, PresetSettings] = {}

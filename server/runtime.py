@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -50,10 +51,11 @@ from tools.claude import claude_specs
 from tools.clients import ClientPool
 from tools.github import github_specs
 from tools.http import http_specs
+from tools.login_env import with_command_environment
 from tools.presets import preset_specs
-from tools.process import become_subreaper, end_orphans
+from tools.process import become_subreaper, end_orphans, force_portable, portable
 from tools.registry import Registry, ToolSpec
-from tools.shell import shell_spec
+from tools.shell import ShellConfig, shell_spec
 from tools.upstream import UpstreamSet
 
 log = logging.getLogger(__name__)
@@ -96,12 +98,11 @@ class Runtime:
         clock: Clock = time.time,
         load_plugins: bool = True,
     ) -> AsyncIterator[Runtime]:
+        if settings.portable_process:
+            force_portable()
         _use_pidfd_child_watcher()
         pool = ClientPool(clients_config(settings))
-        registry = await _registry(settings, pool, extra_tools, load_plugins)
-        upstreams = UpstreamSet(upstreams_config(settings))
-        check_names(upstreams.config, registry.names())
-        registry.add_source(upstreams)
+        registry, upstreams = await _registry(settings, pool, extra_tools, load_plugins)
         become_subreaper()  # what leaves a command's process group comes back to us
         store = Store.open(data_dir(settings), lease_s=settings.lease_s)
         try:
@@ -311,9 +312,9 @@ class Runtime:
 
 async def _registry(
     settings: Settings, pool: ClientPool, extra_tools: Iterable[ToolSpec], load_plugins: bool
-) -> Registry:
-    """Every fireable tool, after checking that the shell's sandboxes can start here."""
-    shell = settings.shell_config()
+) -> tuple[Registry, UpstreamSet]:
+    """Every fireable tool (other MCP servers' too), after checking that the shell's sandboxes can start here."""
+    shell = await with_command_environment(settings.shell_config(), settings.shell_env, settings.shell_path)
     try:
         await sandbox.check([shell.sandbox, *(owner.sandbox for owner in shell.owners.values())])
     except sandbox.SandboxError as exc:
@@ -330,7 +331,17 @@ async def _registry(
     )
     if load_plugins:
         registry.load_entry_points()
-    return registry
+    upstreams = UpstreamSet(upstreams_config(settings, _upstream_environ(shell)))
+    check_names(upstreams.config, registry.names())
+    registry.add_source(upstreams)
+    return registry, upstreams
+
+
+def _upstream_environ(shell: ShellConfig) -> Mapping[str, str]:
+    """Offload's own variables (what an upstream's `${VAR}` may take) with the PATH commands get: the login
+    shell's on macOS, or `shell_path`, so an upstream's `npx` is found where the user's terminal finds it."""
+    path = (shell.base_env or {}).get("PATH")
+    return os.environ if path is None else {**os.environ, "PATH": path}
 
 
 async def _start_engine(executor: Executor, tg: TaskGroup) -> None:
@@ -373,14 +384,15 @@ def secret_variables(settings: Settings) -> list[str]:
 def _use_pidfd_child_watcher() -> None:
     """Python 3.11 watches each child with a thread (~1.5 ms of loop time a spawn, measured);
     pidfd watching, the default from 3.12, costs ~0.2 ms. Linux only; harmless to skip."""
-    if sys.version_info >= (3, 12) or not sys.platform.startswith("linux"):
+    if sys.version_info >= (3, 12) or portable():
         return
-    try:
-        current = asyncio.get_child_watcher()
-        if isinstance(current, asyncio.PidfdChildWatcher) and current.is_active():
-            return  # already watching this loop: replacing it would orphan its pending children
-        watcher = asyncio.PidfdChildWatcher()
-        watcher.attach_loop(asyncio.get_running_loop())
-        asyncio.set_child_watcher(watcher)
-    except (OSError, RuntimeError, AttributeError) as exc:  # old kernel, or not on asyncio
-        log.debug("keeping the default child watcher: %s", exc)
+    if sys.platform == "linux":  # a check mypy reads, so the block is skipped for other platforms
+        try:
+            current = asyncio.get_child_watcher()
+            if isinstance(current, asyncio.PidfdChildWatcher) and current.is_active():
+                return  # already watching this loop: replacing it would orphan its pending children
+            watcher = asyncio.PidfdChildWatcher()
+            watcher.attach_loop(asyncio.get_running_loop())
+            asyncio.set_child_watcher(watcher)
+        except (OSError, RuntimeError, AttributeError) as exc:  # old kernel, or not on asyncio
+            log.debug("keeping the default child watcher: %s", exc)

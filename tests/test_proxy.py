@@ -475,3 +475,15 @@ async def test_the_inspector_fires_an_upstream_tool_and_calls_an_exposed_one(tmp
     if era == "modern":  # as a task of the tasks extension (the legacy era gets the inline answer)
         exposed = await tools_call("fx.add", {"a": 3, "b": 3})
         assert exposed["status"] == "completed" and exposed["result"]["structured_content"] == {"result": 6}
+
+
+async def test_an_upstream_command_is_found_on_the_path_commands_get(tmp_path: Path) -> None:
+    """On macOS Claude Desktop starts Offload with launchd's PATH: an upstream's command (npx, uvx…) must be
+    found on the login shell's PATH, or `shell_path`, as a shell command would be."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "my-time-server").symlink_to(time_server()["command"])
+    servers = {"time": {"command": "my-time-server"}}
+    async with proxy(mcp_servers=servers, shell_path=f"{bin_dir}:/usr/bin:/bin") as (_rt, client):
+        done = await run(client, "time.get_current_time", timezone="UTC")
+        assert done["status"] == "completed", done

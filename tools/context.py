@@ -66,8 +66,10 @@ class ProcessInfo:
     pid: int
     """Also the process group id: every command leads its own session."""
     start_ticks: int | None
-    """Start time in clock ticks since boot (/proc/PID/stat field 22); None where unknown."""
+    """Start time in clock ticks since boot (/proc/PID/stat field 22), or, when `boot_id` starts with
+    "psutil:", psutil's create time in microseconds since the epoch; None where unknown."""
     boot_id: str | None
+    """/proc's boot id, or "psutil:" + the boot time in epoch seconds (tools/process.py)."""
 
 
 @dataclass(frozen=True, slots=True)

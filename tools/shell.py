@@ -42,6 +42,7 @@ from tools.process import (
     identify,
     is_same_process,
     kill_left_behind,
+    portable,
     spawning,
     stop_group,
     track,
@@ -79,6 +80,9 @@ class ShellConfig:
     sandbox: Sandbox = field(default_factory=Sandbox)
     owners: Mapping[str, OwnerShell] = field(default_factory=dict)
     """Per-owner policy and sandbox; an owner without an entry gets `policy` and `sandbox`."""
+    base_env: Mapping[str, str] | None = None
+    """The environment commands start from (the login shell's, `shell_path`; tools/login_env.py), scrubbed
+    like any; None: the server's own."""
 
     def for_owner(self, owner: str) -> OwnerShell:
         return self.owners.get(owner) or OwnerShell(self.policy, self.sandbox)
@@ -165,7 +169,7 @@ async def run_command(
     stdin: str | None = None,
 ) -> JSON:
     """Runs one command to completion; a non-zero exit or a death by signal becomes a `TaskFailure`."""
-    environment = scrubbed_environment(os.environ, config, env)
+    environment = scrubbed_environment(os.environ if config.base_env is None else config.base_env, config, env)
     environment[TASK_MARKER] = ctx.task_id  # how what leaves the group is found again
     script = ctx.output_path.with_suffix(".sh")
     try:
@@ -281,7 +285,7 @@ async def _run_detached(
     owns when it is closed, and this one must survive the server's shutdown.
     """
     stdin_path = ctx.output_path.with_suffix(".stdin")
-    capture = [*ctx.capture_argv]
+    capture = [*ctx.capture_argv, *(["--portable"] if portable() else [])]
     if stdin is not None:
         fd = os.open(stdin_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
