@@ -109,7 +109,7 @@ class Runtime:
             async with upstreams, anyio.create_task_group() as tg:  # upstreams stop after every task has
                 executor = Executor(registry, settings, clock, tg, store)
                 await _start_engine(executor, tg)
-                redactor = Redactor.from_environ(secret_variables(settings))
+                redactor = Redactor.from_environ([*secret_variables(settings), *upstreams.referenced_variables()])
                 await upstreams.start_eager()
                 runtime = cls(settings, executor, pool, redactor, tg)
                 runtime.upstreams = upstreams
@@ -306,8 +306,12 @@ class Runtime:
             task = await self.executor.cancel(owner, task_id)
         return self.output_view(task, 0, 4096, 4096)
 
-    def catalog(self) -> Catalog:
-        return catalog_of(self.executor.registry)
+    def catalog(self, *, owner: str) -> Catalog:
+        """The tools this owner may fire (an upstream the owner may not use is not listed)."""
+        upstreams = self.upstreams
+        return catalog_of(
+            spec for spec in self.executor.registry if upstreams is None or upstreams.allows(spec.name, owner)
+        )
 
 
 async def _registry(
@@ -355,7 +359,7 @@ async def _start_engine(executor: Executor, tg: TaskGroup) -> None:
     tg.start_soon(watch_peers, executor, executor.settings.lease_s / 3, name="offload lease and peers")
 
 
-def catalog_of(registry: Registry) -> Catalog:
+def catalog_of(specs: Iterable[ToolSpec]) -> Catalog:
     return Catalog(
         tools=[
             FireableTool(
@@ -366,7 +370,7 @@ def catalog_of(registry: Registry) -> Catalog:
                 default_timeout_s=spec.default_timeout_s,
                 note=spec.note,
             )
-            for spec in registry
+            for spec in specs
         ]
     )
 

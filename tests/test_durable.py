@@ -15,22 +15,15 @@ from conftest import FakeClock, Gate, call, error_text, live_group_members, open
 from server.config import Settings
 from server.errors import ConfigError
 from server.runtime import Runtime
+from testkit.processes import gone
 from testkit.rawserver import RawServer, start_server
 
 pytestmark = pytest.mark.anyio
 
 
 async def wait_for_exit(pid: int, timeout_s: float = 10) -> None:
-    """Waits for a process that is not our child: its pidfd turns readable when it exits."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        with anyio.fail_after(timeout_s):
-            await anyio.wait_readable(fd)
-    finally:
-        os.close(fd)
+    """Waits for a process that is not our child."""
+    assert await gone(pid, timeout_s), f"process {pid} did not exit within {timeout_s} s"
 
 
 async def kill_9(server: RawServer) -> None:

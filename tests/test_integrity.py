@@ -23,6 +23,7 @@ from mcp import Client
 
 from server.config import Settings
 from server.logs import RepeatFilter
+from testkit.processes import gone
 
 pytestmark = pytest.mark.anyio
 
@@ -43,21 +44,6 @@ async def fifo() -> AsyncIterator[tuple[Path, int]]:
 async def reached(fd: int, timeout_s: float = 10) -> None:
     with anyio.fail_after(timeout_s):
         await anyio.wait_readable(fd)
-
-
-async def gone(pid: int, timeout_s: float = 10) -> bool:
-    """True once `pid` has exited (a pidfd turns readable), within the bound."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        with anyio.move_on_after(timeout_s):
-            await anyio.wait_readable(fd)
-            return True
-        return False
-    finally:
-        os.close(fd)
 
 
 async def test_a_quiet_task_neither_stalls_nor_drops_a_chatty_one(client: Client) -> None:

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 from conftest import ERAS, FakeClock, Gate, call, error_text, finish, live_group_members, open_client
 from mcp import Client
+from pydantic import ValidationError
 from test_inspector import inspect
 
 from server.config import Settings, load_settings
@@ -31,7 +33,7 @@ from server.errors import ConfigError, RefusedError, UnknownTaskError
 from server.runtime import Runtime
 from server.upstreams import upstreams_config
 from testkit.rawserver import npm_tool, start_server
-from tools.upstream import BASE_ENV
+from tools.upstream import BASE_ENV, arguments_model
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -221,7 +223,7 @@ async def test_a_server_that_fails_to_start_reports_its_status_and_stderr_then_i
             assert "exit status 3" in message, message
             assert "fixture: refusing to start: the configuration is wrong" in message
             assert "Nothing was started" in message
-        assert "given up on after 3 quick failures" in messages[-1]
+        assert "given up on after 3 failed starts" in messages[-1]
         catalog = {t["name"]: t for t in (await call(client, "list_fireable_tools"))["tools"]}
         assert "given up" in catalog["bad.*"]["note"]
 
@@ -487,3 +489,70 @@ async def test_an_upstream_command_is_found_on_the_path_commands_get(tmp_path: P
     async with proxy(mcp_servers=servers, shell_path=f"{bin_dir}:/usr/bin:/bin") as (_rt, client):
         done = await run(client, "time.get_current_time", timezone="UTC")
         assert done["status"] == "completed", done
+
+
+# ---- what the adversarial review of proxy mode found ----
+
+
+async def test_a_remote_ref_in_an_upstream_schema_is_never_fetched() -> None:
+    """An upstream's schema must not make Offload send a request (or wait forever on one)."""
+    hits: list[str] = []
+
+    async def handle(stream: anyio.abc.SocketStream) -> None:
+        hits.append("connected")
+        await stream.aclose()
+
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, handle)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        schema = {"type": "object", "properties": {"a": {"$ref": f"http://127.0.0.1:{port}/evil.json"}}}
+        model = arguments_model("fx.remote", schema)
+        with pytest.raises(ValidationError, match="does not fetch"):
+            model.model_validate({"a": 1})
+        tg.cancel_scope.cancel()
+    assert hits == []
+
+
+async def test_an_upstreams_log_lines_never_reach_another_owners_output(events: Events) -> None:
+    options: dict[str, Any] = {"timeout_s": None, "ttl_s": None, "use_cache": False}
+    async with proxy(mcp_servers={"fx": fixture_server()}) as (rt, _client):
+        bob = await rt.fire("fx.hang", {"events": str(events.path)}, **options, wait_s=0, owner="bob")
+        await events.expect("started hang")
+        alice = await rt.fire("fx.steps", {"count": 1}, **options, wait_s=20, owner="alice")
+        assert alice.status == "completed"
+        seen = rt.get_output(alice.task_id, offset=0, max_bytes=10_000, tail_bytes=None, owner="alice").output
+        assert seen is not None and "progress 1/1" in seen.text and "stepping" not in seen.text
+        await rt.cancel(bob.task_id, owner="bob")
+        theirs = rt.get_output(bob.task_id, offset=0, max_bytes=10_000, tail_bytes=None, owner="bob").output
+        assert theirs is not None and "stepping" not in theirs.text
+
+
+async def test_calls_that_crash_a_ready_upstream_do_not_switch_it_off_for_everyone() -> None:
+    async with proxy(mcp_servers={"fx": fixture_server()}) as (_rt, client):
+        for _ in range(4):
+            crashed = await run(client, "fx.crash", code=7)
+            assert crashed["error"]["kind"] == "upstream_exited", crashed
+        done = await run(client, "fx.add", a=1, b=2)
+        assert done["status"] == "completed", done
+
+
+async def test_a_huge_upstream_result_is_kept_in_the_output_not_in_every_reply() -> None:
+    async with proxy(mcp_servers={"fx": fixture_server()}) as (_rt, client):
+        done = await run(client, "fx.big", size=3_000_000)
+        assert done["status"] == "completed", done
+        assert done["result"]["truncated"] is True and done["result"]["result_bytes"] > 3_000_000
+        assert len(json.dumps(done)) < 100_000
+        assert done["output"]["total_bytes"] > 3_000_000
+
+
+async def test_secrets_handed_to_an_upstream_are_masked_and_unusable_upstreams_are_not_listed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FX_DB_PASSWORD", "hunter2-but-longer-0123")
+    servers = {"fx": fixture_server(env={"DB": "postgres://u:${FX_DB_PASSWORD}@db"}), "time": time_server()}
+    config = {"mcp_servers": servers, "owners": {"alice": {"mcp_servers": ["time"]}}}
+    async with proxy(**config) as (rt, _client):
+        assert "hunter2-but-longer-0123" not in rt.redactor.text("pass: hunter2-but-longer-0123")
+        mine = {tool.name for tool in rt.catalog(owner="alice").tools}
+        assert not any(name.startswith("fx.") for name in mine)
+        assert any(name.startswith("fx.") for name in (tool.name for tool in rt.catalog(owner="local").tools))

@@ -98,6 +98,12 @@ async def freeze(seconds: float, events: str | None = None) -> str:
 
 
 @server.tool()
+async def big(size: int) -> str:
+    """Returns `size` bytes of text."""
+    return "x" * size
+
+
+@server.tool()
 async def environment() -> dict[str, Any]:
     """The variables this process was given."""
     return {"names": sorted(os.environ)}

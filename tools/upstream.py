@@ -41,6 +41,8 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel, ConfigDict, model_validator
+from referencing import Registry, Resource
+from referencing.exceptions import NoSuchResource, Unresolvable
 
 from tools.context import JSON, ErrorKind, ProcessInfo, TaskFailure, ToolContext
 from tools.registry import ToolSpec
@@ -58,6 +60,9 @@ QUICK_DEATH_S = 10.0
 """A session that ends sooner than this after it was ready (or never became ready) died quickly."""
 GIVE_UP_AFTER = 3
 HEALTH_TIMEOUT_S = 10.0
+MAX_SCHEMA_BYTES = 256 * 1024
+MAX_RESULT_BYTES = 1024 * 1024
+"""A bigger result is written to the task's output (read it by offset) and the result says so."""
 BACKOFF_S = (0.5, 30.0)
 """First and longest wait before a dead upstream is started again (doubling in between)."""
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -196,16 +201,17 @@ class Upstream:
             started = time.monotonic()
             ready_at = await self._serve_once()
             lived_s = 0.0 if ready_at is None else time.monotonic() - ready_at
-            if ready_at is None or lived_s < QUICK_DEATH_S:
-                quick_deaths += 1
-            else:
-                quick_deaths, delay_s = 0, BACKOFF_S[0]
+            # Only failed starts count toward giving up: a call that crashes a ready upstream must not let one
+            # owner switch it off for every owner. A quick death still backs off.
+            quick_deaths = quick_deaths + 1 if ready_at is None else 0
+            if ready_at is not None and lived_s >= QUICK_DEATH_S:
+                delay_s = BACKOFF_S[0]
             log.warning(
                 "MCP server %r stopped after %.1f s: %s", self.config.name, time.monotonic() - started, self.failure
             )
             if quick_deaths >= GIVE_UP_AFTER:
                 self.given_up = (
-                    f"MCP server {self.config.name!r} was given up on after {quick_deaths} quick failures in a row; "
+                    f"MCP server {self.config.name!r} was given up on after {quick_deaths} failed starts in a row; "
                     f"the last: {self.failure}. Fix its configuration and restart Offload"
                 )
                 log.error("%s", self.given_up)
@@ -297,6 +303,7 @@ class Upstream:
             if not cursor:
                 break
         offered = [tool for tool in tools if any(fnmatch.fnmatchcase(tool.name, g) for g in self.config.tools)]
+        offered = [tool for tool in offered if _schema_fits(self.config.name, tool)]
         self.specs = {tool.name: _tool_spec(self, tool) for tool in offered}
         self.listed = True
 
@@ -325,10 +332,15 @@ class Upstream:
     # ---- notifications ----
 
     async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
-        """Log messages carry no request id: each call in flight on this upstream gets them."""
+        """Log messages carry no request id: they go to the calls in flight on this upstream only when all
+        of those are one owner's (never one owner's log line in another's output); else to our log."""
         data = params.data if isinstance(params.data, str) else json.dumps(params.data, default=str)
         line = f"[{params.level}{' ' + params.logger if params.logger else ''}] {data}\n".encode()
-        for ctx in list(self._in_flight.values()):
+        in_flight = list(self._in_flight.values())
+        if len({ctx.owner for ctx in in_flight}) > 1:
+            log.info("MCP server %r logged (calls of several owners in flight): %s", self.config.name, line[:500])
+            return
+        for ctx in in_flight:
             ctx.write_output(line)
 
     async def _on_message(self, message: Any) -> None:
@@ -370,7 +382,7 @@ class Upstream:
             raise TaskFailure(ErrorKind.CONNECTION, f"{lost}: {error}")
         if result is None:
             raise TaskFailure(ErrorKind.UPSTREAM_ERROR, f"MCP server {self.config.name!r} refused the call: {error}")
-        return _as_result(self.config.name, tool, result)
+        return _as_result(self.config.name, tool, result, ctx)
 
 
 async def _call_raced(
@@ -412,6 +424,18 @@ async def _http_transport(config: UpstreamConfig, environ: Mapping[str, str]) ->
         streamable_http_client(config.url, http_client=http) as streams,
     ):
         yield streams
+
+
+def _schema_fits(server: str, tool: types.Tool) -> bool:
+    """A tool whose schema is over MAX_SCHEMA_BYTES is not offered: its catalog entry alone would cost an
+    assistant's whole context, and building its checker would hold up every other call."""
+    size_bytes = len(json.dumps(tool.input_schema, default=str))
+    if size_bytes <= MAX_SCHEMA_BYTES:
+        return True
+    log.warning(
+        "not offering %s.%s: its input schema is %d bytes (most: %d)", server, tool.name, size_bytes, MAX_SCHEMA_BYTES
+    )
+    return False
 
 
 async def _check_health(session: _Session, interval_s: float | None) -> None:
@@ -538,6 +562,22 @@ class UpstreamSet:
             shown = ", ".join(allowed) or "none"
             raise ValueError(f"owner {owner!r} may not use the MCP server {server!r} (allowed: {shown})")
 
+    def allows(self, tool: str, owner: str) -> bool:
+        """Whether `owner` may see and fire `tool` (tools of no upstream: always)."""
+        upstream = self.upstream_of(tool)
+        if upstream is None:
+            return True
+        try:
+            self.check_owner(upstream.config.name, owner)
+        except ValueError:
+            return False
+        return True
+
+    def referenced_variables(self) -> set[str]:
+        """Offload's variables that configs hand to upstreams with `${VAR}`: their values are secrets to mask."""
+        texts = [v for c in self.config.servers.values() for v in (*c.env.values(), *c.headers.values())]
+        return {found.group(1) for text in texts for found in _ENV_REFERENCE.finditer(text)}
+
     def tools_changed(self) -> None:
         for listener in self.on_tools_changed:
             try:
@@ -582,13 +622,22 @@ class _AnyArguments(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
+def _refuse_remote(uri: str) -> Resource[Any]:
+    """A schema's `$ref` to a URL is never fetched: an upstream must not make Offload send requests (or
+    wait on a server that never answers)."""
+    raise NoSuchResource(ref=uri)  # type: ignore[call-arg]  # an attrs class
+
+
+_LOCAL_ONLY: Registry[Any] = Registry(retrieve=_refuse_remote)  # type: ignore[call-arg]
+
+
 def arguments_model(tool: str, schema: JSON) -> type[BaseModel]:
     """A pydantic model that takes the arguments as they are once they fit the upstream's JSON Schema
     (checked with `jsonschema`, the draft the schema names, 2020-12 by default)."""
     try:
         validator_class = validators.validator_for(schema, default=validators.Draft202012Validator)
         validator_class.check_schema(schema)
-        validator = validator_class(schema)
+        validator = validator_class(schema, registry=_LOCAL_ONLY)
     except SchemaError as exc:
         log.warning("the input schema of %s is not valid JSON Schema (%s); arguments are passed unchecked", tool, exc)
         return _AnyArguments
@@ -597,9 +646,13 @@ def arguments_model(tool: str, schema: JSON) -> type[BaseModel]:
         @model_validator(mode="before")
         @classmethod
         def _fits_schema(cls, data: Any) -> Any:
+            try:
+                errors = sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+            except Unresolvable as exc:  # a $ref outside the schema: never fetched
+                raise ValueError(f"the tool's schema refers to {exc}, which Offload does not fetch") from None
             problems = [
-                f"{'.'.join(str(p) for p in error.absolute_path) or 'arguments'}: {error.message}"
-                for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+                f"{'.'.join(str(p) for p in error.absolute_path) or 'the arguments'}: {error.message}"
+                for error in errors
             ]
             if problems:
                 raise ValueError("; ".join(problems[:5]))
@@ -621,11 +674,23 @@ def _expand(value: str, environ: Mapping[str, str]) -> str:
     return _ENV_REFERENCE.sub(lambda found: environ.get(found.group(1), ""), value)
 
 
-def _as_result(server: str, tool: str, result: types.CallToolResult) -> JSON:
+def _as_result(server: str, tool: str, result: types.CallToolResult, ctx: ToolContext) -> JSON:
     content = [block.model_dump(mode="json", by_alias=True, exclude_none=True) for block in result.content]
     value: JSON = {"server": server, "tool": tool, "content": content}
     if result.structured_content is not None:
         value["structured_content"] = result.structured_content
+    size_bytes = len(json.dumps(value))
+    if size_bytes > MAX_RESULT_BYTES:  # replies stay bounded: the whole result is in the output, by offset
+        ctx.write_output(json.dumps(value).encode() + b"\n")
+        note = f"the result was {size_bytes} bytes: it is the task's output (read it by offset)"
+        value = {
+            "server": server,
+            "tool": tool,
+            "content": [],
+            "truncated": True,
+            "result_bytes": size_bytes,
+            "note": note,
+        }
     if result.is_error:
         text = " ".join(block.text for block in result.content if isinstance(block, types.TextContent))
         raise TaskFailure(

@@ -25,6 +25,9 @@ from tools.process import identify, signal_name, spawning, stop_group, track, un
 
 log = logging.getLogger(__name__)
 
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""One JSON-RPC message on an upstream's stdout; past it (a server writing without newlines) the session ends."""
+
 TransportStreams = tuple[Any, Any]
 """An MCP transport's (read, write) streams; the SDK's own alias lives in a private module."""
 PIPE_ENDS = (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream, OSError)
@@ -101,15 +104,20 @@ class StdioProcess:
         """Messages, line by line. Its end ends the session even if the process lives on (a wrapper whose
         server died): the connection is gone either way."""
         assert process.stdout is not None
-        buffer = b""
+        buffer = bytearray()
         async with sink:
             with contextlib.suppress(*PIPE_ENDS):
                 async for chunk in process.stdout:
-                    lines = (buffer + chunk).split(b"\n")
-                    buffer = lines.pop()
-                    for line in lines:
+                    start = len(buffer)
+                    buffer += chunk
+                    while (end := buffer.find(b"\n", start)) >= 0:
+                        line, start = bytes(buffer[:end]), 0
+                        del buffer[: end + 1]
                         if line.strip():
                             await sink.send(_parse(line))
+                    if len(buffer) > MAX_MESSAGE_BYTES:
+                        self.stderr.append(f"[offload] a message on stdout passed {MAX_MESSAGE_BYTES} bytes; stopped")
+                        break
         await self._settle(process, exited, stderr_done, self.kill_grace_s)
 
     async def _read_stderr(self, process: anyio.abc.Process, done: anyio.Event) -> None:
