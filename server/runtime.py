@@ -29,7 +29,7 @@ from server.config import Settings, clients_config, data_dir
 from server.errors import ConfigError, ForeignTaskError, RequestError
 from server.executor import Executor
 from server.recovery import recover, watch_peers
-from server.redact import Redactor
+from server.redact import Redactor, known_secrets
 from server.store import Store
 from server.tasks import (
     Catalog,
@@ -102,14 +102,15 @@ class Runtime:
             force_portable()
         _use_pidfd_child_watcher()
         pool = ClientPool(clients_config(settings))
-        registry, upstreams = await _registry(settings, pool, extra_tools, load_plugins)
+        registry, upstreams, login_secrets = await _registry(settings, pool, extra_tools, load_plugins)
         become_subreaper()  # what leaves a command's process group comes back to us
         store = Store.open(data_dir(settings), lease_s=settings.lease_s)
         try:
             async with upstreams, anyio.create_task_group() as tg:  # upstreams stop after every task has
                 executor = Executor(registry, settings, clock, tg, store)
                 await _start_engine(executor, tg)
-                redactor = Redactor.from_environ([*secret_variables(settings), *upstreams.referenced_variables()])
+                names = [*secret_variables(settings), *upstreams.referenced_variables()]
+                redactor = Redactor.from_environ(names, extra=login_secrets)
                 await upstreams.start_eager()
                 runtime = cls(settings, executor, pool, redactor, tg)
                 runtime.upstreams = upstreams
@@ -316,7 +317,7 @@ class Runtime:
 
 async def _registry(
     settings: Settings, pool: ClientPool, extra_tools: Iterable[ToolSpec], load_plugins: bool
-) -> tuple[Registry, UpstreamSet]:
+) -> tuple[Registry, UpstreamSet, list[str]]:
     """Every fireable tool (other MCP servers' too), after checking that the shell's sandboxes can start here."""
     shell = await with_command_environment(settings.shell_config(), settings.shell_env, settings.shell_path)
     try:
@@ -338,7 +339,8 @@ async def _registry(
     upstreams = UpstreamSet(upstreams_config(settings, _upstream_environ(shell)))
     check_names(upstreams.config, registry.names())
     registry.add_source(upstreams)
-    return registry, upstreams
+    login_secrets = known_secrets(shell.base_env, ()) if shell.base_env is not None else []  # masked too
+    return registry, upstreams, login_secrets
 
 
 def _upstream_environ(shell: ShellConfig) -> Mapping[str, str]:

@@ -107,3 +107,30 @@ async def test_commands_run_with_the_login_environment_minus_secrets(
         )
         done = await call(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=10)
     assert done["done"][0]["output"]["text"].strip() == f"{KNOWN_PATH}|vi|unset"
+
+
+def test_a_profile_that_prints_the_markers_itself_never_stops_the_server(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by review: a stray end marker before the real output crashed the server at start."""
+    shell = fake_shell(tmp_path, f"export PATH={KNOWN_PATH}; printf '\\0offload-env-end\\0 junk'")
+    with caplog.at_level(logging.WARNING):
+        found = command_environment("login", None, {"SHELL": shell, "PATH": "/usr/bin:/bin"})
+    assert found is None or found["PATH"] == KNOWN_PATH  # read, or fallen back with a warning; never raised
+    shell = fake_shell(tmp_path, f'export PATH={KNOWN_PATH}; printf \'\\0offload-env-begin\\0{{"PATH": "/fake"}}\'')
+    assert login_environment(shell, {"PATH": "/usr/bin:/bin"})["PATH"] == KNOWN_PATH  # the last begin marker
+
+
+async def test_a_secret_only_the_login_profile_exports_is_masked_in_replies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock: FakeClock, gate: Gate
+) -> None:
+    """Found by review: on macOS a token often lives only in the profile; `gh auth token` printed it clear."""
+    secret = "ghp_profile_only_0123456789abcdef"
+    shell = fake_shell(tmp_path, f"export PATH={KNOWN_PATH}; export PROFILE_GH_TOKEN={secret}")
+    monkeypatch.setenv("SHELL", shell)
+    (tmp_path / "token.txt").write_text(secret)
+    settings = Settings(shell_env="login", data_dir=tmp_path / "data")
+    async with open_client(settings, clock, gate) as (_, client):
+        fired = await call(client, "fire_tool", tool="shell", arguments={"command": f"cat {tmp_path}/token.txt"})
+        done = await call(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=10)
+    assert secret not in done["done"][0]["output"]["text"]

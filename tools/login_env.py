@@ -86,12 +86,24 @@ def login_environment(shell: str, environ: Mapping[str, str], timeout_s: float =
                 f"{shell} exited with status {child.returncode} before printing its environment"
                 + (f"; it said: {said}" if said else "")
             )
-    text = output[output.index(_BEGIN) + len(_BEGIN) : output.index(_END)]
-    try:
-        found = json.loads(text)
-    except ValueError:
-        raise LoginEnvError(f"{shell} printed an environment that cannot be read") from None
+    found = _between_markers(output)
+    if found is None:
+        raise LoginEnvError(f"{shell} printed an environment that cannot be read")
     return {name: value for name, value in found.items() if name not in _SHELL_OWN}
+
+
+def _between_markers(output: bytes) -> dict[str, str] | None:
+    """The JSON object after the last begin marker before the last end marker (a profile may print the
+    markers itself); None if there is none."""
+    end = output.rfind(_END)
+    begin = output.rfind(_BEGIN, 0, end)
+    if begin < 0:
+        return None
+    try:
+        found = json.loads(output[begin + len(_BEGIN) : end])
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def _read_until_end(child: subprocess.Popen[bytes], timeout_s: float) -> bytes | None:

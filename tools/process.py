@@ -246,6 +246,15 @@ def is_same_process(info: ProcessInfo) -> bool:
     return _same_boot(info) and _started_as_recorded(info) is True
 
 
+def carries_marker(pid: int, task_id: str) -> bool:
+    """True if `pid` carries this task's marker: it is that task's own process whatever its recorded identity
+    says (a record of the other process core, or a boot time moved by a clock step)."""
+    try:
+        return psutil.Process(pid).environ().get(TASK_MARKER) == task_id
+    except (psutil.Error, OSError):
+        return False
+
+
 def group_is_ours(info: ProcessInfo) -> bool:
     """May the group `info.pid` be signalled? Yes while its leader is the process we started,
     or, once the leader is gone, while members remain: Linux (and the BSDs, macOS) do not hand

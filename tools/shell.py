@@ -37,6 +37,7 @@ from tools.context import JSON, ErrorKind, LeftRunning, Orphan, ProcessInfo, Tas
 from tools.policy import ShellPolicy
 from tools.process import (
     TASK_MARKER,
+    carries_marker,
     end_escaped,
     end_marked,
     identify,
@@ -367,7 +368,11 @@ async def recover(orphan: Orphan, ctx: ToolContext, *, config: ShellConfig) -> J
     """The truthful end of a command whose server died: follow a detached one that still runs,
     report one whose capture process recorded its end, else `interrupted`, with nothing left."""
     watcher = orphan.watcher
-    if orphan.detached and watcher is not None and is_same_process(watcher):
+    if (
+        orphan.detached
+        and watcher is not None
+        and (is_same_process(watcher) or carries_marker(watcher.pid, ctx.task_id))
+    ):
         return await _follow(watcher, orphan, ctx, config)
     record = exit_record.read(ctx.exit_path)
     killed = orphan.process is not None and await kill_left_behind(orphan.process, config.kill_grace_s)
