@@ -334,14 +334,7 @@ class Upstream:
     async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
         """Log messages carry no request id: they go to the calls in flight on this upstream only when all
         of those are one owner's (never one owner's log line in another's output); else to our log."""
-        data = params.data if isinstance(params.data, str) else json.dumps(params.data, default=str)
-        line = f"[{params.level}{' ' + params.logger if params.logger else ''}] {data}\n".encode()
-        in_flight = list(self._in_flight.values())
-        if len({ctx.owner for ctx in in_flight}) > 1:
-            log.info("MCP server %r logged (calls of several owners in flight): %s", self.config.name, line[:500])
-            return
-        for ctx in in_flight:
-            ctx.write_output(line)
+        _share_log_line(self.config.name, params, list(self._in_flight.values()))
 
     async def _on_message(self, message: Any) -> None:
         if isinstance(message, types.ToolListChangedNotification) and self.current is not None:
@@ -424,6 +417,16 @@ async def _http_transport(config: UpstreamConfig, environ: Mapping[str, str]) ->
         streamable_http_client(config.url, http_client=http) as streams,
     ):
         yield streams
+
+
+def _share_log_line(server: str, params: types.LoggingMessageNotificationParams, in_flight: list[ToolContext]) -> None:
+    data = params.data if isinstance(params.data, str) else json.dumps(params.data, default=str)
+    line = f"[{params.level}{' ' + params.logger if params.logger else ''}] {data}\n".encode()
+    if len({ctx.owner for ctx in in_flight}) > 1:
+        log.info("MCP server %r logged (calls of several owners in flight): %s", server, line[:500])
+        return
+    for ctx in in_flight:
+        ctx.write_output(line)
 
 
 def _schema_fits(server: str, tool: types.Tool) -> bool:
