@@ -60,7 +60,8 @@ def blocked_child(**kwargs: object) -> subprocess.Popen[bytes]:
 def blocked_group() -> subprocess.Popen[bytes]:
     """A shell leading its own group, waiting for a member that runs until its stdin closes."""
     return subprocess.Popen(
-        ["sh", "-c", f"{sys.executable} -c 'import sys; sys.stdin.read()' & wait"],
+        # A background job's stdin is /dev/null unless redirected: fd 3 keeps the pipe for it.
+        ["sh", "-c", f"exec 3<&0; {sys.executable} -c 'import sys; sys.stdin.read()' <&3 & wait"],
         stdin=subprocess.PIPE,
         start_new_session=True,
     )
