@@ -60,9 +60,11 @@ async def test_secrets_are_scrubbed_from_the_environment(client: Client, monkeyp
     monkeypatch.setenv("OFFLOAD_TEST_API_TOKEN", "s3cr3t-value")
     monkeypatch.setenv("MY_PASSWORD", "hunter2")
     monkeypatch.setenv("PLAIN_SETTING", "visible")
+    monkeypatch.setenv("OFFLOAD_REDIS_URL", "redis://127.0.0.1:6379/0")  # a setting: where the queue lives
     reply = await call(client, "run_shell_background", command="env", env={"EXPLICIT_KEY": "given"})
     text = (await finish(client, reply["task_id"]))["output"]["text"]
     assert "s3cr3t-value" not in text and "hunter2" not in text
+    assert "OFFLOAD_REDIS_URL" not in text  # a sandboxed command must not learn how to reach the workers' Redis
     assert "PLAIN_SETTING=visible" in text
     assert "EXPLICIT_KEY=given" in text  # what the caller passes explicitly is passed
 

@@ -56,6 +56,8 @@ from tools.sandbox import OwnerShell, Sandbox, prefix
 if TYPE_CHECKING:
     from tools.presets import Preset
 
+SERVER_PREFIX = "OFFLOAD_"
+"""The server's own settings never reach a command (unless `pass_env` names one)."""
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "COOKIE", "SESSION")
 """Environment names containing any of these (case-insensitive) are not passed to commands."""
 
@@ -132,13 +134,15 @@ class ShellArgs(BaseModel):
 def scrubbed_environment(
     base: Mapping[str, str], config: ShellConfig, extra: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """The server's environment minus anything that looks like a secret, plus `extra`."""
+    """The server's environment minus anything that looks like a secret and the server's own settings
+    (`OFFLOAD_*`: where its data lives, how it reaches Redis), plus `extra`."""
     markers = tuple(marker.upper() for marker in config.secret_markers)
     keep = set(config.pass_env)
     env = {
         name: value
         for name, value in base.items()
-        if name in keep or not any(marker in name.upper() for marker in markers)
+        if name in keep
+        or not (name.upper().startswith(SERVER_PREFIX) or any(marker in name.upper() for marker in markers))
     }
     env.update(extra or {})
     return env
