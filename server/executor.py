@@ -24,7 +24,7 @@ from server.changes import Changes
 from server.config import Settings
 from server.errors import ForeignTaskError
 from server.lookup import Lookup
-from server.output import OutputLog
+from server.output import OutputWriter
 from server.reuse import Counters, Fired, Reuse
 from server.runner import LocalRunner, Runner
 from server.store import TaskStore
@@ -105,7 +105,7 @@ class Executor:
             owner=admitted.owner,
             created_at=self._clock(),
             ttl_s=admitted.ttl_s,
-            output=OutputLog(self.store.output_path(task_id), self.settings.output_file_max_bytes),
+            output=self.store.new_output(task_id, self.settings.output_file_max_bytes),
             spec=admitted.spec,
             arguments=admitted.arguments,
             timeout_s=admitted.timeout_s,
@@ -136,7 +136,7 @@ class Executor:
 
     def finish(self, task: Task, status: Status, error: TaskError | None = None, result: JSON | None = None) -> None:
         """Synchronous on purpose: no await, so cancellation cannot come between a change and its record."""
-        if isinstance(task.output, OutputLog):
+        if isinstance(task.output, OutputWriter):
             task.output.finish()
         task.status, task.error, task.result = status, error, result
         task.finished_at = self._clock()

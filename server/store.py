@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server.errors import ConfigError, StoreFullError
-from server.output import OutputLog, StoredLog
+from server.output import OutputLog, OutputWriter, StoredLog
 from server.tasks import Status, Task, TaskError, TaskSummary, error_kind, iso
 from tools.context import ProcessInfo
 from tools.registry import ToolSpec
@@ -115,6 +115,7 @@ class TaskStore(Protocol):
 
     def output_path(self, task_id: str) -> Path: ...
     def exit_path(self, task_id: str) -> Path: ...
+    def new_output(self, task_id: str, file_max_bytes: int) -> OutputWriter: ...
     def add(self, task: Task) -> None: ...
     def record_running(self, task: Task) -> None: ...
     def record_process(self, task: Task) -> None: ...
@@ -193,6 +194,10 @@ class Store:
 
     def exit_path(self, task_id: str) -> Path:
         return self.output_dir / f"{task_id}.exit"
+
+    def new_output(self, task_id: str, file_max_bytes: int) -> OutputLog:
+        """The log a task of this server writes: a file in the data directory."""
+        return OutputLog(self.output_path(task_id), file_max_bytes)
 
     # ---- writes (each one a commit) ----
 
