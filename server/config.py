@@ -18,6 +18,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.errors import ConfigError
+from server.redact import mask_url
 from tools.clients import ClientsConfig
 from tools.policy import Mode, ShellPolicy
 from tools.presets import Preset, validate_rule
@@ -117,6 +118,11 @@ class Settings(BaseModel):
     anthropic_model: str = "claude-sonnet-5-5"
     anthropic_max_retries: Annotated[int, Field(ge=0, le=10)] = 2
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    redis_url: str | None = None
+    """Distributed mode (`redis://` or `rediss://`, a password allowed): records and output in Redis, commands
+    run by `offload-mcp worker` processes. Unset: everything runs in this one process (the default)."""
+    redis_namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "offload"
+    """Prefix of every Redis key and Docket queue (several Offloads may share one Redis)."""
 
     transport: Literal["stdio", "sse", "http"] = "stdio"
     host: str = "127.0.0.1"
@@ -166,6 +172,13 @@ class Settings(BaseModel):
     """Sandboxed commands reach the network (false: only a loopback of their own)."""
     owners: dict[OwnerName, OwnerSettings] = {}
     """Per-owner tokens and policy; `[auth_tokens]` NAME = "VARIABLE" is shorthand for a token_env alone."""
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("redis_url must start with redis:// or rediss://")
+        return value
 
     @model_validator(mode="after")
     def _shell_policy_is_valid(self) -> Settings:
@@ -361,7 +374,8 @@ def _describe(exc: ValidationError, source: str) -> str:
         if error["type"] == "extra_forbidden":
             problems.append(f"unknown setting {key!r}")
         else:
-            problems.append(f"{key} = {error.get('input')!r}: {error['msg']}")
+            shown = mask_url(str(error.get("input"))) if key == "redis_url" else error.get("input")
+            problems.append(f"{key} = {shown!r}: {error['msg']}")
     return f"invalid settings (from flags, OFFLOAD_* environment or {source}): " + "; ".join(problems)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -22,11 +22,11 @@ from server.admission import Admission, Admitted
 from server.cache import Clock
 from server.changes import Changes
 from server.config import Settings
-from server.errors import ForeignTaskError
+from server.errors import ForeignTaskError, RequestError
 from server.lookup import Lookup
 from server.output import OutputWriter
 from server.reuse import Counters, Fired, Reuse
-from server.runner import LocalRunner, Runner
+from server.runner import Lifecycle, LocalRunner, Runner, cancel_error
 from server.store import TaskStore
 from server.task_context import context_for
 from server.tasks import ErrorKind, Status, Task, TaskError
@@ -37,6 +37,9 @@ from tools.registry import Handler, Registry
 
 log = logging.getLogger(__name__)
 
+RunnerFactory = Callable[[Lifecycle], Runner]
+"""Builds the runner over the executor's lifecycle calls (distributed mode's `DocketRunner`)."""
+
 COPY_TURNS = 1
 """Output chunks stored at once across all tasks (see ToolContext.copy_turns); a pump holds a turn
 only with a chunk in hand, never while it waits for one."""
@@ -44,7 +47,13 @@ only with a chunk in hand, never while it waits for one."""
 
 class Executor:
     def __init__(
-        self, registry: Registry, settings: Settings, clock: Clock, task_group: TaskGroup, store: TaskStore
+        self,
+        registry: Registry,
+        settings: Settings,
+        clock: Clock,
+        task_group: TaskGroup,
+        store: TaskStore,
+        make_runner: RunnerFactory | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
@@ -58,7 +67,9 @@ class Executor:
         self._reuse = Reuse(settings.finished_tasks_max, clock)
         self._lookup = Lookup(store, registry, clock, self._active, self._reuse.hot)
         self._waiters = Waiters(self._lookup.refresh)
-        self._runner: Runner = LocalRunner(task_group, settings, registry, self)
+        self._runner: Runner = (
+            LocalRunner(task_group, settings, registry, self) if make_runner is None else make_runner(self)
+        )
 
     def __repr__(self) -> str:
         c = self.counters
@@ -66,6 +77,11 @@ class Executor:
             f"<Executor active={len(self._active)} hot={len(self._reuse.hot)} fired={c.fired} "
             f"outcomes={dict(c.outcomes)} cache_hits={c.cache_hits} joined={c.joined} waiting={self._waiters.count}>"
         )
+
+    @property
+    def runs_here(self) -> bool:
+        """False on a distributed front-end: its tasks run on workers."""
+        return not self._runner.reaches_everywhere
 
     @property
     def counters(self) -> Counters:
@@ -82,8 +98,14 @@ class Executor:
         timeout_s: float | None = None,
         ttl_s: float | None = None,
         use_cache: bool = True,
+        target: str | None = None,
     ) -> Fired:
         """Admits, commits and schedules; raises RequestError subclasses before anything starts."""
+        if target is not None and not self._runner.reaches_everywhere:
+            raise RequestError(
+                f"target={target!r} routes a task to a worker queue, which needs distributed mode (redis_url); "
+                "this server runs every task itself: fire again without target"
+            )
         admitted = self._admission.admit(owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s)
         key = admitted.cache_key
         if key is not None:
@@ -92,6 +114,7 @@ class Executor:
                 return reused
         self._admission.check_room(owner, self._active_per_owner[owner])
         task = self._new_task(admitted)
+        task.queue = target
         self.store.add(task)  # on disk before the id is returned
         self._start(task, admitted.spec.handler)
         self.counters.fired += 1
@@ -213,13 +236,68 @@ class Executor:
         task = self.get(owner, task_id)
         if task.status.finished:
             return task
-        if not task.local:
+        if not task.local and not self._runner.reaches_everywhere:
             raise ForeignTaskError(task_id)
         task.handle.cancel_reason = ErrorKind.CANCELLED_BY_CLIENT
-        task.handle.scope.cancel()
+        self._runner.cancel(task)
+        if self._runner.reaches_everywhere:  # the worker confirms through the change stream
+            done, _ = await self.wait([task], self.settings.kill_grace_s + 5.0, "all")
+            return done[0]
         with anyio.move_on_after(self.settings.kill_grace_s + 2.0):
             await task.handle.done.wait()
         return task
+
+    def cancelled_unstarted(self, task: Task) -> None:
+        """Settles a task that no worker had taken when it was cancelled (distributed mode)."""
+        if task.id not in self._active:
+            self.settle(task, Status.CANCELLED, cancel_error(task), None)
+        else:
+            self.finish(task, Status.CANCELLED, cancel_error(task))
+
+    # ---- distributed mode ----
+
+    def remote_change(self, task_id: str) -> None:
+        """A task changed in another process (the change stream says so): a task fired here takes its
+        stored state (and finishes here, with notifications, if it finished there); waiters wake."""
+        task = self._active.get(task_id)
+        if task is not None and self._runner.reaches_everywhere:
+            stored = self._lookup.load(task_id)
+            if stored is not None:
+                self._take_state(task, stored)
+        self._waiters.poke(task_id)
+
+    def _take_state(self, task: Task, stored: Task) -> None:
+        task.status, task.started_at, task.process = stored.status, stored.started_at, stored.process
+        task.output = stored.output
+        if task.process is not None:
+            task.handle.started.set()
+        if not task.status.finished:
+            for listener in task.handle.listeners:
+                listener.set()
+            self.changes.publish(task)
+            return
+        task.error, task.result, task.finished_at = stored.error, stored.result, stored.finished_at
+        self.release(task)
+        self._reuse.finished(task)
+        task.handle.done.set()
+        for listener in task.handle.listeners:
+            listener.set()
+        self.changes.publish(task)
+
+    def run_here(self, task: Task) -> None:
+        """Runs a task a front-end queued (a worker's executor): with this process's limits and bookkeeping."""
+        assert task.spec is not None
+        task.local = True
+        self._start(task, task.spec.handler)
+
+    def stop(self, task_id: str, reason: ErrorKind = ErrorKind.CANCELLED_BY_CLIENT) -> bool:
+        """Cancels a task this process runs (TERM, grace, KILL); False when it runs none by that id."""
+        task = self._active.get(task_id)
+        if task is None:
+            return False
+        task.handle.cancel_reason = reason
+        task.handle.scope.cancel()
+        return True
 
     async def shutdown(self) -> None:
         """Cancels every task (process groups TERM, then KILL) and waits, bounded, for them."""

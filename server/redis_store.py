@@ -26,7 +26,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,8 @@ UNFINISHED = (Status.QUEUED.value, Status.RUNNING.value)
 HANDED_TO_QUEUE = ""
 """The `instance` of a task waiting in a Docket queue: no process holds it, so nobody's death settles it."""
 READ_RETRIES = 4
+CANCEL_FENCE = "cancel_task"
+"""The fence of a task cancelled before any worker took it."""
 
 _CLAIM = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -144,12 +146,8 @@ class RedisStore:
     def cancel_channel(self) -> str:
         return f"{self.ns}:cancel"
 
-    @contextmanager
-    def _reachable(self) -> Iterator[None]:
-        try:
-            yield
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-            raise StoreUnreachableError(self.where, type(exc).__name__) from exc
+    def _reachable(self) -> AbstractContextManager[None]:
+        return reachable(self.where)
 
     def output_path(self, task_id: str) -> Path:
         return self.root / "output" / f"{task_id}.log"
@@ -158,7 +156,9 @@ class RedisStore:
         return self.root / "output" / f"{task_id}.exit"
 
     def new_output(self, task_id: str, file_max_bytes: int) -> RedisLog:
-        return RedisLog(self.redis, self._key("out", task_id), self._key("outmeta", task_id), file_max_bytes)
+        return RedisLog(
+            self.redis, self._key("out", task_id), self._key("outmeta", task_id), file_max_bytes, self.where
+        )
 
     # ---- writes ----
 
@@ -179,6 +179,7 @@ class RedisStore:
             "cancel": False,
             **_process_fields(task),
             **_outcome(task),
+            "output_total": 0,
         }
         with self._reachable():
             pipe = self.redis.pipeline(transaction=True)
@@ -221,7 +222,7 @@ class RedisStore:
         with self._reachable():
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(self._key("task", task_id), "cancel", "true")
-            pipe.set(self._key("fence", task_id), "cancel_task", nx=True)
+            pipe.set(self._key("fence", task_id), CANCEL_FENCE, nx=True)
             pipe.publish(self.cancel_channel, task_id)
             _, fenced, _ = pipe.execute()
         return bool(fenced)
@@ -349,26 +350,35 @@ class RedisStore:
         """Takes over the unfinished tasks of processes whose lease lapsed, each with one atomic script,
         so of several live processes exactly one settles each task."""
         ids = sorted(_text(i) for i in self.redis.smembers(f"{self.ns}:unfinished"))
-        if not ids:
-            return []
         alive: dict[str, bool] = {}
         claimed: list[Task] = []
-        for task_id, record in zip(ids, self._records(ids, ("instance", "status")), strict=True):
+        for task_id, record in zip(ids, self._records(ids, ("instance", "status")) if ids else [], strict=True):
             if record is None:
                 self.redis.srem(f"{self.ns}:unfinished", task_id)
                 continue
-            owner = record["instance"]
-            if owner in (self.instance, HANDED_TO_QUEUE) or record["status"] not in UNFINISHED:
-                continue
-            if owner not in alive:
-                alive[owner] = self.instance_alive(owner)
-            if alive[owner]:
-                continue
-            if self._claim(keys=[self._key("task", task_id)], args=[json.dumps(owner), json.dumps(self.instance)]):
-                task = self.load(task_id, spec_of)
-                if task is not None:
-                    claimed.append(task)
+            task = self._claim_if_dead(task_id, record, alive, spec_of)
+            if task is not None:
+                claimed.append(task)
         return claimed
+
+    def claim_if_orphan(self, task_id: str, spec_of: SpecOf) -> Task | None:
+        """The one task, claimed, if the process holding it is dead (a redelivered job's check)."""
+        record = self._records([task_id], ("instance", "status"))[0]
+        return None if record is None else self._claim_if_dead(task_id, record, {}, spec_of)
+
+    def _claim_if_dead(
+        self, task_id: str, record: dict[str, Any], alive: dict[str, bool], spec_of: SpecOf
+    ) -> Task | None:
+        holder = record["instance"]
+        if holder in (self.instance, HANDED_TO_QUEUE) or record["status"] not in UNFINISHED:
+            return None
+        if holder not in alive:
+            alive[holder] = self.instance_alive(holder)
+        if alive[holder]:
+            return None
+        if not self._claim(keys=[self._key("task", task_id)], args=[json.dumps(holder), json.dumps(self.instance)]):
+            return None
+        return self.load(task_id, spec_of)
 
     def checkpoint(self) -> None:
         """Nothing to do: Redis persists as its operator configured it."""
@@ -439,6 +449,15 @@ class RedisStore:
         )
 
 
+@contextmanager
+def reachable(where: str) -> Iterator[None]:
+    """Redis not answering, as the error a caller can act on (naming redis_url, its password masked)."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise StoreUnreachableError(where, type(exc).__name__) from exc
+
+
 def _process_fields(task: Task) -> dict[str, Any]:
     process = task.process
     return {
@@ -494,8 +513,9 @@ class RedisLog:
     [head, ring_from), reported as `dropped`. The layout (total, ring_from, finished) is a hash written in
     the same transaction as the entries, so a reader never counts a byte not yet stored."""
 
-    def __init__(self, client: redis.Redis, stream: str, meta: str, file_max_bytes: int) -> None:
+    def __init__(self, client: redis.Redis, stream: str, meta: str, file_max_bytes: int, where: str = "") -> None:
         self._redis = client
+        self._where = where
         self._stream = stream
         self._meta = meta
         self._head = file_max_bytes // 2
@@ -548,7 +568,10 @@ class RedisLog:
         return pieces
 
     def finish(self) -> None:
-        self._meta_write({"head": self._head, "total": self._total, "finished": 1})
+        if self._writing:
+            self._meta_write({"head": self._head, "total": self._total, "finished": 1})
+        else:  # settled by a process that wrote none of it: only say no byte follows
+            self._meta_write({"finished": 1})
 
     def close(self) -> None:
         """Nothing held open: every write went to Redis."""
@@ -565,7 +588,8 @@ class RedisLog:
     def total_bytes(self) -> int:
         if self._writing:
             return self._total
-        return int(self._redis.hget(self._meta, "total") or 0)
+        with reachable(self._where):
+            return int(self._redis.hget(self._meta, "total") or 0)
 
     def read(self, offset: int, max_bytes: int) -> Chunk:
         for _ in range(READ_RETRIES):
@@ -600,7 +624,8 @@ class RedisLog:
         return start + next((i for i, byte in enumerate(probe) if not is_continuation(byte)), len(probe))
 
     def _layout(self) -> dict[str, int]:
-        raw = self._redis.hgetall(self._meta)
+        with reachable(self._where):
+            raw = self._redis.hgetall(self._meta)
         meta = {_text(k): int(v) for k, v in raw.items()}
         meta.setdefault("total", 0)
         meta.setdefault("head", self._head)
@@ -616,7 +641,8 @@ class RedisLog:
         pipe.xrevrange(self._stream, max=f"{start}-1", min="-", count=1)
         pipe.xrange(self._stream, min=f"({start}-1", max=f"{end - 1}-1")
         pipe.hget(self._meta, "ring_from")
-        first, rest, ring_from = pipe.execute()
+        with reachable(self._where):
+            first, rest, ring_from = pipe.execute()
         parts: list[bytes] = []
         for entry_id, fields in [*first, *rest]:
             at = int(_text(entry_id).split("-", 1)[0])

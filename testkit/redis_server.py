@@ -22,9 +22,10 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, folder: Path, port: int | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
         self.folder = folder
         self.port = port or free_port()
+        self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -36,8 +37,9 @@ class RedisServer:
         if binary is None:
             raise FileNotFoundError("redis-server is not installed (Debian: apt-get install redis-server)")
         self.folder.mkdir(parents=True, exist_ok=True)
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", *NO_PERSISTENCE, "--dir", str(self.folder)]
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", *NO_PERSISTENCE, "--dir", str(self.folder)],
+            [*argv, *self.extra_args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
