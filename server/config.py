@@ -181,6 +181,15 @@ class Settings(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _detach_is_local(self) -> Settings:
+        if self.detach and self.redis_url is not None:
+            raise ValueError(
+                "detach keeps a command's output in a file on the machine that runs it, and distributed mode "
+                "(redis_url) keeps output in Redis: use one or the other"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _shell_policy_is_valid(self) -> Settings:
         """Bad roots or rules, or an owner with two token variables, fail at start, named, not at first use."""
         self.shell_config()

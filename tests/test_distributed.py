@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import AsyncIterator
@@ -80,6 +81,21 @@ async def test_front_ends_share_tasks_workers_run_them_and_cancel_reaches_across
         assert cancelled["error"]["kind"] == "cancelled_by_client"
         assert live_group_members(pgid) == []
         heard = await tool(one, "poll_output", task_ids=[running["task_id"]], timeout_s=10)
+        assert heard["done"][0]["status"] == "cancelled"
+
+        # visibility: the live workers and their queues; stats name the queue depths
+        shown = json.loads((await one.read_resource("offload://workers")).contents[0].text)  # type: ignore[union-attr]
+        by_pid = {w["pid"]: w for w in shown["workers"]}
+        assert set(by_pid) == {w.process.pid for w in workers}
+        assert by_pid[workers[1].process.pid]["queues"] == ["w1", "any"]
+        waiting = await tool(one, "fire_tool", tool="shell", arguments={"command": "true"}, target="nobody")
+        stats = json.loads((await two.read_resource("offload://stats")).contents[0].text)  # type: ignore[union-attr]
+        assert stats["server"]["queues"] == {"nobody": 1}  # no worker takes that queue
+
+        # cancelled before any worker took it: settled by the front-end that cancels, never started
+        never = await tool(two, "cancel_task", task_id=waiting["task_id"])
+        assert never["status"] == "cancelled" and "never started" in never["error"]["message"], never
+        heard = await tool(one, "poll_output", task_ids=[waiting["task_id"]], timeout_s=10)
         assert heard["done"][0]["status"] == "cancelled"
 
 
