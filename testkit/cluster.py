@@ -91,11 +91,17 @@ async def _drain(node: Node) -> None:
 
 @asynccontextmanager
 async def cluster(
-    tmp_path: Path, redis_url: str, *, front_ends: int = 2, workers: int = 2, lease_s: float = 2.0
+    tmp_path: Path,
+    redis_url: str,
+    *,
+    front_ends: int = 2,
+    workers: int = 2,
+    lease_s: float = 2.0,
+    worker_flags: tuple[str, ...] = (),
 ) -> AsyncIterator[list[Node]]:
     """Workers `w0`… (each on its own queue and `any`) and front-ends `f0`…, started at once; the workers
     first in the list. All are stopped at the end (TERM, then KILL)."""
-    specs = [("worker", f"w{i}", ("--queue", f"w{i}", "--queue", "any")) for i in range(workers)]
+    specs = [("worker", f"w{i}", ("--queue", f"w{i}", "--queue", "any", *worker_flags)) for i in range(workers)]
     specs += [("front-end", f"f{i}", ()) for i in range(front_ends)]
     slots: list[Node | None] = [None] * len(specs)
     async with anyio.create_task_group() as tg:
