@@ -27,6 +27,7 @@ from datetime import timedelta
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -36,7 +37,7 @@ from docket import Docket, Worker
 from server.config import Settings
 from server.executor import Executor
 from server.redis_store import CANCEL_FENCE, RedisStore
-from server.runner import Lifecycle
+from server.runner import REPLY_HOPS, Lifecycle
 from server.tasks import ErrorKind, Status, Task, TaskError
 from tools.process import kill_left_behind
 from tools.registry import Handler
@@ -90,6 +91,8 @@ class DocketRunner:
             self._lifecycle.cancelled_unstarted(task)
 
     async def _enqueue(self, task: Task) -> None:
+        for _ in range(REPLY_HOPS):  # the reply to fire leaves first, as with a local run
+            await anyio.lowlevel.checkpoint()
         queue = task.queue or DEFAULT_QUEUE
         try:
             docket = await self._docket(queue)

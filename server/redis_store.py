@@ -103,6 +103,8 @@ class RedisStore:
         self._sweep_one = client.register_script(_SWEEP_ONE)
         self._fence = client.register_script(_FENCE)
         self._closed = False
+        self.hands_off = False
+        """A front-end's store: every task it adds goes to a queue at once (`hand_off` folded into `add`)."""
 
     def __repr__(self) -> str:
         return f"<RedisStore {self.where} ns={self.ns} instance={self.instance}>"
@@ -169,7 +171,7 @@ class RedisStore:
             "owner": task.owner,
             "tool": task.tool,
             "arguments": "{}" if task.arguments is None else task.arguments.model_dump_json(by_alias=True),
-            "instance": self.instance,
+            "instance": HANDED_TO_QUEUE if self.hands_off else self.instance,
             "created_at": task.created_at,
             "started_at": task.started_at,
             "ttl_s": task.ttl_s,
@@ -178,8 +180,7 @@ class RedisStore:
             "queue": task.queue,
             "cancel": False,
             **_process_fields(task),
-            **_outcome(task),
-            "output_total": 0,
+            **_outcome(task, output_total=0),  # a new task has written nothing yet
         }
         with self._reachable():
             pipe = self.redis.pipeline(transaction=True)
@@ -190,7 +191,10 @@ class RedisStore:
 
     def hand_off(self, task: Task) -> None:
         """The task waits in a queue from now on: no process's death settles it until a worker takes it."""
-        self._update(task.id, instance=HANDED_TO_QUEUE)
+        if self.hands_off:
+            return  # `add` recorded it so
+        with self._reachable():  # not a change anyone waits on: nothing published
+            self.redis.hset(self._key("task", task.id), "instance", json.dumps(HANDED_TO_QUEUE))
 
     def record_running(self, task: Task) -> None:
         self._update(task.id, status=task.status.value, started_at=task.started_at)
@@ -468,7 +472,7 @@ def _process_fields(task: Task) -> dict[str, Any]:
     }
 
 
-def _outcome(task: Task) -> dict[str, Any]:
+def _outcome(task: Task, *, output_total: int | None = None) -> dict[str, Any]:
     return {
         "status": task.status.value,
         "finished_at": task.finished_at,
@@ -476,7 +480,7 @@ def _outcome(task: Task) -> dict[str, Any]:
         "result": task.result,
         "error_kind": None if task.error is None else task.error.kind.value,
         "error_message": None if task.error is None else task.error.message,
-        "output_total": task.output.total_bytes,
+        "output_total": task.output.total_bytes if output_total is None else output_total,
     }
 
 

@@ -106,6 +106,7 @@ class Runtime:
                 make_runner: RunnerFactory | None = None
                 if isinstance(store, RedisStore) and role == "serve":
                     redis_store = store
+                    redis_store.hands_off = True
 
                     def make_runner(lifecycle: Lifecycle) -> DocketRunner:
                         return DocketRunner(tg, settings, redis_store, lifecycle)

@@ -104,29 +104,39 @@ async def cluster(
     specs = [("worker", f"w{i}", ("--queue", f"w{i}", "--queue", "any", *worker_flags)) for i in range(workers)]
     specs += [("front-end", f"f{i}", ()) for i in range(front_ends)]
     slots: list[Node | None] = [None] * len(specs)
-    async with anyio.create_task_group() as tg:
+    try:
+        async with anyio.create_task_group() as tg:
 
-        async def start(index: int) -> None:
-            role, name, flags = specs[index]
-            slots[index] = await start_node(tg, tmp_path, role, redis_url, name, *flags, lease_s=lease_s)
+            async def start(index: int) -> None:
+                role, name, flags = specs[index]
+                slots[index] = await start_node(tg, tmp_path, role, redis_url, name, *flags, lease_s=lease_s)
 
-        try:
-            async with anyio.create_task_group() as starting:
-                for index in range(len(specs)):
-                    starting.start_soon(start, index)
-            yield [node for node in slots if node is not None]
-        finally:
-            started = [node for node in slots if node is not None]
-            for node in started:
-                if node.process.returncode is None:
-                    node.process.terminate()
-            with anyio.move_on_after(10):
-                for node in started:
-                    await node.process.wait()
-            for node in started:
-                if node.process.returncode is None:
-                    node.process.kill()
-            tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as starting:
+                    for index in range(len(specs)):
+                        starting.start_soon(start, index)
+                yield [node for node in slots if node is not None]
+            finally:
+                await stop_nodes([node for node in slots if node is not None])
+                tg.cancel_scope.cancel()  # the log drains
+    finally:
+        for node in slots:
+            if node is not None:
+                await node.process.aclose()
+
+
+async def stop_nodes(nodes: list[Node], timeout_s: float = 10) -> None:
+    """TERM, a bounded wait for each to exit, then KILL what is left."""
+    for node in nodes:
+        if node.process.returncode is None:
+            node.process.terminate()
+    with anyio.move_on_after(timeout_s):
+        for node in nodes:
+            await node.process.wait()
+    for node in nodes:
+        if node.process.returncode is None:
+            node.process.kill()
+            await node.process.wait()
 
 
 @asynccontextmanager

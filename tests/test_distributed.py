@@ -15,7 +15,7 @@ import pytest
 from conftest import ERAS, data, error_text, live_group_members
 from mcp import Client
 
-from testkit.cluster import Node, cluster, connect, start_node
+from testkit.cluster import Node, cluster, connect, start_node, stop_nodes
 from testkit.redis_server import RedisServer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -152,9 +152,9 @@ async def test_redis_down_fire_names_redis_url_with_the_password_masked(tmp_path
                     again = await tool(client, "fire_tool", tool="shell", arguments={"command": "true"})
                     assert again["task_id"]
             finally:
-                front_end.process.kill()
-                await front_end.process.wait()
+                await stop_nodes([front_end])
                 tg.cancel_scope.cancel()
+        await front_end.process.aclose()
         assert secret.encode() not in front_end.log
     finally:
         server.stop()
