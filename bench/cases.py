@@ -757,6 +757,7 @@ async def distributed(quick: bool) -> CaseResult:
         try:
             async with http_server() as url, Client(url, mode="legacy") as single:
                 single_ms = await _fire_median_ms(single, n)
+                single_sleeps_s = await _fire_and_collect(single, "sleep 1", sleeps)
             flags = ("--max-concurrency", "128")
             async with (
                 cluster(Path(folder), redis.url, front_ends=1, workers=2, worker_flags=flags) as nodes,
@@ -768,6 +769,7 @@ async def distributed(quick: bool) -> CaseResult:
                 result.add("fire_tool median, distributed", distributed_ms, "ms")
                 result.add("fire_tool ratio", ratio, "x", "<= 2", ratio <= 2)
                 took = await _fire_and_collect(client, "sleep 1", sleeps)
+                result.add(f"{sleeps} x sleep 1 collected, single", single_sleeps_s, "s")
                 result.add(f"{sleeps} x sleep 1 collected", took, "s", "<= 1.5", took <= 1.5 if not quick else None)
                 took = await _fire_and_collect(client, "true", trues)
                 result.add(f"{trues} x true", trues / took, "/s")

@@ -123,6 +123,7 @@ class StoreUnreachableError(RequestError):
     `where` is the redis_url with its password masked."""
 
     def __init__(self, where: str, reason: str) -> None:
+        self.where, self.reason = where, reason
         super().__init__(
             f"The task store (Redis at redis_url={where}) is unreachable ({reason}); nothing was started. "
             "Ask the operator to start Redis or fix redis_url (OFFLOAD_REDIS_URL), then fire again; "

@@ -332,7 +332,10 @@ def _open_store(settings: Settings) -> TaskStore:
             settings.redis_url, data_dir(settings), namespace=settings.redis_namespace, lease_s=settings.lease_s
         )
     except StoreUnreachableError as exc:
-        raise ConfigError(f"{exc}".replace("nothing was started", "Offload cannot start")) from exc
+        raise ConfigError(
+            f"Redis at redis_url={exc.where} does not answer ({exc.reason}); start it, or fix redis_url "
+            "(--redis-url or OFFLOAD_REDIS_URL)"
+        ) from exc
     store.output_max_bytes = settings.output_file_max_bytes
     return store
 

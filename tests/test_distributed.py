@@ -15,8 +15,11 @@ import pytest
 from conftest import ERAS, data, error_text, live_group_members
 from mcp import Client
 
+from server.config import Settings, load_settings
+from server.errors import ConfigError
+from server.runtime import Runtime
 from testkit.cluster import Node, cluster, connect, start_node, stop_nodes
-from testkit.redis_server import RedisServer
+from testkit.redis_server import RedisServer, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -158,3 +161,19 @@ async def test_redis_down_fire_names_redis_url_with_the_password_masked(tmp_path
         assert secret.encode() not in front_end.log
     finally:
         server.stop()
+
+
+async def test_a_front_end_without_redis_refuses_to_start_naming_redis_url(tmp_path: Path) -> None:
+    url = f"redis://:hunter2hunter2@127.0.0.1:{free_port()}/0"
+    with pytest.raises(ConfigError, match=r"redis_url=redis://\*\*\*@127\.0\.0\.1:\d+/0 does not answer") as caught:
+        async with Runtime.open(Settings(redis_url=url, data_dir=tmp_path / "data"), load_plugins=False):
+            pass
+    assert "hunter2" not in str(caught.value)
+
+
+def test_distributed_settings_are_checked_and_never_echo_the_password() -> None:
+    with pytest.raises(ConfigError, match=r"redis_url = 'http://\*\*\*@h': .*redis:// or rediss://") as caught:
+        load_settings(environ={"OFFLOAD_REDIS_URL": "http://u:hunter2hunter2@h"})
+    assert "hunter2" not in str(caught.value)
+    with pytest.raises(ConfigError, match="detach"):
+        load_settings(environ={"OFFLOAD_REDIS_URL": "redis://h/0", "OFFLOAD_DETACH": "true"})
