@@ -222,7 +222,14 @@ class WorkerEngine:
             message = f"the tool {task.tool!r} is not configured on worker {self.name}; nothing ran"
             self.executor.settle(task, Status.FAILED, TaskError(kind=ErrorKind.REFUSED, message=message), None)
             return
-        task.arguments = task.spec.input_model.model_validate_json(self.store.arguments_json(task_id) or "{}")
+        try:
+            task.arguments = task.spec.input_model.model_validate_json(self.store.arguments_json(task_id) or "{}")
+        except ValueError as exc:  # a worker configured unlike the front-end that admitted it
+            message = f"worker {self.name} cannot read the task's arguments ({exc}); nothing ran"
+            self.executor.settle(
+                task, Status.FAILED, TaskError(kind=ErrorKind.INVALID_ARGUMENTS, message=message), None
+            )
+            return
         task.output = self.store.new_output(task_id, self.settings.output_file_max_bytes)
         self.running += 1
         try:
