@@ -36,7 +36,7 @@ from docket import Docket, Worker
 
 from server.config import Settings
 from server.executor import Executor
-from server.redis_store import CANCEL_FENCE, RedisStore
+from server.redis_store import CANCEL_FENCE, STATUS_CHANGED, RedisStore
 from server.runner import REPLY_HOPS, Lifecycle
 from server.tasks import ErrorKind, Status, Task, TaskError
 from tools.process import kill_left_behind
@@ -143,7 +143,8 @@ async def follow_changes(executor: Executor, store: RedisStore, url: str) -> Non
                     executor.remote_change(task.id)
                 async for message in pubsub.listen():
                     if message["type"] == "message":
-                        executor.remote_change(_text(message["data"]))
+                        task_id, _, what = _text(message["data"]).partition(" ")
+                        executor.remote_change(task_id, status_changed=what == STATUS_CHANGED)
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("lost the change stream of Redis at %s (%s); reconnecting", store.where, exc)
         finally:

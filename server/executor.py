@@ -256,14 +256,19 @@ class Executor:
 
     # ---- distributed mode ----
 
-    def remote_change(self, task_id: str) -> None:
+    def remote_change(self, task_id: str, *, status_changed: bool = True) -> None:
         """A task changed in another process (the change stream says so): a task fired here takes its
-        stored state (and finishes here, with notifications, if it finished there); waiters wake."""
+        stored state (and finishes here, with notifications, if it finished there); another's is read
+        and published when its status changed (notifications for this front-end's subscribers); waiters wake."""
         task = self._active.get(task_id)
         if task is not None and self._runner.reaches_everywhere:
             stored = self._lookup.load(task_id)
             if stored is not None:
                 self._take_state(task, stored)
+        elif status_changed and self._runner.reaches_everywhere:
+            stored = self._lookup.load(task_id)
+            if stored is not None:
+                self.changes.publish(stored)
         self._waiters.poke(task_id)
 
     def _take_state(self, task: Task, stored: Task) -> None:

@@ -47,6 +47,9 @@ UNFINISHED = (Status.QUEUED.value, Status.RUNNING.value)
 HANDED_TO_QUEUE = ""
 """The `instance` of a task waiting in a Docket queue: no process holds it, so nobody's death settles it."""
 READ_RETRIES = 4
+STATUS_CHANGED = "status"
+DETAIL_CHANGED = "detail"
+"""What a message on the change channel (`{task id} {what}`) says changed: the status, or a detail (the pid)."""
 CANCEL_FENCE = "cancel_task"
 """The fence of a task cancelled before any worker took it."""
 
@@ -197,16 +200,21 @@ class RedisStore:
             self.redis.hset(self._key("task", task.id), "instance", json.dumps(HANDED_TO_QUEUE))
 
     def record_running(self, task: Task) -> None:
-        self._update(task.id, status=task.status.value, started_at=task.started_at)
+        self._update(task.id, STATUS_CHANGED, status=task.status.value, started_at=task.started_at)
 
     def record_process(self, task: Task) -> None:
-        self._update(task.id, **_process_fields(task))
+        self._update(task.id, DETAIL_CHANGED, **_process_fields(task))
 
     def record_watcher(self, task: Task) -> None:
         watcher = task.watcher
         assert watcher is not None
         self._update(
-            task.id, watcher_pid=watcher.pid, watcher_ticks=watcher.start_ticks, boot_id=watcher.boot_id, detached=True
+            task.id,
+            DETAIL_CHANGED,
+            watcher_pid=watcher.pid,
+            watcher_ticks=watcher.start_ticks,
+            boot_id=watcher.boot_id,
+            detached=True,
         )
 
     def record_outcome(self, task: Task) -> None:
@@ -217,7 +225,7 @@ class RedisStore:
             pipe.zadd(f"{self.ns}:expiring", {task.id: task.expires_at})
             if task.status is Status.COMPLETED and task.cache_key is not None:
                 pipe.zadd(self._key("cache", task.cache_key), {task.id: task.finished_at or 0.0})
-        pipe.publish(self.changes_channel, task.id)
+        pipe.publish(self.changes_channel, f"{task.id} {STATUS_CHANGED}")
         self._execute(pipe, task.id)
 
     def request_cancel(self, task_id: str) -> bool:
@@ -241,10 +249,10 @@ class RedisStore:
     def cancel_requested(self, task_id: str) -> bool:
         return _decode(self.redis.hget(self._key("task", task_id), "cancel")) is True
 
-    def _update(self, task_id: str, **values: Any) -> None:
+    def _update(self, task_id: str, change: str, **values: Any) -> None:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self._key("task", task_id), mapping=_encode(values))
-        pipe.publish(self.changes_channel, task_id)
+        pipe.publish(self.changes_channel, f"{task_id} {change}")
         self._execute(pipe, task_id)
 
     def _execute(self, pipe: Any, task_id: str) -> None:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2
@@ -140,8 +141,9 @@ async def stop_nodes(nodes: list[Node], timeout_s: float = 10) -> None:
 
 
 @asynccontextmanager
-async def connect(url: str, era: str = "auto") -> AsyncIterator[Client]:
+async def connect(url: str, era: str = "auto", **client_options: Any) -> AsyncIterator[Client]:
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=120)))
-        client = await stack.enter_async_context(Client(streamable_http_client(url, http_client=http), mode=era))
+        transport = streamable_http_client(url, http_client=http)
+        client = await stack.enter_async_context(Client(transport, mode=era, **client_options))
         yield client

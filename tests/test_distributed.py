@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import anyio
 import pytest
 from conftest import ERAS, data, error_text, live_group_members
 from mcp import Client
+from mcp_types import ResourceUpdatedNotification
 
 from server.config import Settings, load_settings
 from server.errors import ConfigError
@@ -100,6 +102,35 @@ async def test_front_ends_share_tasks_workers_run_them_and_cancel_reaches_across
         assert never["status"] == "cancelled" and "never started" in never["error"]["message"], never
         heard = await tool(one, "poll_output", task_ids=[waiting["task_id"]], timeout_s=10)
         assert heard["done"][0]["status"] == "cancelled"
+
+
+async def test_a_subscriber_on_one_front_end_hears_of_a_task_fired_on_the_other(nodes: list[Node]) -> None:
+    front_ends = [n for n in nodes if n.role == "front-end"]
+    finished = anyio.Event()
+    uri = ""
+
+    async def on_message(message: object) -> None:
+        if isinstance(message, ResourceUpdatedNotification) and message.params.uri == uri:
+            finished.set()
+
+    async with (
+        connect(front_ends[0].url) as one,
+        connect(front_ends[1].url, ERAS["legacy"], message_handler=on_message) as two,
+    ):
+        go = Path(tempfile.mkdtemp(prefix="offload-dist-")) / "go"
+        os.mkfifo(go)
+        hold, _ = await until_running(one, f"echo ready > $READY; read line < {go}")
+        uri = hold["resource"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # resources/subscribe is the 2025-11-25 era's way
+            await two.subscribe_resource(uri)
+        await anyio.to_thread.run_sync(go.write_text, "go\n")
+        with anyio.fail_after(20):
+            while True:  # an update may be another change: the finish is the one wanted
+                await finished.wait()
+                finished = anyio.Event()
+                if (await tool(two, "get_cached_output", task_id=hold["task_id"]))["status"] == "completed":
+                    break
 
 
 async def test_kill_9_a_front_end_then_a_worker_nothing_is_lost_or_run_twice(nodes: list[Node], tmp_path: Path) -> None:
