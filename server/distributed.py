@@ -213,42 +213,57 @@ class WorkerEngine:
     async def run(self, task_id: str) -> None:
         verdict, detail = self.store.take_fence(task_id, self.name)
         if verdict == "taken" and detail != CANCEL_FENCE:
-            await self._settle_abandoned(task_id, holder=detail)
+            await self._take_over(task_id, holder=detail)
         if verdict != "ok":
             return  # gone, finished, cancelled before it started, or someone else's
         task = self.store.load(task_id, self.executor.registry.get)
-        if task is None:
-            return
+        if task is not None and self._prepare(task):
+            await self._run_prepared(task)
+
+    def _prepare(self, task: Task) -> bool:
+        """The task's tool and arguments as this worker has them; False (and the task failed) without."""
         if task.spec is None:
             message = f"the tool {task.tool!r} is not configured on worker {self.name}; nothing ran"
             self.executor.settle(task, Status.FAILED, TaskError(kind=ErrorKind.REFUSED, message=message), None)
-            return
+            return False
         try:
-            task.arguments = task.spec.input_model.model_validate_json(self.store.arguments_json(task_id) or "{}")
+            task.arguments = task.spec.input_model.model_validate_json(self.store.arguments_json(task.id) or "{}")
         except ValueError as exc:  # a worker configured unlike the front-end that admitted it
             message = f"worker {self.name} cannot read the task's arguments ({exc}); nothing ran"
-            self.executor.settle(
-                task, Status.FAILED, TaskError(kind=ErrorKind.INVALID_ARGUMENTS, message=message), None
-            )
-            return
-        task.output = self.store.new_output(task_id, self.settings.output_file_max_bytes)
+            error = TaskError(kind=ErrorKind.INVALID_ARGUMENTS, message=message)
+            self.executor.settle(task, Status.FAILED, error, None)
+            return False
+        task.output = self.store.new_output(task.id, self.settings.output_file_max_bytes)
+        return True
+
+    async def _run_prepared(self, task: Task) -> None:
         self.running += 1
         try:
             self.executor.run_here(task)
-            if self.store.cancel_requested(task_id):  # cancelled between the fence and here
-                self.executor.stop(task_id)
+            if self.store.cancel_requested(task.id):  # cancelled between the fence and here
+                self.executor.stop(task.id)
             await task.handle.released.wait()
         finally:
             self.running -= 1
             self.ran += 1
 
-    async def _settle_abandoned(self, task_id: str, holder: str) -> None:
-        """A redelivered job whose fence a worker took: if that worker is dead, the task is settled
-        `interrupted` (naming it) and never run again; if it lives, it still runs it."""
+    async def _take_over(self, task_id: str, holder: str) -> None:
+        """A redelivered job whose fence a worker took. If that worker lives, it still runs the task: nothing
+        to do. If it died, the task is settled `interrupted` (naming it) and never run again, except a read
+        that is safe to repeat (a cacheable call: GitHub reads, HTTP GET), which runs again here."""
         task = self.store.claim_if_orphan(task_id, self.executor.registry.get)
         if task is None:
             return
         killed = task.process is not None and await kill_left_behind(task.process, self.settings.kill_grace_s)
+        spec = task.spec
+        if spec is not None and spec.cacheable and self._prepare(task) and spec.is_cacheable(task.arguments):
+            log.info("task %s (%s) of dead worker %s runs again here: it is a read", task_id, task.tool, holder)
+            self.store.take_over_fence(task_id, self.name)
+            task.output = self.store.restart_output(task_id, self.settings.output_file_max_bytes)
+            await self._run_prepared(task)
+            return
+        if task.status.finished:
+            return  # _prepare settled it
         what = "what was left of it was killed" if killed else "nothing of it runs here"
         message = (
             f"the worker {holder} running it stopped before it finished; a command runs at most once, so it was "

@@ -246,6 +246,15 @@ class RedisStore:
         )
         return _text(verdict), _text(detail)
 
+    def take_over_fence(self, task_id: str, worker: str) -> None:
+        """A dead worker's task that is safe to run again: its fence is this worker's from now on."""
+        self.redis.set(self._key("fence", task_id), worker)
+
+    def restart_output(self, task_id: str, file_max_bytes: int) -> RedisLog:
+        """A task run again from the start: what the first run wrote is dropped, offsets start at 0."""
+        self.redis.delete(self._key("out", task_id), self._key("outmeta", task_id))
+        return self.new_output(task_id, file_max_bytes)
+
     def cancel_requested(self, task_id: str) -> bool:
         return _decode(self.redis.hget(self._key("task", task_id), "cancel")) is True
 

@@ -16,6 +16,8 @@ from server.redis_store import RedisStore
 from server.runtime import Runtime
 from server.tasks import ErrorKind, Status, Task
 from testkit.redis_server import RedisServer
+from tools.context import JSON, ToolContext
+from tools.registry import ToolSpec
 
 pytestmark = pytest.mark.anyio
 
@@ -24,18 +26,37 @@ class ShellArgs(BaseModel):
     command: str
 
 
+class ReadArgs(BaseModel):
+    key: str
+
+
+READS: list[str] = []
+
+
+async def read(args: ReadArgs, ctx: ToolContext) -> JSON:
+    """A cacheable read (as GitHub reads and HTTP GETs are): safe to run again."""
+    READS.append(args.key)
+    ctx.write_output(f"read {args.key}\n".encode())
+    return {"key": args.key}
+
+
+READ_TOOL = ToolSpec(name="test.read", description="a read", input_model=ReadArgs, handler=read, cacheable=True)
+
+
 @pytest.fixture
 async def worker(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[WorkerEngine]:
     settings = Settings(
         redis_url=redis_server.url, redis_namespace=f"t{secrets.token_hex(6)}", data_dir=tmp_path / "w", lease_s=2
     )
-    async with Runtime.open(settings, role="worker", load_plugins=False) as runtime:
+    async with Runtime.open(settings, role="worker", load_plugins=False, extra_tools=[READ_TOOL]) as runtime:
         store = runtime.executor.store
         assert isinstance(store, RedisStore)
         yield WorkerEngine(runtime.executor, store, settings, ["any"], "w-test")
 
 
-def queued_by_another(worker: WorkerEngine, tmp_path: Path, command: str) -> tuple[RedisStore, Task]:
+def queued_by_another(
+    worker: WorkerEngine, tmp_path: Path, command: str, tool: str = "shell"
+) -> tuple[RedisStore, Task]:
     """A task recorded by another process (a front-end, as far as Redis can tell)."""
     settings = worker.settings
     assert settings.redis_url is not None
@@ -43,12 +64,12 @@ def queued_by_another(worker: WorkerEngine, tmp_path: Path, command: str) -> tup
     task_id = secrets.token_urlsafe(16)
     task = Task(
         id=task_id,
-        tool="shell",
+        tool=tool,
         owner="local",
         created_at=1.0,
         ttl_s=60,
         output=other.new_output(task_id, 4096),
-        arguments=ShellArgs(command=command),
+        arguments=ShellArgs(command=command) if tool == "shell" else ReadArgs(key=command),
     )
     other.add(task)
     return other, task
@@ -104,3 +125,15 @@ async def test_a_task_cancelled_before_any_worker_took_it_never_starts(worker: W
         assert not side.exists()
     finally:
         other.close()
+
+
+async def test_a_read_of_a_dead_worker_runs_again_from_the_start(worker: WorkerEngine, tmp_path: Path) -> None:
+    other, task = queued_by_another(worker, tmp_path, "k1", tool="test.read")
+    other.new_output(task.id, 4096).write(b"half of the first run")
+    assert other.take_fence(task.id, "w-dead") == ("ok", "")
+    other.close()
+    await worker.run(task.id)
+    done = worker.store.load(task.id, worker.executor.registry.get)
+    assert done is not None and done.status is Status.COMPLETED and done.result == {"key": "k1"}, done
+    assert done.output.read(0, 100).data == b"read k1\n"  # the first run's bytes are gone
+    assert READS.count("k1") == 1
