@@ -46,6 +46,8 @@ class PresetSettings(BaseModel):
     """What a caller may append: "none" (the default), "any", or a regex each argument must match."""
     allow_options: bool = False
     """Allow appended arguments that start with "-" (options can make a program run other commands)."""
+    queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    """Distributed mode: the worker queue this preset runs on (e.g. the one build host that can run it)."""
 
     @field_validator("args")
     @classmethod
@@ -181,6 +183,16 @@ class Settings(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _queues_need_redis(self) -> Settings:
+        pinned = sorted(name for name, preset in self.presets.items() if preset.queue is not None)
+        if pinned and self.redis_url is None:
+            raise ValueError(
+                f"presets {', '.join(pinned)} name a worker queue, which needs distributed mode: set redis_url, "
+                "or remove their queue"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _detach_is_local(self) -> Settings:
         if self.detach and self.redis_url is not None:
             raise ValueError(
@@ -235,6 +247,7 @@ class Settings(BaseModel):
                 description=p.description,
                 args=p.args,
                 allow_options=p.allow_options,
+                queue=p.queue,
             )
             for name, p in self.presets.items()
         }

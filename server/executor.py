@@ -114,7 +114,7 @@ class Executor:
                 return reused
         self._admission.check_room(owner, self._active_per_owner[owner])
         task = self._new_task(admitted)
-        task.queue = target
+        task.queue = target or admitted.spec.queue
         self.store.add(task)  # on disk before the id is returned
         self._start(task, admitted.spec.handler)
         self.counters.fired += 1

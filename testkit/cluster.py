@@ -52,6 +52,7 @@ async def start_node(
     name: str,
     *flags: str,
     lease_s: float = 2.0,
+    config: Path | None = None,
 ) -> Node:
     """Starts a front-end or a worker and returns once it says it is up; its log is read on (drained)
     for as long as it runs."""
@@ -63,6 +64,7 @@ async def start_node(
         "OFFLOAD_KILL_GRACE_S": "0.5",
         "OFFLOAD_LOG_LEVEL": "INFO",
         "OFFLOAD_REDIS_NAMESPACE": tmp_path.name[-60:],  # one Redis per test session; each test its own keys
+        **({} if config is None else {"OFFLOAD_CONFIG": str(config)}),
     }
     process = await anyio.open_process(
         [sys.executable, "-m", "server", *argv],
@@ -99,6 +101,7 @@ async def cluster(
     workers: int = 2,
     lease_s: float = 2.0,
     worker_flags: tuple[str, ...] = (),
+    config: Path | None = None,
 ) -> AsyncIterator[list[Node]]:
     """Workers `w0`… (each on its own queue and `any`) and front-ends `f0`…, started at once; the workers
     first in the list. All are stopped at the end (TERM, then KILL)."""
@@ -110,7 +113,9 @@ async def cluster(
 
             async def start(index: int) -> None:
                 role, name, flags = specs[index]
-                slots[index] = await start_node(tg, tmp_path, role, redis_url, name, *flags, lease_s=lease_s)
+                slots[index] = await start_node(
+                    tg, tmp_path, role, redis_url, name, *flags, lease_s=lease_s, config=config
+                )
 
             try:
                 async with anyio.create_task_group() as starting:

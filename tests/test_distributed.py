@@ -28,8 +28,11 @@ pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
 @pytest.fixture
 async def nodes(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[list[Node]]:
-    """Two workers (queues w0/w1 and `any`) and two front-ends, on the session's Redis."""
-    async with cluster(tmp_path, redis_server.url) as started:
+    """Two workers (queues w0/w1 and `any`) and two front-ends, on the session's Redis; one preset, pinned
+    to the queue w1, configured on all of them."""
+    config = tmp_path / "offload.toml"
+    config.write_text('[presets.pinned]\ncommand = "echo $PPID"\nqueue = "w1"\n')
+    async with cluster(tmp_path, redis_server.url, config=config) as started:
         yield started
 
 
@@ -76,6 +79,8 @@ async def test_front_ends_share_tasks_workers_run_them_and_cancel_reaches_across
             )
             assert done["status"] == "completed", done
             assert done["task"]["output"]["text"] == f"{worker.process.pid}\n"
+        pinned = await tool(one, "fire_tool", tool="pinned", arguments={}, wait_s=20)
+        assert pinned["task"]["output"]["text"] == f"{workers[1].process.pid}\n"  # the preset's own queue
 
         # cancel on the other front-end stops the command on its worker
         running, _ = await until_running(one, "sleep 300 & echo ready > $READY; wait")
@@ -206,5 +211,7 @@ def test_distributed_settings_are_checked_and_never_echo_the_password() -> None:
     with pytest.raises(ConfigError, match=r"redis_url = 'http://\*\*\*@h': .*redis:// or rediss://") as caught:
         load_settings(environ={"OFFLOAD_REDIS_URL": "http://u:hunter2hunter2@h"})
     assert "hunter2" not in str(caught.value)
+    with pytest.raises(ConfigError, match="presets pinned name a worker queue, which needs distributed mode"):
+        load_settings(overrides={"presets": {"pinned": {"command": "make", "queue": "w1"}}})
     with pytest.raises(ConfigError, match="detach"):
         load_settings(environ={"OFFLOAD_REDIS_URL": "redis://h/0", "OFFLOAD_DETACH": "true"})
