@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -712,6 +714,92 @@ async def sandbox(quick: bool) -> CaseResult:
     return result
 
 
+async def proxy(quick: bool) -> CaseResult:
+    """Proxy mode (issue 15): `time.get_current_time` of `mcp-server-time`, warm, called directly and fired
+    through an `offload-mcp` subprocess (fire_tool with wait_s, so the reply carries the result), one after
+    another; then 50 at once on the one upstream session, both ways. Same run, same machine."""
+    n = 30 if quick else 200
+    result = CaseResult("proxy (mcp-server-time)")
+    command = shutil.which("mcp-server-time") or str(Path(sys.executable).with_name("mcp-server-time"))
+    upstream = StdioServerParameters(command=command, args=[])
+    arguments = {"timezone": "UTC"}
+    with tempfile.TemporaryDirectory(prefix="offload-bench-") as folder:
+        config = Path(folder) / "offload.toml"
+        config.write_text(f'[mcp_servers.time]\ncommand = {json.dumps(command)}\nstart = "eager"\n')
+        async with Client(upstream, mode="auto") as direct, stdio_client("auto", "--config", str(config)) as offload:
+
+            async def call_direct() -> None:
+                assert not (await direct.call_tool("get_current_time", arguments)).is_error
+
+            async def call_through() -> None:
+                reply = await offload.call_tool(
+                    "fire_tool",
+                    {"tool": "time.get_current_time", "arguments": arguments, "use_cache": False, "wait_s": 10},
+                )
+                assert reply.structured_content is not None
+                assert reply.structured_content["status"] == "completed"
+
+            await _timed(call_direct, 5)
+            await _timed(call_through, 5)  # warm: sessions started, code paths run once
+            direct_s, through_s = [], []
+            for _ in range(n // 10):  # interleaved, so drift on a shared machine hits both alike
+                direct_s += await _timed(call_direct, 10)
+                through_s += await _timed(call_through, 10)
+
+            async def at_once(call: Callable[[], Awaitable[None]]) -> float:
+                started = time.perf_counter()
+                async with anyio.create_task_group() as tg:
+                    for _ in range(50):
+                        tg.start_soon(call)
+                return time.perf_counter() - started
+
+            fifty_direct_s = await at_once(call_direct)
+            fifty_through_s = await at_once(call_through)
+    engine_direct_s, engine_s = await _proxy_engine(n, command, arguments)
+    direct_ms, _ = _quantiles_ms(direct_s)
+    through_ms, through_p99_ms = _quantiles_ms(through_s)
+    overhead_ms = through_ms - direct_ms
+    result.add("direct call median", direct_ms, "ms")
+    result.add("through Offload median", through_ms, "ms")
+    result.add("through Offload p99", through_p99_ms, "ms")
+    result.add("overhead", overhead_ms, "ms", "<= +2 ms", overhead_ms <= 2)
+    result.add("through / direct", through_ms / direct_ms, "x")
+    result.add("50 at once, direct", fifty_direct_s * 1000, "ms")
+    result.add("50 at once, through Offload", fifty_through_s * 1000, "ms")
+    engine_direct_ms, engine_ms = _quantiles_ms(engine_direct_s)[0], _quantiles_ms(engine_s)[0]
+    result.add("in-process: session call median", engine_direct_ms, "ms")
+    result.add("in-process: fire + wait median", engine_ms, "ms")
+    result.add("in-process: engine overhead", engine_ms - engine_direct_ms, "ms")
+    return result
+
+
+async def _proxy_engine(n: int, command: str, arguments: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """The engine alone, without the MCP hop to Offload: `Executor.fire` + `wait` against a call on the very
+    session the fired task uses."""
+    servers = {"time": {"command": command, "start": "eager"}}
+    async with bench_runtime(mcp_servers=servers, max_active_per_owner=10 * n) as runtime:
+        executor = runtime.executor
+        upstream = runtime.upstreams.upstreams["time"] if runtime.upstreams else None
+        assert upstream is not None
+        assert upstream.current is not None
+        session = upstream.current.client
+
+        async def direct() -> None:
+            await session.call_tool("get_current_time", arguments)
+
+        async def through() -> None:
+            task = executor.fire("local", "time.get_current_time", arguments, use_cache=False).task
+            await executor.wait([task], 10, "all")
+
+        await _timed(direct, 5)
+        await _timed(through, 5)
+        direct_s, through_s = [], []
+        for _ in range(n // 10):
+            direct_s += await _timed(direct, 10)
+            through_s += await _timed(through, 10)
+    return direct_s, through_s
+
+
 CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "fire_latency": fire_latency,
     "fire_latency_idle": fire_latency_idle,
@@ -731,6 +819,7 @@ CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "client_reuse": client_reuse,
     "notify_latency": notify_latency,
     "sandbox": sandbox,
+    "proxy": proxy,
 }
 
 

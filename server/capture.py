@@ -27,7 +27,15 @@ from pathlib import Path
 
 from server.output import OutputLog
 from tools import exit_record
-from tools.process import become_subreaper, group_alive, signal_group
+from tools.process import (
+    TASK_MARKER,
+    become_subreaper,
+    exit_notice,
+    force_portable,
+    group_alive,
+    leftovers,
+    signal_group,
+)
 
 READ_CHUNK_BYTES = 64 * 1024
 DRAIN_AFTER_EXIT_S = 0.5
@@ -40,10 +48,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--file-max", type=int, required=True)
     parser.add_argument("--grace", type=float, required=True)
     parser.add_argument("--stdin", type=Path)
+    parser.add_argument("--portable", action="store_true", help="the portable process core (no pidfd, no /proc)")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if args.portable:
+        force_portable()
     become_subreaper()
     started = time.monotonic()
     log = OutputLog(args.log, args.file_max)
@@ -71,21 +82,20 @@ def _announce(pid: int) -> None:
 
 def _capture(child: subprocess.Popen[bytes], read_fd: int, log: OutputLog, grace_s: float) -> dict[str, int]:
     """Copies output until the command exits and the pipe drains (bounded), then ends the rest."""
-    pidfd = os.pidfd_open(child.pid)
-    deadline: float | None = None
-    open_pipe = True
-    while open_pipe:
-        timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
-        ready, _, _ = select.select([read_fd] + ([pidfd] if deadline is None else []), [], [], timeout)
-        if read_fd in ready:
-            open_pipe = _copy(read_fd, log)
-        if pidfd in ready:
-            deadline = time.monotonic() + DRAIN_AFTER_EXIT_S
-        if not ready and deadline is not None:
-            break  # a background child holds the pipe: end it below
-    returncode = child.wait()
-    _end_leftovers(child.pid, read_fd, log, grace_s)
-    os.close(pidfd)
+    with exit_notice(child) as exited:
+        deadline: float | None = None
+        open_pipe = True
+        while open_pipe:
+            timeout = None if deadline is None else max(deadline - time.monotonic(), 0)
+            ready, _, _ = select.select([read_fd] + ([exited] if deadline is None else []), [], [], timeout)
+            if read_fd in ready:
+                open_pipe = _copy(read_fd, log)
+            if exited in ready:
+                deadline = time.monotonic() + DRAIN_AFTER_EXIT_S
+            if not ready and deadline is not None:
+                break  # a background child holds the pipe: end it below
+        returncode = child.wait()
+        _end_leftovers(child.pid, read_fd, log, grace_s)
     return {"signal": -returncode} if returncode < 0 else {"exit_code": returncode}
 
 
@@ -129,19 +139,9 @@ def _read_for(read_fd: int, log: OutputLog, seconds: float, until: Callable[[], 
 
 
 def _our_children() -> list[int]:
-    children: list[int] = []
-    for task in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
-        with contextlib.suppress(OSError):
-            children.extend(int(pid) for pid in task.read_text().split())
-    return [pid for pid in children if _alive(pid)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    """What the command left: our children (orphans come to this subreaper), or, with the portable
+    core, every process still carrying the task's marker (this one carries it too, and is left out)."""
+    return leftovers(os.environ.get(TASK_MARKER))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from server.errors import ConfigError
 from server.redact import mask_url
+from server.upstreams import McpServerSettings, ServerName
 from tools.clients import ClientsConfig
 from tools.policy import Mode, ShellPolicy
 from tools.presets import Preset, validate_rule
@@ -74,6 +76,8 @@ class OwnerSettings(BaseModel):
     """The part of max_concurrency this owner may run at once."""
     admin: bool = False
     """Sees server-wide figures in offload://stats."""
+    mcp_servers: tuple[str, ...] | None = None
+    """Globs of the upstream MCP servers (proxy mode) this owner may fire tools of; left out: every one."""
 
 
 class Settings(BaseModel):
@@ -101,11 +105,20 @@ class Settings(BaseModel):
     directory then settles its tasks (on one machine a dead server is known at once by its lock)."""
     detach: bool = False
     """Shell commands outlive the server and are followed again after a restart."""
+    portable_process: bool = False
+    """Use the portable process core (psutil identity, no pidfd, no /proc, no subreaper) even on Linux,
+    where the Linux one is the default: what macOS runs, so CI runs it on every change."""
     max_active_per_owner: Annotated[int, Field(ge=1)] = 1000
     """Queued plus running tasks one owner may have; more is refused with a clear error."""
     sweep_interval_s: PositiveSeconds = 60.0
     kill_grace_s: Annotated[float, Field(gt=0, le=60)] = 1.0
     shutdown_timeout_s: Annotated[float, Field(gt=0, le=60)] = 1.5
+    shell_env: Literal["login", "inherit"] = "login" if sys.platform == "darwin" else "inherit"
+    """"login": commands get the environment of the user's login shell ($SHELL -l -i), read once at start
+    (an app started by launchd, like Claude Desktop, has a minimal PATH); "inherit": the server's own.
+    The default is "login" on macOS, "inherit" elsewhere; a login shell that fails falls back to "inherit"."""
+    shell_path: str | None = None
+    """The PATH commands get, whatever shell_env says."""
     shell_secret_markers: tuple[str, ...] = SECRET_MARKERS
     shell_pass_env: tuple[str, ...] = ()
     presets: dict[str, PresetSettings] = {}
@@ -174,6 +187,10 @@ class Settings(BaseModel):
     """Sandboxed commands reach the network (false: only a loopback of their own)."""
     owners: dict[OwnerName, OwnerSettings] = {}
     """Per-owner tokens and policy; `[auth_tokens]` NAME = "VARIABLE" is shorthand for a token_env alone."""
+    mcp_servers: dict[ServerName, McpServerSettings] = {}
+    """Proxy mode: `[mcp_servers.NAME]` other MCP servers, each of whose tools is fireable as NAME.tool."""
+    mcp_servers_file: Path | None = None
+    """A Claude Desktop / Claude Code config file whose `mcpServers` are read as they are (tables here win)."""
 
     @field_validator("redis_url")
     @classmethod
@@ -366,7 +383,7 @@ _NOT_SETTINGS = {"CONFIG", "AUTH_TOKEN"}
 """OFFLOAD_CONFIG names the file; OFFLOAD_AUTH_TOKEN is a secret, read only by `server.auth`."""
 
 
-_TABLES = ("presets", "tool_concurrency", "auth_tokens", "owners")
+_TABLES = ("presets", "tool_concurrency", "auth_tokens", "owners", "mcp_servers")
 """Settings that only the TOML file can give."""
 
 

@@ -37,7 +37,7 @@ from docket import Docket, Worker
 from server.config import Settings
 from server.executor import Executor
 from server.redis_store import CANCEL_FENCE, STATUS_CHANGED, RedisStore
-from server.runner import REPLY_HOPS, Lifecycle
+from server.runner import REPLY_HOPS, Lifecycle, cancel_error
 from server.tasks import ErrorKind, Status, Task, TaskError
 from tools.process import kill_left_behind
 from tools.registry import Handler
@@ -88,7 +88,7 @@ class DocketRunner:
 
     def cancel(self, task: Task) -> None:
         if self._store.request_cancel(task.id):  # no worker had taken it: it never starts; settled here
-            self._lifecycle.cancelled_unstarted(task)
+            self._lifecycle.finish(task, Status.CANCELLED, cancel_error(task))
 
     async def _enqueue(self, task: Task) -> None:
         for _ in range(REPLY_HOPS):  # the reply to fire leaves first, as with a local run
@@ -241,11 +241,18 @@ class WorkerEngine:
         try:
             self.executor.run_here(task)
             if self.store.cancel_requested(task.id):  # cancelled between the fence and here
-                self.executor.stop(task.id)
+                self.stop(task.id)
             await task.handle.released.wait()
         finally:
             self.running -= 1
             self.ran += 1
+
+    def stop(self, task_id: str) -> None:
+        """Cancels the task if this worker runs it: TERM the group, grace, KILL; the outcome is written here."""
+        for task in self.executor.active_tasks():
+            if task.id == task_id:
+                task.handle.cancel_reason = ErrorKind.CANCELLED_BY_CLIENT
+                task.handle.scope.cancel()
 
     async def _take_over(self, task_id: str, holder: str) -> None:
         """A redelivered job whose fence a worker took. If that worker lives, it still runs the task: nothing
@@ -291,7 +298,7 @@ class WorkerEngine:
                     await pubsub.subscribe(self.store.cancel_channel)
                     async for message in pubsub.listen():
                         if message["type"] == "message":
-                            self.executor.stop(_text(message["data"]))
+                            self.stop(_text(message["data"]))
             except (redis.exceptions.RedisError, OSError) as exc:
                 log.warning("lost the cancel channel of Redis at %s (%s); reconnecting", self.store.where, exc)
             finally:

@@ -26,7 +26,7 @@ from server.errors import ForeignTaskError, RequestError
 from server.lookup import Lookup
 from server.output import OutputWriter
 from server.reuse import Counters, Fired, Reuse
-from server.runner import Lifecycle, LocalRunner, Runner, cancel_error
+from server.runner import Lifecycle, LocalRunner, Runner
 from server.store import TaskStore
 from server.task_context import context_for
 from server.tasks import ErrorKind, Status, Task, TaskError
@@ -70,6 +70,7 @@ class Executor:
         self._runner: Runner = (
             LocalRunner(task_group, settings, registry, self) if make_runner is None else make_runner(self)
         )
+        self.runs_here = not self._runner.reaches_everywhere  # False on a distributed front-end
 
     def __repr__(self) -> str:
         c = self.counters
@@ -77,11 +78,6 @@ class Executor:
             f"<Executor active={len(self._active)} hot={len(self._reuse.hot)} fired={c.fired} "
             f"outcomes={dict(c.outcomes)} cache_hits={c.cache_hits} joined={c.joined} waiting={self._waiters.count}>"
         )
-
-    @property
-    def runs_here(self) -> bool:
-        """False on a distributed front-end: its tasks run on workers."""
-        return not self._runner.reaches_everywhere
 
     @property
     def counters(self) -> Counters:
@@ -102,10 +98,7 @@ class Executor:
     ) -> Fired:
         """Admits, commits and schedules; raises RequestError subclasses before anything starts."""
         if target is not None and not self._runner.reaches_everywhere:
-            raise RequestError(
-                f"target={target!r} routes a task to a worker queue, which needs distributed mode (redis_url); "
-                "this server runs every task itself: fire again without target"
-            )
+            raise RequestError(f"target={target!r} needs distributed mode (redis_url): fire again without target")
         admitted = self._admission.admit(owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s)
         key = admitted.cache_key
         if key is not None:
@@ -165,10 +158,16 @@ class Executor:
         task.finished_at = self._clock()
         self.store.record_outcome(task)
         self.release(task)
-        self._reuse.finished(task)
         if task.process is not None:
             tend_orphans(self._active)  # what its command left outside the group, marked or not
+        self._announce_end(task)
+
+    def _announce_end(self, task: Task) -> None:
+        self._reuse.finished(task)
         task.handle.done.set()
+        self._announce(task)
+
+    def _announce(self, task: Task) -> None:
         for listener in task.handle.listeners:
             listener.set()
         self.changes.publish(task)
@@ -241,25 +240,16 @@ class Executor:
         task.handle.cancel_reason = ErrorKind.CANCELLED_BY_CLIENT
         self._runner.cancel(task)
         if self._runner.reaches_everywhere:  # the worker confirms through the change stream
-            done, _ = await self.wait([task], self.settings.kill_grace_s + 5.0, "all")
-            return done[0]
+            return (await self.wait([task], self.settings.kill_grace_s + 5.0, "all"))[0][0]
         with anyio.move_on_after(self.settings.kill_grace_s + 2.0):
             await task.handle.done.wait()
         return task
 
-    def cancelled_unstarted(self, task: Task) -> None:
-        """Settles a task that no worker had taken when it was cancelled (distributed mode)."""
-        if task.id not in self._active:
-            self.settle(task, Status.CANCELLED, cancel_error(task), None)
-        else:
-            self.finish(task, Status.CANCELLED, cancel_error(task))
-
     # ---- distributed mode ----
 
     def remote_change(self, task_id: str, *, status_changed: bool = True) -> None:
-        """A task changed in another process (the change stream says so): a task fired here takes its
-        stored state (and finishes here, with notifications, if it finished there); another's is read
-        and published when its status changed (notifications for this front-end's subscribers); waiters wake."""
+        """A task changed in another process: one fired here takes the stored state (and finishes here if it
+        finished there); another's is published when its status changed; waiters wake."""
         task = self._active.get(task_id)
         if task is not None and self._runner.reaches_everywhere:
             stored = self._lookup.load(task_id)
@@ -277,32 +267,16 @@ class Executor:
         if task.process is not None:
             task.handle.started.set()
         if not task.status.finished:
-            for listener in task.handle.listeners:
-                listener.set()
-            self.changes.publish(task)
+            self._announce(task)
             return
         task.error, task.result, task.finished_at = stored.error, stored.result, stored.finished_at
         self.release(task)
-        self._reuse.finished(task)
-        task.handle.done.set()
-        for listener in task.handle.listeners:
-            listener.set()
-        self.changes.publish(task)
+        self._announce_end(task)
 
     def run_here(self, task: Task) -> None:
-        """Runs a task a front-end queued (a worker's executor): with this process's limits and bookkeeping."""
-        assert task.spec is not None
+        assert task.spec is not None  # a worker runs a queued task with its own limits and bookkeeping
         task.local = True
         self._start(task, task.spec.handler)
-
-    def stop(self, task_id: str, reason: ErrorKind = ErrorKind.CANCELLED_BY_CLIENT) -> bool:
-        """Cancels a task this process runs (TERM, grace, KILL); False when it runs none by that id."""
-        task = self._active.get(task_id)
-        if task is None:
-            return False
-        task.handle.cancel_reason = reason
-        task.handle.scope.cancel()
-        return True
 
     async def shutdown(self) -> None:
         """Cancels every task (process groups TERM, then KILL) and waits, bounded, for them."""
@@ -322,12 +296,13 @@ class Executor:
             await anyio.to_thread.run_sync(self.store.remove_files, expired)
         return len(expired)
 
-    async def upkeep_forever(self) -> None:
-        """Expires old results and checkpoints the store's WAL, off the commit path."""
-        while True:
-            await anyio.sleep(self.settings.sweep_interval_s)
-            try:
-                await self.sweep()
-                await anyio.to_thread.run_sync(self.store.checkpoint)
-            except Exception:
-                log.exception("store upkeep failed; will try again")
+
+async def upkeep_forever(executor: Executor) -> None:
+    """Expires old results and checkpoints the store's WAL, off the commit path."""
+    while True:
+        await anyio.sleep(executor.settings.sweep_interval_s)
+        try:
+            await executor.sweep()
+            await anyio.to_thread.run_sync(executor.store.checkpoint)
+        except Exception:
+            log.exception("store upkeep failed; will try again")

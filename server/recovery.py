@@ -23,7 +23,7 @@ import anyio
 from server.executor import Executor
 from server.tasks import ErrorKind, Status, Task, TaskError
 from tools.context import JSON, ToolContext
-from tools.process import end_marked, is_same_process, kill_left_behind, tend_orphans
+from tools.process import carries_marker, end_marked, is_same_process, kill_left_behind, tend_orphans
 from tools.registry import Handler, Recover
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ async def _recover_one(executor: Executor, task: Task, report: Recovered) -> Non
         return
     hook = task.spec.recover if task.spec is not None else None
     if hook is not None:
-        following = task.watcher is not None and is_same_process(task.watcher)
+        watcher = task.watcher
+        following = watcher is not None and (is_same_process(watcher) or carries_marker(watcher.pid, task.id))
         executor.adopt(task, _as_handler(hook, task), following=following)
         report.handed_to_tool += 1
         if not following:

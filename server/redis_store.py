@@ -91,7 +91,161 @@ return {'ok', ''}
 """
 
 
-class RedisStore:
+class RedisRecords:
+    """Reading task records out of Redis (and the key and channel names): what every process needs, the
+    front-ends' lookups above all. `RedisStore` adds the writes, leases, fences and expiry."""
+
+    redis: redis.Redis
+    ns: str
+    where: str
+    output_max_bytes: int
+
+    def key(self, kind: str, name: str) -> str:
+        return self._key(kind, name)
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.ns}:{kind}:{name}"
+
+    @property
+    def changes_channel(self) -> str:
+        return f"{self.ns}:changes"
+
+    @property
+    def cancel_channel(self) -> str:
+        return f"{self.ns}:cancel"
+
+    def _reachable(self) -> AbstractContextManager[None]:
+        return reachable(self.where)
+
+    def new_output(self, task_id: str, file_max_bytes: int) -> RedisLog:
+        return RedisLog(
+            self.redis, self._key("out", task_id), self._key("outmeta", task_id), file_max_bytes, self.where
+        )
+
+    def load(self, task_id: str, spec_of: SpecOf) -> Task | None:
+        with self._reachable():
+            raw = self.redis.hgetall(self._key("task", task_id))
+        if not raw:
+            return None
+        record = {_text(k): _decode(v) for k, v in raw.items()}
+        return self._task(record, spec_of)
+
+    def arguments_json(self, task_id: str) -> str | None:
+        value = _decode(self.redis.hget(self._key("task", task_id), "arguments"))
+        return None if value is None else str(value)
+
+    def _records(self, ids: list[str], fields: tuple[str, ...]) -> list[dict[str, Any] | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hmget(self._key("task", task_id), list(fields))
+        found: list[dict[str, Any] | None] = []
+        for values in pipe.execute():
+            if values[0] is None:
+                found.append(None)
+            else:
+                found.append({name: _decode(v) for name, v in zip(fields, values, strict=True)})
+        return found
+
+    def _owner_records(self, owner: str, fields: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+        """The owner's records, newest first, a page at a time."""
+        zkey = self._key("owner", owner)
+        start = 0
+        page = 200
+        with self._reachable():
+            while True:
+                ids = [_text(i) for i in self.redis.zrevrange(zkey, start, start + page - 1)]
+                if not ids:
+                    return
+                for record in self._records(ids, fields):
+                    if record is not None:
+                        yield record
+                start += page
+
+    def summaries(
+        self, owner: str, now: float, status: Status | None, tool: str | None, limit: int
+    ) -> list[TaskSummary]:
+        fields = ("id", "tool", "status", "error_kind", "created_at", "finished_at", "expires_at")
+        found: list[TaskSummary] = []
+        for record in self._owner_records(owner, fields):
+            if _expired(record, now) or (status is not None and record["status"] != status.value):
+                continue
+            if tool is not None and record["tool"] != tool:
+                continue
+            found.append(
+                TaskSummary(
+                    task_id=record["id"],
+                    tool=record["tool"],
+                    status=Status(record["status"]),
+                    error_kind=None if record["error_kind"] is None else error_kind(record["error_kind"]),
+                    created_at=iso(record["created_at"]) or "",
+                    finished_at=iso(record["finished_at"]),
+                )
+            )
+            if len(found) >= limit:
+                break
+        return found
+
+    def count_by_status(self, owner: str, now: float) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for record in self._owner_records(owner, ("status", "expires_at")):
+            if not _expired(record, now):
+                counts[record["status"]] = counts.get(record["status"], 0) + 1
+        return counts
+
+    def reusable(self, cache_key: str, now: float) -> str | None:
+        with self._reachable():
+            ids = [_text(i) for i in self.redis.zrevrange(self._key("cache", cache_key), 0, 20)]
+            for record in self._records(ids, ("id", "status", "expires_at")) if ids else []:
+                if record is not None and record["status"] == Status.COMPLETED.value and not _expired(record, now):
+                    return str(record["id"])
+        return None
+
+    def tombstone(self, task_id: str) -> Expired | None:
+        with self._reachable():
+            raw = self.redis.hgetall(self._key("tomb", task_id))
+        if not raw:
+            return None
+        return Expired(_text(raw[b"owner"]), float(raw[b"at"]))
+
+    def _task(self, record: dict[str, Any], spec_of: SpecOf) -> Task:
+        error = None
+        if record.get("error_kind") is not None:
+            error = TaskError(kind=error_kind(record["error_kind"]), message=record.get("error_message") or "")
+        task_id = str(record["id"])
+        return Task(
+            id=task_id,
+            tool=record["tool"],
+            owner=record["owner"],
+            created_at=record["created_at"],
+            ttl_s=record["ttl_s"],
+            output=self.new_output(task_id, self.output_max_bytes),
+            spec=spec_of(record["tool"]),
+            timeout_s=record.get("timeout_s"),
+            time_left_s=record.get("timeout_s"),
+            cache_key=record.get("cache_key"),
+            status=Status(record["status"]),
+            started_at=record.get("started_at"),
+            finished_at=record.get("finished_at"),
+            result=record.get("result"),
+            error=error,
+            process=_process(record.get("pid"), record.get("start_ticks"), record.get("boot_id")),
+            watcher=_process(record.get("watcher_pid"), record.get("watcher_ticks"), record.get("boot_id")),
+            detached=bool(record.get("detached")),
+            queue=record.get("queue"),
+            local=False,
+        )
+
+
+@contextmanager
+def reachable(where: str) -> Iterator[None]:
+    """Redis not answering, as the error a caller can act on (naming redis_url, its password masked)."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise StoreUnreachableError(where, type(exc).__name__) from exc
+
+
+class RedisStore(RedisRecords):
     def __init__(
         self, client: redis.Redis, url: str, root: Path, *, namespace: str = "offload", lease_s: float = 10.0
     ) -> None:
@@ -137,35 +291,11 @@ class RedisStore:
             log.warning("could not give up the lease in Redis at %s: %s", self.where, exc)
         self.redis.close()
 
-    def key(self, kind: str, name: str) -> str:
-        return self._key(kind, name)
-
-    def _key(self, kind: str, name: str) -> str:
-        return f"{self.ns}:{kind}:{name}"
-
-    @property
-    def changes_channel(self) -> str:
-        return f"{self.ns}:changes"
-
-    @property
-    def cancel_channel(self) -> str:
-        return f"{self.ns}:cancel"
-
-    def _reachable(self) -> AbstractContextManager[None]:
-        return reachable(self.where)
-
     def output_path(self, task_id: str) -> Path:
         return self.root / "output" / f"{task_id}.log"
 
     def exit_path(self, task_id: str) -> Path:
         return self.root / "output" / f"{task_id}.exit"
-
-    def new_output(self, task_id: str, file_max_bytes: int) -> RedisLog:
-        return RedisLog(
-            self.redis, self._key("out", task_id), self._key("outmeta", task_id), file_max_bytes, self.where
-        )
-
-    # ---- writes ----
 
     def add(self, task: Task) -> None:
         """Raises `StoreUnreachableError` when Redis does not answer: nothing is started then."""
@@ -271,95 +401,6 @@ class RedisStore:
         except redis.exceptions.RedisError as exc:
             log.warning("could not record a change of task %s in Redis at %s: %s", task_id, self.where, exc)
 
-    # ---- reads ----
-
-    def load(self, task_id: str, spec_of: SpecOf) -> Task | None:
-        with self._reachable():
-            raw = self.redis.hgetall(self._key("task", task_id))
-        if not raw:
-            return None
-        record = {_text(k): _decode(v) for k, v in raw.items()}
-        return self._task(record, spec_of)
-
-    def arguments_json(self, task_id: str) -> str | None:
-        value = _decode(self.redis.hget(self._key("task", task_id), "arguments"))
-        return None if value is None else str(value)
-
-    def _records(self, ids: list[str], fields: tuple[str, ...]) -> list[dict[str, Any] | None]:
-        pipe = self.redis.pipeline(transaction=False)
-        for task_id in ids:
-            pipe.hmget(self._key("task", task_id), list(fields))
-        found: list[dict[str, Any] | None] = []
-        for values in pipe.execute():
-            if values[0] is None:
-                found.append(None)
-            else:
-                found.append({name: _decode(v) for name, v in zip(fields, values, strict=True)})
-        return found
-
-    def _owner_records(self, owner: str, fields: tuple[str, ...]) -> Iterator[dict[str, Any]]:
-        """The owner's records, newest first, a page at a time."""
-        zkey = self._key("owner", owner)
-        start = 0
-        page = 200
-        with self._reachable():
-            while True:
-                ids = [_text(i) for i in self.redis.zrevrange(zkey, start, start + page - 1)]
-                if not ids:
-                    return
-                for record in self._records(ids, fields):
-                    if record is not None:
-                        yield record
-                start += page
-
-    def summaries(
-        self, owner: str, now: float, status: Status | None, tool: str | None, limit: int
-    ) -> list[TaskSummary]:
-        fields = ("id", "tool", "status", "error_kind", "created_at", "finished_at", "expires_at")
-        found: list[TaskSummary] = []
-        for record in self._owner_records(owner, fields):
-            if _expired(record, now) or (status is not None and record["status"] != status.value):
-                continue
-            if tool is not None and record["tool"] != tool:
-                continue
-            found.append(
-                TaskSummary(
-                    task_id=record["id"],
-                    tool=record["tool"],
-                    status=Status(record["status"]),
-                    error_kind=None if record["error_kind"] is None else error_kind(record["error_kind"]),
-                    created_at=iso(record["created_at"]) or "",
-                    finished_at=iso(record["finished_at"]),
-                )
-            )
-            if len(found) >= limit:
-                break
-        return found
-
-    def count_by_status(self, owner: str, now: float) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for record in self._owner_records(owner, ("status", "expires_at")):
-            if not _expired(record, now):
-                counts[record["status"]] = counts.get(record["status"], 0) + 1
-        return counts
-
-    def reusable(self, cache_key: str, now: float) -> str | None:
-        with self._reachable():
-            ids = [_text(i) for i in self.redis.zrevrange(self._key("cache", cache_key), 0, 20)]
-            for record in self._records(ids, ("id", "status", "expires_at")) if ids else []:
-                if record is not None and record["status"] == Status.COMPLETED.value and not _expired(record, now):
-                    return str(record["id"])
-        return None
-
-    def tombstone(self, task_id: str) -> Expired | None:
-        with self._reachable():
-            raw = self.redis.hgetall(self._key("tomb", task_id))
-        if not raw:
-            return None
-        return Expired(_text(raw[b"owner"]), float(raw[b"at"]))
-
-    # ---- leases ----
-
     def heartbeat(self, now: float) -> None:
         with self._reachable():
             self.redis.set(self._key("instance", self.instance), "1", px=int(self.lease_s * 1000))
@@ -404,8 +445,6 @@ class RedisStore:
     def checkpoint(self) -> None:
         """Nothing to do: Redis persists as its operator configured it."""
 
-    # ---- expiry ----
-
     def sweep(self, now: float, tombstones_max: int) -> list[str]:
         with self._reachable():
             ids = [_text(i) for i in self.redis.zrangebyscore(f"{self.ns}:expiring", "-inf", now)]
@@ -439,45 +478,6 @@ class RedisStore:
             for path in (self.output_path(task_id), self.exit_path(task_id)):
                 path.unlink(missing_ok=True)
 
-    # ---- record mapping ----
-
-    def _task(self, record: dict[str, Any], spec_of: SpecOf) -> Task:
-        error = None
-        if record.get("error_kind") is not None:
-            error = TaskError(kind=error_kind(record["error_kind"]), message=record.get("error_message") or "")
-        task_id = str(record["id"])
-        return Task(
-            id=task_id,
-            tool=record["tool"],
-            owner=record["owner"],
-            created_at=record["created_at"],
-            ttl_s=record["ttl_s"],
-            output=self.new_output(task_id, self.output_max_bytes),
-            spec=spec_of(record["tool"]),
-            timeout_s=record.get("timeout_s"),
-            time_left_s=record.get("timeout_s"),
-            cache_key=record.get("cache_key"),
-            status=Status(record["status"]),
-            started_at=record.get("started_at"),
-            finished_at=record.get("finished_at"),
-            result=record.get("result"),
-            error=error,
-            process=_process(record.get("pid"), record.get("start_ticks"), record.get("boot_id")),
-            watcher=_process(record.get("watcher_pid"), record.get("watcher_ticks"), record.get("boot_id")),
-            detached=bool(record.get("detached")),
-            queue=record.get("queue"),
-            local=False,
-        )
-
-
-@contextmanager
-def reachable(where: str) -> Iterator[None]:
-    """Redis not answering, as the error a caller can act on (naming redis_url, its password masked)."""
-    try:
-        yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-        raise StoreUnreachableError(where, type(exc).__name__) from exc
-
 
 def _process_fields(task: Task) -> dict[str, Any]:
     process = task.process
@@ -495,7 +495,7 @@ def _outcome(task: Task, *, output_total: int | None = None) -> dict[str, Any]:
         "finished_at": task.finished_at,
         "expires_at": task.expires_at,
         "result": task.result,
-        "error_kind": None if task.error is None else task.error.kind.value,
+        "error_kind": None if task.error is None else str(task.error.kind),
         "error_message": None if task.error is None else task.error.message,
         "output_total": task.output.total_bytes if output_total is None else output_total,
     }

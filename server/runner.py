@@ -9,6 +9,7 @@ group, so one task's crash never takes down the server or another task.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from typing import Protocol
 
@@ -38,7 +39,6 @@ class Lifecycle(Protocol):
     ) -> None: ...
     def release(self, task: Task) -> None: ...
     def context(self, task: Task) -> ToolContext: ...
-    def cancelled_unstarted(self, task: Task) -> None: ...
 
 
 class Runner(Protocol):
@@ -85,8 +85,9 @@ class LocalRunner:
             message = f"timed out after {task.timeout_s:g} s (timeout_s); its process group was killed"
             lifecycle.finish(task, Status.FAILED, TaskError(kind=ErrorKind.TIMEOUT, message=message))
         except TaskFailure as failure:
-            error = TaskError(kind=error_kind(failure.kind), message=failure.message)
-            lifecycle.finish(task, Status.FAILED, error, failure.result)
+            message = failure.message if isinstance(failure.message, str) else "the tool failed without saying why"
+            error = TaskError(kind=error_kind(failure.kind), message=message)
+            lifecycle.finish(task, Status.FAILED, error, failure.result if _is_json_object(failure.result) else None)
         except LeftRunning as left:
             log.info("task %s left running on purpose: %s", task.id, left)
             lifecycle.release(task)
@@ -112,13 +113,27 @@ class LocalRunner:
         ):
             self._lifecycle.running(task)
             with anyio.fail_after(task.time_left_s):
-                return await handler(task.arguments, self._lifecycle.context(task))
+                result = await handler(task.arguments, self._lifecycle.context(task))
+            if not _is_json_object(result):  # a plugin's slip must fail its task, not the server
+                raise TypeError(f"the tool returned {type(result).__name__}, not a JSON object")
+            return result
 
     def _owner_limiter(self, owner: str) -> anyio.CapacityLimiter | None:
         if owner not in self._owner_limiters:
             slots = self._settings.slots_for(owner)
             self._owner_limiters[owner] = None if slots is None else anyio.CapacityLimiter(slots)
         return self._owner_limiters[owner]
+
+
+def _is_json_object(value: object) -> bool:
+    """What a result must be to be stored and returned."""
+    if not isinstance(value, dict):
+        return False
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _tool_limiters(registry: Registry, settings: Settings) -> dict[str, anyio.CapacityLimiter]:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -27,9 +28,9 @@ from server.changes import Subscriber
 from server.config import Settings, clients_config, data_dir
 from server.distributed import DocketRunner, follow_changes, live_workers, queue_depths
 from server.errors import ConfigError, ForeignTaskError, RequestError, StoreUnreachableError
-from server.executor import Executor, RunnerFactory
+from server.executor import Executor, RunnerFactory, upkeep_forever
 from server.recovery import recover, watch_peers
-from server.redact import Redactor, url_password
+from server.redact import Redactor, known_secrets, url_password
 from server.redis_store import RedisStore
 from server.runner import Lifecycle
 from server.store import Store, TaskStore
@@ -46,16 +47,19 @@ from server.tasks import (
     UnknownTask,
     task_uri,
 )
+from server.upstreams import check_names, prepare, upstreams_config
 from server.waiting import ProgressFn, ReturnWhen
 from tools import sandbox
 from tools.claude import claude_specs
 from tools.clients import ClientPool
 from tools.github import github_specs
 from tools.http import http_specs
+from tools.login_env import with_command_environment
 from tools.presets import preset_specs
-from tools.process import become_subreaper, end_orphans
+from tools.process import become_subreaper, end_orphans, force_portable, portable
 from tools.registry import Registry, ToolSpec
-from tools.shell import shell_spec
+from tools.shell import ShellConfig, shell_spec
+from tools.upstream import UpstreamSet
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,9 @@ SPAWN_WAIT_S = 5.0
 
 
 class Runtime:
+    upstreams: UpstreamSet | None = None
+    """Proxy mode's upstream MCP servers (their tools are in the registry as NAME.tool)."""
+
     def __init__(
         self,
         settings: Settings,
@@ -96,27 +103,24 @@ class Runtime:
         role: Literal["serve", "worker"] = "serve",
     ) -> AsyncIterator[Runtime]:
         """`role` "worker" (distributed mode only): tasks come from the worker's queues, not from MCP."""
+        if settings.portable_process:
+            force_portable()
         _use_pidfd_child_watcher()
         pool = ClientPool(clients_config(settings))
-        registry = await _registry(settings, pool, extra_tools, load_plugins)
+        registry, upstreams, login_secrets = await _registry(settings, pool, extra_tools, load_plugins)
         become_subreaper()  # what leaves a command's process group comes back to us
         store = _open_store(settings)
         try:
-            async with anyio.create_task_group() as tg:
-                make_runner: RunnerFactory | None = None
-                if isinstance(store, RedisStore) and role == "serve":
-                    redis_store = store
-                    redis_store.hands_off = True
-
-                    def make_runner(lifecycle: Lifecycle) -> DocketRunner:
-                        return DocketRunner(tg, settings, redis_store, lifecycle)
-
-                executor = Executor(registry, settings, clock, tg, store, make_runner)
+            async with upstreams, anyio.create_task_group() as tg:  # upstreams stop after every task has
+                executor = Executor(registry, settings, clock, tg, store, _runner_factory(store, settings, tg, role))
                 await _start_engine(executor, tg)
                 if isinstance(store, RedisStore) and role == "serve" and settings.redis_url is not None:
                     tg.start_soon(follow_changes, executor, store, settings.redis_url, name="offload change stream")
-                redactor = Redactor.from_environ(secret_variables(settings), secret_values(settings))
+                names = [*secret_variables(settings), *upstreams.referenced_variables()]
+                redactor = Redactor.from_environ(names, extra=[*login_secrets, *secret_values(settings)])
+                await upstreams.start_eager()
                 runtime = cls(settings, executor, pool, redactor, tg)
+                runtime.upstreams = upstreams
                 try:
                     yield runtime
                 finally:
@@ -169,6 +173,7 @@ class Runtime:
         owner: str,
         target: str | None = None,
     ) -> FireReply:
+        await prepare(self.upstreams, tool, owner)  # a lazy upstream MCP server starts on its first fire
         fired = self.executor.fire(
             owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s, use_cache=use_cache, target=target
         )
@@ -256,8 +261,9 @@ class Runtime:
         """The task itself, for a face that shapes its own reply (the tasks extension)."""
         return self.executor.get(owner, task_id)
 
-    def start(self, tool: str, arguments: dict[str, Any], *, owner: str) -> Task:
+    async def start(self, tool: str, arguments: dict[str, Any], *, owner: str) -> Task:
         """Fires with the defaults and returns the task itself (the tasks extension's tools/call)."""
+        await prepare(self.upstreams, tool, owner)  # the owner's upstreams only; a lazy one starts now
         return self.executor.fire(owner, tool, arguments).task
 
     async def settled(self, task: Task, wait_s: float) -> Task:
@@ -281,29 +287,11 @@ class Runtime:
         }
         if not self.settings.is_admin(owner):
             return mine
-        counters = executor.counters
-        everyone = executor.active_tasks()
-        per_tool = {
-            tool: {
-                "lookups": lookups,
-                "reused": counters.cache_reuses[tool],
-                "hit_rate": round(counters.cache_reuses[tool] / lookups, 3),
-            }
-            for tool, lookups in counters.cache_lookups.items()
-        }
-        server: dict[str, Any] = {
-            "queue_depth": sum(t.status is Status.QUEUED for t in everyone),
-            "running": sum(t.status is Status.RUNNING for t in everyone),
-        }
-        if isinstance(executor.store, RedisStore):
-            server["queues"] = queue_depths(executor.store)  # tasks waiting for a worker, per queue
         return {
             **mine,
-            "server": server,
-            "fired": counters.fired,
-            "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
+            **_server_wide(executor),
             "clients": self.pool.stats(),
-            "data_dir": str(data_dir(self.settings)),
+            "data_dir": str(data_dir(self.settings).expanduser()),
         }
 
     async def cancel(self, task_id: str, *, owner: str) -> TaskView:
@@ -314,13 +302,54 @@ class Runtime:
             task = await self.executor.cancel(owner, task_id)
         return self.output_view(task, 0, 4096, 4096)
 
-    def catalog(self) -> Catalog:
-        return catalog_of(self.executor.registry)
+    def catalog(self, *, owner: str) -> Catalog:
+        """The tools this owner may fire (an upstream the owner may not use is not listed)."""
+        upstreams = self.upstreams
+        return catalog_of(
+            spec for spec in self.executor.registry if upstreams is None or upstreams.allows(spec.name, owner)
+        )
 
     def workers(self) -> list[dict[str, Any]]:
         """Distributed mode's live workers (offload://workers); empty in single-process mode."""
         store = self.executor.store
         return live_workers(store, time.time()) if isinstance(store, RedisStore) else []
+
+
+def _server_wide(executor: Executor) -> dict[str, Any]:
+    """Every owner's work (per queue too, in distributed mode) and the reuse figures, for offload://stats."""
+    counters = executor.counters
+    everyone = executor.active_tasks()
+    per_tool = {
+        tool: {
+            "lookups": lookups,
+            "reused": counters.cache_reuses[tool],
+            "hit_rate": round(counters.cache_reuses[tool] / lookups, 3),
+        }
+        for tool, lookups in counters.cache_lookups.items()
+    }
+    server: dict[str, Any] = {
+        "queue_depth": sum(t.status is Status.QUEUED for t in everyone),
+        "running": sum(t.status is Status.RUNNING for t in everyone),
+    }
+    if isinstance(executor.store, RedisStore):
+        server["queues"] = queue_depths(executor.store)  # tasks waiting for a worker, per queue
+    return {
+        "server": server,
+        "fired": counters.fired,
+        "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
+    }
+
+
+def _runner_factory(store: TaskStore, settings: Settings, tg: TaskGroup, role: str) -> RunnerFactory | None:
+    """A distributed front-end's tasks run on workers (`DocketRunner`); everywhere else, here."""
+    if not isinstance(store, RedisStore) or role != "serve":
+        return None
+    store.hands_off = True  # every task it adds goes to a queue at once
+
+    def make_runner(lifecycle: Lifecycle) -> DocketRunner:
+        return DocketRunner(tg, settings, store, lifecycle)
+
+    return make_runner
 
 
 def _open_store(settings: Settings) -> TaskStore:
@@ -342,9 +371,9 @@ def _open_store(settings: Settings) -> TaskStore:
 
 async def _registry(
     settings: Settings, pool: ClientPool, extra_tools: Iterable[ToolSpec], load_plugins: bool
-) -> Registry:
-    """Every fireable tool, after checking that the shell's sandboxes can start here."""
-    shell = settings.shell_config()
+) -> tuple[Registry, UpstreamSet, list[str]]:
+    """Every fireable tool (other MCP servers' too), after checking that the shell's sandboxes can start here."""
+    shell = await with_command_environment(settings.shell_config(), settings.shell_env, settings.shell_path)
     try:
         await sandbox.check([shell.sandbox, *(owner.sandbox for owner in shell.owners.values())])
     except sandbox.SandboxError as exc:
@@ -361,7 +390,18 @@ async def _registry(
     )
     if load_plugins:
         registry.load_entry_points()
-    return registry
+    upstreams = UpstreamSet(upstreams_config(settings, _upstream_environ(shell)))
+    check_names(upstreams.config, registry.names())
+    registry.add_source(upstreams)
+    login_secrets = known_secrets(shell.base_env, ()) if shell.base_env is not None else []  # masked too
+    return registry, upstreams, login_secrets
+
+
+def _upstream_environ(shell: ShellConfig) -> Mapping[str, str]:
+    """Offload's own variables (what an upstream's `${VAR}` may take) with the PATH commands get: the login
+    shell's on macOS, or `shell_path`, so an upstream's `npx` is found where the user's terminal finds it."""
+    path = (shell.base_env or {}).get("PATH")
+    return os.environ if path is None else {**os.environ, "PATH": path}
 
 
 async def _start_engine(executor: Executor, tg: TaskGroup) -> None:
@@ -371,11 +411,11 @@ async def _start_engine(executor: Executor, tg: TaskGroup) -> None:
         await executor.sweep()
     except Exception:  # a full disk, Redis gone for a moment: serve anyway; the lease loop tries again
         log.exception("settling earlier tasks or expiring old ones failed; will try again")
-    tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
+    tg.start_soon(upkeep_forever, executor, name="offload store upkeep")
     tg.start_soon(watch_peers, executor, executor.settings.lease_s / 3, name="offload lease and peers")
 
 
-def catalog_of(registry: Registry) -> Catalog:
+def catalog_of(specs: Iterable[ToolSpec]) -> Catalog:
     return Catalog(
         tools=[
             FireableTool(
@@ -386,7 +426,7 @@ def catalog_of(registry: Registry) -> Catalog:
                 default_timeout_s=spec.default_timeout_s,
                 note=spec.note,
             )
-            for spec in registry
+            for spec in specs
         ]
     )
 
@@ -410,14 +450,15 @@ def secret_values(settings: Settings) -> list[str]:
 def _use_pidfd_child_watcher() -> None:
     """Python 3.11 watches each child with a thread (~1.5 ms of loop time a spawn, measured);
     pidfd watching, the default from 3.12, costs ~0.2 ms. Linux only; harmless to skip."""
-    if sys.version_info >= (3, 12) or not sys.platform.startswith("linux"):
+    if sys.version_info >= (3, 12) or portable():
         return
-    try:
-        current = asyncio.get_child_watcher()
-        if isinstance(current, asyncio.PidfdChildWatcher) and current.is_active():
-            return  # already watching this loop: replacing it would orphan its pending children
-        watcher = asyncio.PidfdChildWatcher()
-        watcher.attach_loop(asyncio.get_running_loop())
-        asyncio.set_child_watcher(watcher)
-    except (OSError, RuntimeError, AttributeError) as exc:  # old kernel, or not on asyncio
-        log.debug("keeping the default child watcher: %s", exc)
+    if sys.platform == "linux":  # a check mypy reads, so the block is skipped for other platforms
+        try:
+            current = asyncio.get_child_watcher()
+            if isinstance(current, asyncio.PidfdChildWatcher) and current.is_active():
+                return  # already watching this loop: replacing it would orphan its pending children
+            watcher = asyncio.PidfdChildWatcher()
+            watcher.attach_loop(asyncio.get_running_loop())
+            asyncio.set_child_watcher(watcher)
+        except (OSError, RuntimeError, AttributeError) as exc:  # old kernel, or not on asyncio
+            log.debug("keeping the default child watcher: %s", exc)

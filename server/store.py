@@ -136,7 +136,22 @@ class TaskStore(Protocol):
     def close(self) -> None: ...
 
 
-class Store:
+class FileLogs:
+    """Where a server on a data directory keeps each task's output log and exit record: files."""
+
+    output_dir: Path
+
+    def output_path(self, task_id: str) -> Path:
+        return self.output_dir / f"{task_id}.log"
+
+    def exit_path(self, task_id: str) -> Path:
+        return self.output_dir / f"{task_id}.exit"
+
+    def new_output(self, task_id: str, file_max_bytes: int) -> OutputLog:  # a file in the data directory
+        return OutputLog(self.output_path(task_id), file_max_bytes)
+
+
+class Store(FileLogs):
     def __init__(
         self, root: Path, connection: sqlite3.Connection, instance: str, lock_fd: int, lease_s: float = 10.0
     ) -> None:
@@ -151,8 +166,6 @@ class Store:
 
     def __repr__(self) -> str:
         return f"<Store {self.root} instance={self.instance}>"
-
-    # ---- opening ----
 
     @classmethod
     def open(cls, root: Path, *, lease_s: float = 10.0, now: float | None = None) -> Store:
@@ -188,16 +201,6 @@ class Store:
         os.close(self._lock_fd)
         with contextlib.suppress(OSError):
             (self.root / "instances" / f"{self.instance}.lock").unlink()
-
-    def output_path(self, task_id: str) -> Path:
-        return self.output_dir / f"{task_id}.log"
-
-    def exit_path(self, task_id: str) -> Path:
-        return self.output_dir / f"{task_id}.exit"
-
-    def new_output(self, task_id: str, file_max_bytes: int) -> OutputLog:
-        """The log a task of this server writes: a file in the data directory."""
-        return OutputLog(self.output_path(task_id), file_max_bytes)
 
     # ---- writes (each one a commit) ----
 

@@ -51,6 +51,7 @@ def capture_argv(store: TaskStore, settings: Settings, task_id: str) -> list[str
     """The capture process of a detached command (`server/capture.py`)."""
     return [
         sys.executable,
+        "-I",  # isolated: a `server` package in the command's cwd or on its PYTHONPATH is never run instead
         "-m",
         "server.capture",
         "--log",

@@ -75,7 +75,7 @@ class TasksExtension(Extension):
             return await call_next(ctx)
         runtime = self._runtime
         try:
-            task = runtime.start(params.name, dict(params.arguments or {}), owner=owner_of_request(ctx.request))
+            task = await runtime.start(params.name, dict(params.arguments or {}), owner=owner_of_request(ctx.request))
         except RequestError as exc:
             return _tool_error(runtime.redactor.text(str(exc)))
         if declared(ctx):

@@ -29,12 +29,17 @@ class Status(StrEnum):
         return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
 
 
-def error_kind(value: str) -> ErrorKind:
-    """A stored or plugin-given kind as the enum; one this version does not know reads as `exception`."""
-    try:
-        return ErrorKind(value)
-    except ValueError:
-        return ErrorKind.EXCEPTION
+def error_kind(value: object) -> ErrorKind | str:
+    """A stored or tool-given kind: ours as the enum; a plugin's own kind (a plain word) kept as it is, so
+    the model still reads what the plugin meant; anything else (None, an object) reads as `exception`."""
+    if isinstance(value, ErrorKind):
+        return value
+    if isinstance(value, str) and value:
+        try:
+            return ErrorKind(value)
+        except ValueError:
+            return value[:64]
+    return ErrorKind.EXCEPTION
 
 
 def iso(timestamp: float | None) -> str | None:
@@ -50,8 +55,9 @@ class _View(BaseModel):
     model_config = ConfigDict(frozen=True, populate_by_name=True)
 
 
-Kind = Annotated[ErrorKind, WithJsonSchema({"type": "string"})]
-"""Listed in the README, not in every tool's output schema: tools/list bytes are paid in every conversation."""
+Kind = Annotated[ErrorKind | str, Field(union_mode="left_to_right"), WithJsonSchema({"type": "string"})]
+"""One of `ErrorKind`, or a plugin's own kind. Listed in the README, not in every tool's output schema:
+tools/list bytes are paid in every conversation."""
 
 
 class TaskError(_View):
@@ -91,7 +97,9 @@ class TaskSummary(_View):
     task_id: str
     tool: str
     status: Status
-    error_kind: Annotated[ErrorKind | None, WithJsonSchema({"type": ["string", "null"]})] = None
+    error_kind: Annotated[
+        ErrorKind | str | None, Field(union_mode="left_to_right"), WithJsonSchema({"type": ["string", "null"]})
+    ] = None
     created_at: str
     finished_at: str | None = None
 

@@ -1,5 +1,7 @@
-"""Process helpers the tests and the bench share: a command tree that says when it runs, and the live
-members of a process group."""
+"""Process helpers the tests and the bench share: a command tree that says when it runs, the live
+members of a process group, waiting for a process that is not our child, and finding marked processes.
+
+Portable: pidfd where Linux has it (an event), else psutil (macOS; a bounded wait in a thread)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import anyio
+import anyio.to_thread
+import psutil
 
 T = TypeVar("T")
 
@@ -32,17 +36,51 @@ async def when_tree_runs(start: Callable[[str], Awaitable[T]], timeout_s: float 
 
 
 def live_group_members(pgid: int) -> list[int]:
-    """Processes (not zombies) in a process group, read from /proc."""
+    """Processes (not zombies) in a process group."""
     members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for process in psutil.process_iter(["status"]):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process.pid)
+        except (ProcessLookupError, PermissionError):
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(entry))
     return members
+
+
+async def gone(pid: int, timeout_s: float = 10) -> bool:
+    """True once `pid` (not our child) has exited, within the bound."""
+    if not hasattr(os, "pidfd_open"):
+        return await anyio.to_thread.run_sync(_psutil_gone, pid, timeout_s)
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        with anyio.move_on_after(timeout_s):
+            await anyio.wait_readable(fd)  # a pidfd turns readable when its process exits
+            return True
+        return False
+    finally:
+        os.close(fd)
+
+
+def _psutil_gone(pid: int, timeout_s: float) -> bool:
+    try:
+        psutil.Process(pid).wait(timeout_s)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def marked_processes(marker: str, values: set[str]) -> list[int]:
+    """Processes whose environment has `marker` set to one of `values` (ours to read: the same user)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(marker) in values:
+                found.append(process.pid)
+        except (psutil.Error, OSError):
+            continue
+    return found

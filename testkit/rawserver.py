@@ -26,10 +26,12 @@ def server_env(tmp_path: Path, data_dir: Path | None = None) -> dict[str, str]:
     }
 
 
-async def start_server(tmp_path: Path, *flags: str, data_dir: Path | None = None) -> RawServer:
+async def start_server(
+    tmp_path: Path, *flags: str, data_dir: Path | None = None, env: dict[str, str] | None = None
+) -> RawServer:
     process = await anyio.open_process(
         [sys.executable, "-m", "server", *flags],
-        env=server_env(tmp_path, data_dir),
+        env={**server_env(tmp_path, data_dir), **(env or {})},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

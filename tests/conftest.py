@@ -27,11 +27,18 @@ from server.runtime import Runtime
 from testkit.processes import live_group_members, when_tree_runs
 from testkit.redis_server import RedisServer
 from tools.context import JSON, ToolContext
+from tools.process import portable
 from tools.registry import ToolSpec
 
 __all__ = ["live_group_members", "when_tree_runs"]  # the tests import them from here too
 
 ERAS = {"modern": "auto", "legacy": "legacy"}
+
+needs_subreaper = pytest.mark.skipif(
+    portable(),
+    reason="the portable process core (macOS, OFFLOAD_PORTABLE_PROCESS=1) has no subreaper: a process that leaves "
+    "its group and drops the task's marker goes to init/launchd, where nothing ties it to its task",
+)
 
 
 @pytest.fixture

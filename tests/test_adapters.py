@@ -254,14 +254,14 @@ async def test_missing_credentials_are_listed_and_refused_clearly(
 async def test_identical_messages_are_served_once(connected: tuple[Runtime, Client], upstreams: Upstreams) -> None:
     _, client = connected
     arguments = {"prompt": "Summarise issue 7", "system": "Be brief.", "max_tokens": 100}
-    first = await call(client, "fire_tool", tool="anthropic.message", arguments=arguments, wait_s=10)
+    first = await call(client, "fire_tool", tool="anthropic.message", arguments=arguments, wait_s=50)
     assert first["task"]["result"]["text"] == "echo: Summarise issue 7"
     assert first["task"]["result"]["usage"] == {"input_tokens": 5, "output_tokens": 7}
     assert first["task"]["result"]["model"] == "claude-sonnet-5-5"
     second = await call(client, "fire_tool", tool="anthropic.message", arguments=arguments)
     assert second["cached"] is True
     assert upstreams.anthropic.requests["POST /v1/messages"] == 1
-    fresh = await call(client, "fire_tool", tool="anthropic.message", arguments=arguments, use_cache=False, wait_s=10)
+    fresh = await call(client, "fire_tool", tool="anthropic.message", arguments=arguments, use_cache=False, wait_s=50)
     assert fresh["status"] == "completed"
     assert upstreams.anthropic.requests["POST /v1/messages"] == 2
     assert ANTHROPIC_KEY not in json.dumps([first, second, fresh])

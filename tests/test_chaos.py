@@ -20,6 +20,8 @@ from typing import Any
 import anyio
 import pytest
 
+from testkit.processes import gone
+from testkit.processes import marked_processes as marked_with
 from testkit.rawserver import RawServer, start_server
 from tools.process import TASK_MARKER
 
@@ -40,19 +42,7 @@ WORKLOAD = [
 
 
 def marked_processes(task_ids: set[str]) -> list[int]:
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        marks = {
-            item.split(b"=", 1)[1].decode()
-            for item in environ.split(b"\0")
-            if item.startswith(f"{TASK_MARKER}=".encode())
-        }
-        found.extend([int(entry.name)] if marks & task_ids else [])
-    return found
+    return marked_with(TASK_MARKER, task_ids)
 
 
 class Checker:
@@ -122,12 +112,4 @@ async def test_kill_9_at_random_moments_keeps_every_promise(tmp_path: Path) -> N
 
 
 async def exited(pid: int) -> None:
-    """Returns once `pid` has exited: its pidfd turns readable then (an event, not a poll)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        await anyio.wait_readable(fd)
-    finally:
-        os.close(fd)
+    assert await gone(pid, timeout_s=30), f"process {pid} is still alive"

@@ -15,22 +15,15 @@ from conftest import FakeClock, Gate, call, error_text, live_group_members, open
 from server.config import Settings
 from server.errors import ConfigError
 from server.runtime import Runtime
+from testkit.processes import gone
 from testkit.rawserver import RawServer, start_server
 
 pytestmark = pytest.mark.anyio
 
 
 async def wait_for_exit(pid: int, timeout_s: float = 10) -> None:
-    """Waits for a process that is not our child: its pidfd turns readable when it exits."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        with anyio.fail_after(timeout_s):
-            await anyio.wait_readable(fd)
-    finally:
-        os.close(fd)
+    """Waits for a process that is not our child."""
+    assert await gone(pid, timeout_s), f"process {pid} did not exit within {timeout_s} s"
 
 
 async def kill_9(server: RawServer) -> None:
@@ -81,7 +74,8 @@ async def test_a_command_that_finished_while_the_server_was_dead(tmp_path: Path,
 
     again = await start_server(tmp_path, *flags)
     async with again.process:
-        view = await again.call("get_cached_output", task_id=fired["task_id"])
+        # Detached, its capture process may still be recording the end: the new server follows it to there.
+        view = (await again.call("poll_output", task_ids=[fired["task_id"]], timeout_s=10))["done"][0]
         assert view["status"] == "failed"
         assert view["output"]["text"].startswith(first["output"]["text"])  # nothing read before is lost
         if flags:
@@ -129,6 +123,51 @@ async def test_detached_commands_outlive_the_server_and_are_followed_again(tmp_p
         assert ended["result"]["exit_code"] == 4
         assert ended["output"]["text"] == "waiting\nfree\n"
         await again.process.stdin.aclose()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("first", ["linux", "portable"])
+async def test_a_detached_command_is_followed_across_a_switch_of_process_core(tmp_path: Path, first: str) -> None:
+    """Found by review: a record of the other core cannot be confirmed by identity, and the running command
+    was killed as a leftover. Its marker says it is the task's own: it is followed to its real end."""
+    if first == "linux" and not Path("/proc/self/stat").exists():
+        pytest.skip("the Linux process core needs /proc")
+    cores = {"linux": {"OFFLOAD_PORTABLE_PROCESS": "0"}, "portable": {"OFFLOAD_PORTABLE_PROCESS": "1"}}
+    other = "portable" if first == "linux" else "linux"
+    server = await start_server(tmp_path, "--detach", env=cores[first])
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    slow = await server.call("run_shell_background", command=f"echo waiting; read line < {gate}; echo $line; exit 4")
+    assert server.process.stdin is not None
+    await server.process.stdin.aclose()  # a clean shutdown leaves detached commands running
+    with anyio.fail_after(5):
+        await server.process.wait()
+
+    again = await start_server(tmp_path, "--detach", env=cores[other])
+    async with again.process:
+        still = await again.call("get_cached_output", task_id=slow["task_id"])
+        assert still["status"] == "running", still
+        with anyio.fail_after(5):
+            await anyio.to_thread.run_sync(gate.write_text, "free\n", abandon_on_cancel=True)
+        polled = await again.call("poll_output", task_ids=[slow["task_id"]], timeout_s=20)
+        assert polled["done"][0]["result"]["exit_code"] == 4, polled
+        assert polled["done"][0]["output"]["text"] == "waiting\nfree\n"
+        await again.process.stdin.aclose()  # type: ignore[union-attr]
+
+
+async def test_a_server_module_in_the_commands_cwd_never_replaces_the_capture_process(tmp_path: Path) -> None:
+    """Found by review: `python -m server.capture` put the command's cwd first on sys.path."""
+    project = tmp_path / "project"
+    (project / "server").mkdir(parents=True)
+    (project / "server.py").write_text("print('hijacked')\n")
+    (project / "server" / "__init__.py").write_text("print('hijacked')\n")
+    (project / "server" / "capture.py").write_text("print('hijacked')\n")
+    server = await start_server(tmp_path, "--detach", env={"PYTHONPATH": str(project)})
+    async with server.process:
+        fired = await server.call("run_shell_background", command="echo ran; exit 3", cwd=str(project))
+        polled = await server.call("poll_output", task_ids=[fired["task_id"]], timeout_s=20)
+        done = polled["done"][0]
+        assert done["output"]["text"] == "ran\n" and done["result"]["exit_code"] == 3, done
+        await server.process.stdin.aclose()  # type: ignore[union-attr]
 
 
 async def test_expiry_across_restarts(settings: Settings, clock: FakeClock, gate: Gate) -> None:

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import FakeClock, Gate, call, error_text, finish, open_client
+from conftest import FakeClock, Gate, call, error_text, finish, needs_subreaper, open_client
 from mcp import Client
 
 from server.config import Settings
 from server.logs import RepeatFilter
+from testkit.processes import gone
 
 pytestmark = pytest.mark.anyio
 
@@ -43,21 +44,6 @@ async def fifo() -> AsyncIterator[tuple[Path, int]]:
 async def reached(fd: int, timeout_s: float = 10) -> None:
     with anyio.fail_after(timeout_s):
         await anyio.wait_readable(fd)
-
-
-async def gone(pid: int, timeout_s: float = 10) -> bool:
-    """True once `pid` has exited (a pidfd turns readable), within the bound."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        with anyio.move_on_after(timeout_s):
-            await anyio.wait_readable(fd)
-            return True
-        return False
-    finally:
-        os.close(fd)
 
 
 async def test_a_quiet_task_neither_stalls_nor_drops_a_chatty_one(client: Client) -> None:
@@ -174,8 +160,12 @@ async def test_a_preset_whose_cwd_is_missing_is_refused_up_front(clock: FakeCloc
     [
         "setsid sleep 300 & echo $!",
         "set -m; sleep 300 & echo $!",
-        "setsid env -u OFFLOAD_TASK sleep 300 & echo $!",  # leaves the group and drops its marker
-        "( ( exec setsid env -i /bin/sleep 300 ) & echo $! )",  # a double fork with an empty environment
+        pytest.param(  # leaves the group and drops its marker
+            "setsid env -u OFFLOAD_TASK sleep 300 & echo $!", marks=needs_subreaper
+        ),
+        pytest.param(  # a double fork with an empty environment
+            "( ( exec setsid env -i /bin/sleep 300 ) & echo $! )", marks=needs_subreaper
+        ),
     ],
 )
 async def test_processes_that_leave_the_group_end_with_the_task(client: Client, escape: str) -> None:
@@ -290,6 +280,7 @@ async def test_a_nul_in_preset_arguments_is_refused_up_front(clock: FakeClock, g
         assert (await call(client, "list_tasks"))["tasks"] == []
 
 
+@needs_subreaper
 async def test_shutdown_ends_what_left_the_group_without_its_marker(clock: FakeClock, gate: Gate) -> None:
     async with fifo() as (path, fd), open_client(Settings(kill_grace_s=0.5), clock, gate) as (_, client):
         command = f"setsid env -u OFFLOAD_TASK sleep 300 & echo $!; echo > {path}; sleep 300"

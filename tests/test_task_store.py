@@ -195,7 +195,7 @@ async def test_the_unfinished_tasks_of_a_store_that_closed_are_claimed_once(task
     assert third.claim_orphans(NOW, _spec_of) == []  # claimed already: settled by exactly one server
 
 
-async def test_an_error_kind_this_version_does_not_know_reads_as_exception(tmp_path: Path) -> None:
+async def test_an_error_kind_this_version_does_not_know_reads_as_written(tmp_path: Path) -> None:
     """SQLite only: a row as a later version (or a plugin's own kind) might have written it."""
     store = Store.open(tmp_path / "data", now=NOW)
     try:
@@ -204,6 +204,9 @@ async def test_an_error_kind_this_version_does_not_know_reads_as_exception(tmp_p
         finish(store, task, Status.FAILED, NOW, error=TaskError(kind=ErrorKind.EXCEPTION, message="m"))
         store.update(task.id, error_kind="from_a_newer_plugin")
         loaded = store.load(task.id, _spec_of)
-        assert loaded is not None and loaded.error is not None and loaded.error.kind is ErrorKind.EXCEPTION
+        assert loaded is not None and loaded.error is not None and loaded.error.kind == "from_a_newer_plugin"
+        store.update(task.id, status="failed", error_kind="timeout")
+        again = store.load(task.id, _spec_of)
+        assert again is not None and again.error is not None and again.error.kind is ErrorKind.TIMEOUT
     finally:
         store.close()

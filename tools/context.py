@@ -46,7 +46,8 @@ class TaskFailure(Exception):
     task still reports it.
     """
 
-    def __init__(self, kind: ErrorKind, message: str, result: JSON | None = None) -> None:
+    def __init__(self, kind: ErrorKind | str, message: str, result: JSON | None = None) -> None:
+        """`kind`: one of `ErrorKind`; a plugin may use a word of its own, which is kept as it is."""
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -65,8 +66,10 @@ class ProcessInfo:
     pid: int
     """Also the process group id: every command leads its own session."""
     start_ticks: int | None
-    """Start time in clock ticks since boot (/proc/PID/stat field 22); None where unknown."""
+    """Start time in clock ticks since boot (/proc/PID/stat field 22), or, when `boot_id` starts with
+    "psutil:", psutil's create time in microseconds since the epoch; None where unknown."""
     boot_id: str | None
+    """/proc's boot id, or "psutil:" + the boot time in epoch seconds (tools/process.py)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,21 +6,37 @@ control) and a recycled pid. The first is found by the marker every command's en
 carries (`OFFLOAD_TASK`) among the server's children — the server is a child subreaper, so an
 orphan that left its group is reparented to it, not to init — and the second by identity
 (pid + start time + boot id).
+
+Two cores behind one surface. On Linux (the default there) identity is /proc's start ticks and
+boot id, and a process that is not our child is awaited by pidfd. Where /proc or pidfd is absent
+(macOS), or when forced (`OFFLOAD_PORTABLE_PROCESS`, the `portable_process` setting: how CI runs the
+macOS paths on Linux), identity is psutil's create time + boot time, a non-child is awaited by
+kqueue (NOTE_EXIT) or, without kqueue, a bounded psutil poll, and there is no subreaper: orphans
+go to init/launchd, so what left a group is found by scanning this user's processes for the
+marker. A record keeps its kind (`boot_id` "psutil:..." or a /proc boot id), so identities stored
+by one core are checked by the same rule after a restart under the other; one that cannot be
+confirmed (a /proc record, no /proc) is never signalled.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import logging
 import os
+import select
 import signal
+import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
+import psutil
 
 from tools.context import ProcessInfo
 
@@ -30,17 +46,42 @@ TASK_MARKER = "OFFLOAD_TASK"
 """Environment variable naming the task a process belongs to; inherited by its descendants."""
 _PROC = Path("/proc")
 _PR_SET_CHILD_SUBREAPER = 36
+PORTABLE_ENV = "OFFLOAD_PORTABLE_PROCESS"
+"""Set to 1 (or the `portable_process` setting): use the portable core even where Linux's is there."""
+_PSUTIL_BOOT = "psutil:"
+"""Prefix of a `boot_id` recorded by the portable core: "psutil:" + boot time (epoch seconds)."""
+_BOOT_DRIFT_S = 2.0
+"""Boot times read apart by at most this are one boot (a clock step moves them; a reboot takes longer)."""
+POLL_MAX_S = 0.05
+"""The longest pause of the psutil poll that waits for a process where neither pidfd nor kqueue exists."""
+
+_forced_portable = os.environ.get(PORTABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def force_portable(on: bool = True) -> None:
+    """Use (or stop forcing) the portable core; the server calls it at start from its settings."""
+    global _forced_portable
+    _forced_portable = on
+
+
+def portable() -> bool:
+    """True where the portable core is in use: forced, or no /proc or pidfd on this platform."""
+    return _forced_portable or not _LINUX_CORE
+
+
+_LINUX_CORE = hasattr(os, "pidfd_open") and (_PROC / "self/stat").exists()
 
 
 def become_subreaper() -> bool:
-    """Orphans of our commands come to us instead of init, where we can find and end them (Linux)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
+    """Orphans of our commands come to us instead of init, where we can find and end them (Linux).
+    Not under the portable core: macOS has nothing like it, and the portable core is what runs there."""
+    if sys.platform == "linux" and not portable():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+        except (OSError, AttributeError):
+            return False
+    return False
 
 
 def signal_name(number: int) -> str:
@@ -68,12 +109,32 @@ def group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return not _PROC.is_dir() or any(_live_in_group(stat, pgid) for stat in _PROC.glob("[0-9]*/stat"))
+    if portable():
+        return any(_pgid(pid) == pgid and _state(pid) not in (None, "Z") for pid in psutil.pids())
+    return any(_live_in_group(stat, pgid) for stat in _PROC.glob("[0-9]*/stat"))
 
 
 def _live_in_group(stat_path: Path, pgid: int) -> bool:
     fields = _stat_fields(stat_path)
     return fields is not None and int(fields[2]) == pgid and fields[0] not in ("Z", "X")
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _state(pid: int) -> str | None:
+    """ "Z" for a zombie, "R" for any other live process, None once it is gone (or unknowable)."""
+    if not portable():
+        fields = _stat_fields(_PROC / str(pid) / "stat")
+        return None if fields is None or fields[0] == "X" else fields[0]
+    try:
+        return "Z" if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE else "R"
+    except psutil.Error:
+        return None
 
 
 def _stat_fields(stat_path: Path) -> list[str] | None:
@@ -110,7 +171,7 @@ async def stop_group(pgid: int, grace_s: float, leader_exit: Callable[[], Awaita
 
 
 def start_ticks(pid: int) -> int | None:
-    """Process start time in clock ticks since boot, or None if it is gone or unknowable."""
+    """Process start time in clock ticks since boot, or None if it is gone or unknowable (/proc)."""
     fields = _stat_fields(_PROC / str(pid) / "stat")
     try:
         return None if fields is None else int(fields[19])
@@ -126,25 +187,81 @@ def boot_id() -> str | None:
         return None
 
 
+def _boot_time() -> float | None:
+    try:
+        return psutil.boot_time()
+    except (psutil.Error, OSError, RuntimeError):
+        return None
+
+
+def _created_us(pid: int) -> int | None:
+    """psutil's create time in microseconds since the epoch, or None if it is gone or unknowable."""
+    try:
+        return round(psutil.Process(pid).create_time() * 1_000_000)
+    except psutil.Error:
+        return None
+
+
 def identify(pid: int) -> ProcessInfo:
-    return ProcessInfo(pid, start_ticks(pid), boot_id())
+    if not portable():
+        return ProcessInfo(pid, start_ticks(pid), boot_id())
+    booted = _boot_time()
+    return ProcessInfo(pid, _created_us(pid), None if booted is None else f"{_PSUTIL_BOOT}{booted:.6f}")
+
+
+def _same_boot(info: ProcessInfo) -> bool:
+    """Is `info` from this boot? Checked by the rule of the core that recorded it; a /proc record
+    cannot be confirmed without /proc, so under the portable core it is taken for another boot."""
+    if info.boot_id is None or info.start_ticks is None:
+        return False
+    if info.boot_id.startswith(_PSUTIL_BOOT):
+        now = _boot_time()
+        return now is not None and abs(now - _recorded_boot(info)) <= _BOOT_DRIFT_S
+    return not portable() and info.boot_id == boot_id()
+
+
+def _recorded_boot(info: ProcessInfo) -> float:
+    try:
+        return float((info.boot_id or "").removeprefix(_PSUTIL_BOOT))
+    except ValueError:
+        return float("nan")
+
+
+def _started_as_recorded(info: ProcessInfo) -> bool | None:
+    """Does the process now at `info.pid` have the recorded start? None when no process has that pid.
+    A psutil record matches on the create time, or on the time since boot (both move with a clock
+    step on Linux, where psutil derives one from the other)."""
+    if info.boot_id is not None and info.boot_id.startswith(_PSUTIL_BOOT):
+        created, booted = _created_us(info.pid), _boot_time()
+        if created is None or booted is None or info.start_ticks is None:
+            return None
+        since_boot = created - round(booted * 1_000_000)
+        return info.start_ticks in (created, since_boot + round(_recorded_boot(info) * 1_000_000))
+    ticks = start_ticks(info.pid)
+    return None if ticks is None else ticks == info.start_ticks
 
 
 def is_same_process(info: ProcessInfo) -> bool:
     """True if `info.pid` is still the process we started (not a recycled pid)."""
-    if info.boot_id is None or info.boot_id != boot_id():
+    return _same_boot(info) and _started_as_recorded(info) is True
+
+
+def carries_marker(pid: int, task_id: str) -> bool:
+    """True if `pid` carries this task's marker: it is that task's own process whatever its recorded identity
+    says (a record of the other process core, or a boot time moved by a clock step)."""
+    try:
+        return psutil.Process(pid).environ().get(TASK_MARKER) == task_id
+    except (psutil.Error, OSError):
         return False
-    return info.start_ticks is not None and start_ticks(info.pid) == info.start_ticks
 
 
 def group_is_ours(info: ProcessInfo) -> bool:
     """May the group `info.pid` be signalled? Yes while its leader is the process we started,
-    or, once the leader is gone, while members remain: Linux does not hand out a pid that is
-    still some group's id, so those members are the ones our command left behind."""
-    if info.boot_id is None or info.boot_id != boot_id() or not group_alive(info.pid):
+    or, once the leader is gone, while members remain: Linux (and the BSDs, macOS) do not hand
+    out a pid that is still some group's id, so those members are the ones our command left behind."""
+    if not _same_boot(info) or not group_alive(info.pid):
         return False
-    leader = start_ticks(info.pid)
-    return leader is None or leader == info.start_ticks
+    return _started_as_recorded(info) is not False
 
 
 async def kill_left_behind(info: ProcessInfo, grace_s: float) -> bool:
@@ -161,15 +278,105 @@ async def kill_left_behind(info: ProcessInfo, grace_s: float) -> bool:
 
 
 async def wait_for_exit(pid: int) -> None:
-    """Waits for a process that may not be our child. A pidfd turns readable when it exits."""
+    """Waits for a process that may not be our child: a pidfd turns readable when it exits (Linux),
+    a kqueue NOTE_EXIT fires (macOS, BSD); elsewhere a psutil poll, backing off to `POLL_MAX_S`.
+    A zombie counts as exited."""
+    if not portable():
+        try:
+            fd = _pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            await anyio.wait_readable(fd)
+        finally:
+            os.close(fd)
+    elif _KQUEUE:
+        await _wait_kqueue(pid)
+    else:
+        await _wait_polling(pid)
+
+
+_KQUEUE = sys.platform == "darwin" and hasattr(select, "kqueue")
+"""kqueue process events: used on macOS (the BSDs have them too; nothing else is built for here)."""
+
+
+def _pidfd_open(pid: int) -> int:
+    """`os.pidfd_open`, which only Linux has; the portable core never calls it."""
+    if sys.platform == "linux":
+        return os.pidfd_open(pid)
+    raise OSError(errno.ENOSYS, "no pidfd on this platform")
+
+
+async def _wait_kqueue(pid: int) -> None:
+    if sys.platform == "darwin":
+        kq = select.kqueue()
+        try:
+            exit_event = select.kevent(
+                pid,
+                filter=select.KQ_FILTER_PROC,
+                flags=select.KQ_EV_ADD | select.KQ_EV_ONESHOT,
+                fflags=select.KQ_NOTE_EXIT,
+            )
+            try:
+                kq.control([exit_event], 0, 0)
+            except ProcessLookupError:
+                return  # gone already
+            except PermissionError:  # not ours to watch (another user's): look instead
+                await _wait_polling(pid)
+                return
+            if _state(pid) in (None, "Z"):
+                return  # a zombie: exited, though still registered
+            await anyio.wait_readable(kq.fileno())
+        finally:
+            kq.close()
+
+
+async def _wait_polling(pid: int) -> None:
     try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
+        process = psutil.Process(pid)  # remembers the create time: a recycled pid is not taken for it
+    except psutil.Error:
         return
+    pause_s = 0.001
+    while _runs(process):
+        await anyio.sleep(pause_s)
+        pause_s = min(pause_s * 2, POLL_MAX_S)
+
+
+def _runs(process: psutil.Process) -> bool:
     try:
-        await anyio.wait_readable(fd)
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+@contextlib.contextmanager
+def exit_notice(child: subprocess.Popen[bytes]) -> Iterator[int]:
+    """A descriptor that turns readable once our `child` has exited: its pidfd on Linux; elsewhere
+    a pipe that a thread writes to once it has waited for the child (then reaped: `child.wait()`
+    returns its status at once)."""
+    if not portable():
+        pidfd = _pidfd_open(child.pid)
+        try:
+            yield pidfd
+        finally:
+            os.close(pidfd)
+        return
+    read_fd, write_fd = os.pipe()
+
+    def wait_then_tell() -> None:
+        child.wait()
+        os.write(write_fd, b"x")
+        os.close(write_fd)
+
+    waiter = threading.Thread(target=wait_then_tell, name=f"wait-{child.pid}", daemon=True)
+    waiter.start()
+    try:
+        yield read_fd
     finally:
-        os.close(fd)
+        if child.returncode is not None:
+            waiter.join()
+            os.close(read_fd)
+        # else the waiter still writes to its pipe once the child exits: both ends stay open until then
 
 
 # ---- processes that left their group ----
@@ -179,16 +386,36 @@ def escaped(task_id: str) -> list[int]:
     """Live children of this server (orphans handed to us as subreaper) that belong to `task_id`.
     Cheap when nothing escaped: one read of our children list; the rest are ours already."""
     found = []
-    for pid in _children(os.getpid()):
+    for pid in _children(os.getpid()) if not portable() else _own_processes():
         if pid in _SPAWNED:
             continue
-        fields = _stat_fields(_PROC / str(pid) / "stat")
-        if fields is not None and fields[0] not in ("Z", "X") and _marker_of(pid) == task_id:
+        if _state(pid) not in (None, "Z") and _marker_of(pid) == task_id:
             found.append(pid)
     return found
 
 
+def leftovers(task_id: str | None) -> list[int]:
+    """What a command left behind, seen from the process that ran it: its live children (orphans
+    come to a subreaper), and without a subreaper every other process carrying the task's marker."""
+    found = [pid for pid in _children(os.getpid()) if _state(pid) not in (None, "Z")]
+    if portable() and task_id is not None:
+        found += [pid for pid in _marked(task_id) if pid not in found]
+    return found
+
+
+def _own_processes() -> list[int]:
+    """Every process but this one (another user's environment is unreadable to us, so their markers
+    never match): where orphans go to init, the only place to look for them."""
+    me = os.getpid()
+    return [pid for pid in psutil.pids() if pid != me]
+
+
 def _children(pid: int) -> list[int]:
+    if portable():
+        try:
+            return [child.pid for child in psutil.Process(pid).children()]
+        except psutil.Error:
+            return []
     children: list[int] = []
     for task in _PROC.glob(f"{pid}/task/*/children"):
         with contextlib.suppress(OSError):
@@ -201,7 +428,7 @@ async def end_escaped(task_id: str, grace_s: float) -> int:
     Repeated because a killed escapee's own children are handed to us in turn."""
     ended = 0
     for _ in range(8):
-        pids = escaped(task_id)
+        pids = await anyio.to_thread.run_sync(escaped, task_id) if portable() else escaped(task_id)
         if not pids:
             break
         for pid in pids:
@@ -222,13 +449,15 @@ async def end_escaped(task_id: str, grace_s: float) -> int:
 
 
 def _marked(task_id: str) -> list[int]:
+    if portable():
+        return [pid for pid in _own_processes() if _marker_of(pid) == task_id]
     return [int(entry.name) for entry in _PROC.glob("[0-9]*") if _marker_of(int(entry.name)) == task_id]
 
 
 async def end_marked(task_id: str, grace_s: float) -> int:
     """Ends every process, anywhere, carrying the task's marker: after a crash the orphans of a
     dead server went to init, not to us. Scans all of /proc, so it is for recovery only."""
-    pids = _marked(task_id)
+    pids = await anyio.to_thread.run_sync(_marked, task_id)
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
@@ -288,10 +517,10 @@ def tend_orphans(running: Collection[str]) -> int:
     for pid in _children(os.getpid()):
         if pid in _SPAWNED:
             continue
-        fields = _stat_fields(_PROC / str(pid) / "stat")
-        if fields is None:
+        state = _state(pid)
+        if state is None:
             continue
-        if fields[0] == "Z":
+        if state == "Z":
             if _ORPHANS.pop(pid, None) is not None or _session(pid) not in (None, own_session):
                 reap(pid)
             continue
@@ -329,6 +558,11 @@ def _session(pid: int) -> int | None:
 
 
 def _marker_of(pid: int) -> str | None:
+    if portable():
+        try:
+            return psutil.Process(pid).environ().get(TASK_MARKER)
+        except psutil.Error:
+            return None
     try:
         environ = (_PROC / str(pid) / "environ").read_bytes()
     except OSError:

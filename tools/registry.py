@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -73,13 +73,26 @@ class ToolSpec:
         return [flag for flag, on in named.items() if on]
 
 
+class ToolSource(Protocol):
+    """Tools that come and go while the server runs (another MCP server's, `tools/upstream.py`)."""
+
+    def get(self, name: str) -> ToolSpec | None: ...
+
+    def specs(self) -> Iterable[ToolSpec]: ...
+
+
 class Registry:
     """Name → ToolSpec; the single source `fire_tool` and `list_fireable_tools` read."""
 
     def __init__(self, specs: Iterable[ToolSpec] = ()) -> None:
         self._specs: dict[str, ToolSpec] = {}
+        self._sources: list[ToolSource] = []
         for spec in specs:
             self.add(spec)
+
+    def add_source(self, source: ToolSource) -> None:
+        """Asked after the fixed tools, on every lookup: its tools may change while the server runs."""
+        self._sources.append(source)
 
     def add(self, spec: ToolSpec) -> None:
         if spec.name in self._specs:
@@ -87,16 +100,21 @@ class Registry:
         self._specs[spec.name] = spec
 
     def get(self, name: str) -> ToolSpec | None:
-        return self._specs.get(name)
+        found = self._specs.get(name)
+        for source in self._sources:
+            found = found or source.get(name)
+        return found
 
     def names(self) -> list[str]:
-        return list(self._specs)
+        return [spec.name for spec in self]
 
     def __iter__(self) -> Iterator[ToolSpec]:
-        return iter(self._specs.values())
+        yield from self._specs.values()
+        for source in self._sources:
+            yield from (spec for spec in source.specs() if spec.name not in self._specs)
 
     def __len__(self) -> int:
-        return len(self._specs)
+        return sum(1 for _ in self)
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
         """Adds third-party tools; a broken plugin is logged and skipped, never fatal."""

@@ -37,11 +37,13 @@ from tools.context import JSON, ErrorKind, LeftRunning, Orphan, ProcessInfo, Tas
 from tools.policy import ShellPolicy
 from tools.process import (
     TASK_MARKER,
+    carries_marker,
     end_escaped,
     end_marked,
     identify,
     is_same_process,
     kill_left_behind,
+    portable,
     spawning,
     stop_group,
     track,
@@ -79,6 +81,9 @@ class ShellConfig:
     sandbox: Sandbox = field(default_factory=Sandbox)
     owners: Mapping[str, OwnerShell] = field(default_factory=dict)
     """Per-owner policy and sandbox; an owner without an entry gets `policy` and `sandbox`."""
+    base_env: Mapping[str, str] | None = None
+    """The environment commands start from (the login shell's, `shell_path`; tools/login_env.py), scrubbed
+    like any; None: the server's own."""
 
     def for_owner(self, owner: str) -> OwnerShell:
         return self.owners.get(owner) or OwnerShell(self.policy, self.sandbox)
@@ -89,10 +94,10 @@ class ShellArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    command: Annotated[str, Field(min_length=1, description="Shell command line, run with bash -c.")]
-    cwd: Annotated[str | None, Field(description="Working directory; must exist.")] = None
-    env: Annotated[dict[str, str] | None, Field(description="Extra environment variables for this command.")] = None
-    stdin: Annotated[str | None, Field(description="Text written to stdin, then closed.")] = None
+    command: Annotated[str, Field(min_length=1, description="Run with bash -c in its own process group.")]
+    cwd: Annotated[str | None, Field(description="Working directory.")] = None
+    env: Annotated[dict[str, str] | None, Field(description="Extra environment variables.")] = None
+    stdin: Annotated[str | None, Field(description="Text fed to stdin, which is then closed.")] = None
 
     @field_validator("env")
     @classmethod
@@ -165,7 +170,7 @@ async def run_command(
     stdin: str | None = None,
 ) -> JSON:
     """Runs one command to completion; a non-zero exit or a death by signal becomes a `TaskFailure`."""
-    environment = scrubbed_environment(os.environ, config, env)
+    environment = scrubbed_environment(os.environ if config.base_env is None else config.base_env, config, env)
     environment[TASK_MARKER] = ctx.task_id  # how what leaves the group is found again
     script = ctx.output_path.with_suffix(".sh")
     try:
@@ -281,7 +286,7 @@ async def _run_detached(
     owns when it is closed, and this one must survive the server's shutdown.
     """
     stdin_path = ctx.output_path.with_suffix(".stdin")
-    capture = [*ctx.capture_argv]
+    capture = [*ctx.capture_argv, *(["--portable"] if portable() else [])]
     if stdin is not None:
         fd = os.open(stdin_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -363,7 +368,11 @@ async def recover(orphan: Orphan, ctx: ToolContext, *, config: ShellConfig) -> J
     """The truthful end of a command whose server died: follow a detached one that still runs,
     report one whose capture process recorded its end, else `interrupted`, with nothing left."""
     watcher = orphan.watcher
-    if orphan.detached and watcher is not None and is_same_process(watcher):
+    if (
+        orphan.detached
+        and watcher is not None
+        and (is_same_process(watcher) or carries_marker(watcher.pid, ctx.task_id))
+    ):
         return await _follow(watcher, orphan, ctx, config)
     record = exit_record.read(ctx.exit_path)
     killed = orphan.process is not None and await kill_left_behind(orphan.process, config.kill_grace_s)

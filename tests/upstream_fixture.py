@@ -1,0 +1,130 @@
+"""An upstream MCP server (stdio) that misbehaves on request, for tests/test_proxy.py.
+
+Tools that take `events` write lines to that path (a FIFO the test reads): "started NAME" once the
+call runs, "cancelled NAME" when `notifications/cancelled` reaches it. Run with `--fail-at-start`
+it writes to stderr and exits 3 before speaking MCP.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from typing import Annotated, Any
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import ToolAnnotations
+from pydantic import Field
+
+warnings.simplefilter("ignore")  # the SDK's deprecation notes would fill the stderr tail the tests read
+server = MCPServer("fixture")
+
+
+def _tell(events: str | None, line: str) -> None:
+    if events:
+        with open(events, "a", encoding="utf-8") as sink:
+            sink.write(line + "\n")
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True, idempotent_hint=True))
+async def add(a: int, b: Annotated[int, Field(ge=0)]) -> int:
+    """Adds two numbers (b at least 0)."""
+    return a + b
+
+
+@server.tool()
+async def counter(key: str) -> str:
+    """Not annotated read-only: never reused unless configured cacheable. Counts its calls per key."""
+    counts[key] = counts.get(key, 0) + 1
+    return f"{key} {counts[key]}"
+
+
+counts: dict[str, int] = {}
+
+
+@server.tool()
+async def steps(count: int, ctx: Context) -> str:
+    """Reports progress `count` times and logs once, then returns."""
+    await ctx.info("stepping")
+    for step in range(1, count + 1):
+        await ctx.report_progress(step, count, f"step {step}")
+    return f"did {count} steps"
+
+
+@server.tool()
+async def fail(reason: str) -> str:
+    """Fails with isError."""
+    raise ToolError(reason)
+
+
+@server.tool()
+async def crash(code: int, events: str | None = None) -> str:
+    """Dies mid-call, after a word on stderr."""
+    _tell(events, "started crash")
+    sys.stderr.write(f"fixture: crashing with {code} on purpose\n")
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@server.tool()
+async def hang(events: str | None = None) -> str:
+    """Never returns, but honours cancellation (and says so)."""
+    _tell(events, "started hang")
+    try:
+        await anyio.sleep_forever()
+    finally:
+        _tell(events, "cancelled hang")
+    return "unreachable"
+
+
+@server.tool()
+async def stubborn(events: str | None = None) -> str:
+    """Ignores cancellation for an hour."""
+    _tell(events, "started stubborn")
+    with anyio.CancelScope(shield=True):
+        await anyio.sleep(3600)
+    return "finally"
+
+
+@server.tool()
+async def freeze(seconds: float, events: str | None = None) -> str:
+    """Blocks the whole server (a synchronous sleep): it answers nothing, health checks included."""
+    _tell(events, "started freeze")
+    time.sleep(seconds)  # noqa: ASYNC251 - the point: the event loop stops
+    return "thawed"
+
+
+@server.tool()
+async def big(size: int) -> str:
+    """Returns `size` bytes of text."""
+    return "x" * size
+
+
+@server.tool()
+async def environment() -> dict[str, Any]:
+    """The variables this process was given."""
+    return {"names": sorted(os.environ)}
+
+
+@server.tool()
+async def grow(ctx: Context) -> str:
+    """Adds the tool `added` and tells the client its tool list changed."""
+
+    async def added() -> str:
+        """A tool that did not exist at start."""
+        return "I was added"
+
+    server.add_tool(added)
+    await ctx.notify_tools_changed()  # 2026-07-28 clients hear it on their subscriptions/listen stream
+    await ctx.session.send_tool_list_changed()  # earlier ones as a plain notification
+    return "grown"
+
+
+if __name__ == "__main__":
+    if "--fail-at-start" in sys.argv:
+        sys.stderr.write("fixture: refusing to start: the configuration is wrong\n")
+        sys.exit(3)
+    server.run("stdio")
