@@ -821,3 +821,86 @@ CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "sandbox": sandbox,
     "proxy": proxy,
 }
+
+
+# ---- distributed mode (redis_url): front-ends and workers through Docket on Redis ----
+
+
+async def distributed(quick: bool) -> CaseResult:
+    """Distributed mode on this machine: a real redis-server, two workers (`offload-mcp worker`) and a
+    front-end (`--transport http`), against a single-process HTTP server in the same run."""
+    import shutil
+
+    from testkit.cluster import cluster
+    from testkit.redis_server import RedisServer
+
+    result = CaseResult("distributed (Redis, 2 workers)")
+    if shutil.which("redis-server") is None:
+        result.add("skipped: redis-server missing", 0, "")
+        return result
+    n = 50 if quick else 300
+    sleeps, trues, news = (40, 200, 5) if quick else (200, 2000, 30)
+    with tempfile.TemporaryDirectory(prefix="offload-bench-") as folder:
+        redis = RedisServer(Path(folder) / "redis")
+        redis.start()
+        try:
+            async with http_server() as url, Client(url, mode="legacy") as single:
+                single_ms = await _fire_median_ms(single, n)
+                single_sleeps_s = await _fire_and_collect(single, "sleep 1", sleeps)
+            flags = ("--max-concurrency", "128")
+            async with (
+                cluster(Path(folder), redis.url, front_ends=1, workers=2, worker_flags=flags) as nodes,
+                Client(nodes[-1].url, mode="legacy") as client,
+            ):
+                distributed_ms = await _fire_median_ms(client, n)
+                ratio = distributed_ms / single_ms
+                result.add("fire_tool median, single", single_ms, "ms")
+                result.add("fire_tool median, distributed", distributed_ms, "ms")
+                result.add("fire_tool ratio", ratio, "x", "<= 2", ratio <= 2)
+                took = await _fire_and_collect(client, "sleep 1", sleeps)
+                result.add(f"{sleeps} x sleep 1 collected, single", single_sleeps_s, "s")
+                result.add(f"{sleeps} x sleep 1 collected", took, "s", "<= 1.5", took <= 1.5 if not quick else None)
+                took = await _fire_and_collect(client, "true", trues)
+                result.add(f"{trues} x true", trues / took, "/s")
+                lags = []
+                for _ in range(news):
+                    task_id = await _fire(client, NOTIFY_COMMAND)
+                    reply = _data(await client.call_tool("poll_output", {"task_ids": [task_id], "timeout_s": 30}))
+                    lags.append(_lag(reply["done"][0]["output"]["text"]))
+                median, _ = _quantiles_ms(lags)
+                result.add("completion news median", median, "ms", "<= 10", median <= 10)
+        finally:
+            redis.stop()
+    return result
+
+
+async def _fire_median_ms(client: Client, n: int) -> float:
+    fire = {"tool": "shell", "arguments": {"command": "true"}}
+    for _ in range(20):
+        await client.call_tool("fire_tool", fire)
+    samples: list[float] = []
+    for _ in range(n):
+        samples += await _timed(lambda: client.call_tool("fire_tool", fire), 1)
+        await anyio.sleep(0.005)
+    return _quantiles_ms(samples)[0]
+
+
+async def _fire_and_collect(client: Client, command: str, count: int) -> float:
+    """Seconds from the first fire to the last result collected (fired 8 at a time, polled 500 ids a call)."""
+    started = time.perf_counter()
+    ids: list[str] = []
+    lanes = 8
+
+    async def lane(share: int) -> None:
+        ids.extend([await _fire(client, command) for _ in range(share)])
+
+    async with anyio.create_task_group() as tg:
+        for index in range(lanes):
+            tg.start_soon(lane, count // lanes + (index < count % lanes))
+    for at in range(0, len(ids), 500):
+        reply = _data(await client.call_tool("poll_output", {"task_ids": ids[at : at + 500], "timeout_s": 55}))
+        assert not reply["pending"], f"{len(reply['pending'])} still pending"
+    return time.perf_counter() - started
+
+
+CASES["distributed"] = distributed

@@ -18,7 +18,7 @@ from server.config import Settings, load_settings
 from server.errors import ConfigError
 from server.logs import RepeatFilter
 from server.redact import RedactingFilter, Redactor
-from server.runtime import Runtime, secret_variables
+from server.runtime import Runtime, secret_values, secret_variables
 from server.signals import stop_on_signal
 from server.stdio import loop_stdio_server
 
@@ -40,9 +40,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "command",
         nargs="?",
-        choices=["serve", "demo"],
+        choices=["serve", "demo", "worker"],
         default="serve",
-        help="serve (default): serve MCP; demo: fire a few tasks through a real client",
+        help="serve (default): serve MCP; demo: fire a few tasks through a real client; "
+        "worker: run the tasks front-ends queue (distributed mode, needs --redis-url)",
     )
     p.add_argument("--version", action="version", version=f"offload-mcp {__version__}")
     p.add_argument("--config", type=Path, help="TOML settings file (default: the platform config dir)")
@@ -64,6 +65,17 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="environment variable holding the bearer token clients must send (default OFFLOAD_AUTH_TOKEN)",
     )
+    p.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="distributed mode: redis:// or rediss:// URL shared by front-ends and workers (OFFLOAD_REDIS_URL)",
+    )
+    p.add_argument(
+        "--queue",
+        action="append",
+        metavar="NAME",
+        help="worker: a queue to take tasks from (repeatable; default: the host name and 'any')",
+    )
     return p
 
 
@@ -80,20 +92,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         "host": args.host,
         "port": args.port,
         "auth_token_env": args.auth_token_env,
+        "redis_url": args.redis_url,
     }
     try:
         settings = load_settings(args.config, overrides=overrides)
     except ConfigError as exc:
         sys.stderr.write(f"offload-mcp: {exc}\n")  # logging is not set up yet: the settings failed
         return 2
-    _log_to_stderr(settings.log_level, Redactor.from_environ(secret_variables(settings)))
+    _log_to_stderr(settings.log_level, Redactor.from_environ(secret_variables(settings), secret_values(settings)))
     os.umask(PRIVATE_UMASK)  # the store's files and the commands' exit records: private to this user
     if args.command == "demo":
         from server.demo import run_demo
 
         return anyio.run(run_demo, argv_for_server(args))
     try:
-        if settings.transport == "stdio":
+        if args.command == "worker":
+            from server.worker import default_queues, serve_worker
+
+            anyio.run(serve_worker, settings, args.queue or default_queues())
+        elif settings.transport == "stdio":
             anyio.run(serve_stdio, settings)
         else:
             from server.auth import Credentials

@@ -19,6 +19,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.errors import ConfigError
+from server.redact import mask_url
 from server.upstreams import McpServerSettings, ServerName
 from tools.clients import ClientsConfig
 from tools.policy import Mode, ShellPolicy
@@ -47,6 +48,8 @@ class PresetSettings(BaseModel):
     """What a caller may append: "none" (the default), "any", or a regex each argument must match."""
     allow_options: bool = False
     """Allow appended arguments that start with "-" (options can make a program run other commands)."""
+    queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    """Distributed mode: the worker queue this preset runs on (e.g. the one build host that can run it)."""
 
     @field_validator("args")
     @classmethod
@@ -130,6 +133,11 @@ class Settings(BaseModel):
     anthropic_model: str = "claude-sonnet-5-5"
     anthropic_max_retries: Annotated[int, Field(ge=0, le=10)] = 2
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    redis_url: str | None = None
+    """Distributed mode (`redis://` or `rediss://`, a password allowed): records and output in Redis, commands
+    run by `offload-mcp worker` processes. Unset: everything runs in this one process (the default)."""
+    redis_namespace: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "offload"
+    """Prefix of every Redis key and Docket queue (several Offloads may share one Redis)."""
 
     transport: Literal["stdio", "sse", "http"] = "stdio"
     host: str = "127.0.0.1"
@@ -184,6 +192,32 @@ class Settings(BaseModel):
     mcp_servers_file: Path | None = None
     """A Claude Desktop / Claude Code config file whose `mcpServers` are read as they are (tables here win)."""
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://")):
+            raise ValueError("redis_url must start with redis:// or rediss://")
+        return value
+
+    @model_validator(mode="after")
+    def _queues_need_redis(self) -> Settings:
+        pinned = sorted(name for name, preset in self.presets.items() if preset.queue is not None)
+        if pinned and self.redis_url is None:
+            raise ValueError(
+                f"presets {', '.join(pinned)} name a worker queue, which needs distributed mode: set redis_url, "
+                "or remove their queue"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _detach_is_local(self) -> Settings:
+        if self.detach and self.redis_url is not None:
+            raise ValueError(
+                "detach keeps a command's output in a file on the machine that runs it, and distributed mode "
+                "(redis_url) keeps output in Redis: use one or the other"
+            )
+        return self
+
     @model_validator(mode="after")
     def _shell_policy_is_valid(self) -> Settings:
         """Bad roots or rules, or an owner with two token variables, fail at start, named, not at first use."""
@@ -230,6 +264,7 @@ class Settings(BaseModel):
                 description=p.description,
                 args=p.args,
                 allow_options=p.allow_options,
+                queue=p.queue,
             )
             for name, p in self.presets.items()
         }
@@ -378,7 +413,8 @@ def _describe(exc: ValidationError, source: str) -> str:
         if error["type"] == "extra_forbidden":
             problems.append(f"unknown setting {key!r}")
         else:
-            problems.append(f"{key} = {error.get('input')!r}: {error['msg']}")
+            shown = mask_url(str(error.get("input"))) if key == "redis_url" else error.get("input")
+            problems.append(f"{key} = {shown!r}: {error['msg']}")
     return f"invalid settings (from flags, OFFLOAD_* environment or {source}): " + "; ".join(problems)
 
 

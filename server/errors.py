@@ -10,6 +10,7 @@
         ├── UnavailableToolError  the tool cannot run here (a credential is missing)
         ├── TooManyTasksError   the caller has the most queued + running tasks allowed
         ├── StoreFullError      the data directory cannot take a new task (disk full)
+        ├── StoreUnreachableError  Redis (distributed mode's store, `redis_url`) does not answer
         ├── ForeignTaskError    cancelling a task another server process (same data dir) runs
         ├── RefusedError        the owner's policy forbids these arguments (shell allow/deny lists, roots)
         ├── TooLargeError       the arguments are over `max_argument_bytes`
@@ -114,6 +115,19 @@ class StoreFullError(RequestError):
         super().__init__(
             f"The task could not be recorded in the data directory {root!r} ({reason}); nothing was started. "
             "Free some disk space there (list_tasks shows what is kept; results expire after ttl_s), then fire again."
+        )
+
+
+class StoreUnreachableError(RequestError):
+    """Raised by `fire_tool` (and reads) in distributed mode when Redis does not answer; nothing is started.
+    `where` is the redis_url with its password masked."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where, self.reason = where, reason
+        super().__init__(
+            f"The task store (Redis at redis_url={where}) is unreachable ({reason}); nothing was started. "
+            "Ask the operator to start Redis or fix redis_url (OFFLOAD_REDIS_URL), then fire again; "
+            "tasks already acknowledged are kept in Redis."
         )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -22,11 +22,11 @@ from server.admission import Admission, Admitted
 from server.cache import Clock
 from server.changes import Changes
 from server.config import Settings
-from server.errors import ForeignTaskError
+from server.errors import ForeignTaskError, RequestError
 from server.lookup import Lookup
-from server.output import OutputLog
+from server.output import OutputWriter
 from server.reuse import Counters, Fired, Reuse
-from server.runner import LocalRunner, Runner
+from server.runner import Lifecycle, LocalRunner, Runner
 from server.store import TaskStore
 from server.task_context import context_for
 from server.tasks import ErrorKind, Status, Task, TaskError
@@ -37,6 +37,9 @@ from tools.registry import Handler, Registry
 
 log = logging.getLogger(__name__)
 
+RunnerFactory = Callable[[Lifecycle], Runner]
+"""Builds the runner over the executor's lifecycle calls (distributed mode's `DocketRunner`)."""
+
 COPY_TURNS = 1
 """Output chunks stored at once across all tasks (see ToolContext.copy_turns); a pump holds a turn
 only with a chunk in hand, never while it waits for one."""
@@ -44,7 +47,13 @@ only with a chunk in hand, never while it waits for one."""
 
 class Executor:
     def __init__(
-        self, registry: Registry, settings: Settings, clock: Clock, task_group: TaskGroup, store: TaskStore
+        self,
+        registry: Registry,
+        settings: Settings,
+        clock: Clock,
+        task_group: TaskGroup,
+        store: TaskStore,
+        make_runner: RunnerFactory | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
@@ -58,7 +67,10 @@ class Executor:
         self._reuse = Reuse(settings.finished_tasks_max, clock)
         self._lookup = Lookup(store, registry, clock, self._active, self._reuse.hot)
         self._waiters = Waiters(self._lookup.refresh)
-        self._runner: Runner = LocalRunner(task_group, settings, registry, self)
+        self._runner: Runner = (
+            LocalRunner(task_group, settings, registry, self) if make_runner is None else make_runner(self)
+        )
+        self.runs_here = not self._runner.reaches_everywhere  # False on a distributed front-end
 
     def __repr__(self) -> str:
         c = self.counters
@@ -82,8 +94,11 @@ class Executor:
         timeout_s: float | None = None,
         ttl_s: float | None = None,
         use_cache: bool = True,
+        target: str | None = None,
     ) -> Fired:
         """Admits, commits and schedules; raises RequestError subclasses before anything starts."""
+        if target is not None and not self._runner.reaches_everywhere:
+            raise RequestError(f"target={target!r} needs distributed mode (redis_url): fire again without target")
         admitted = self._admission.admit(owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s)
         key = admitted.cache_key
         if key is not None:
@@ -92,6 +107,7 @@ class Executor:
                 return reused
         self._admission.check_room(owner, self._active_per_owner[owner])
         task = self._new_task(admitted)
+        task.queue = target or admitted.spec.queue
         self.store.add(task)  # on disk before the id is returned
         self._start(task, admitted.spec.handler)
         self.counters.fired += 1
@@ -105,7 +121,7 @@ class Executor:
             owner=admitted.owner,
             created_at=self._clock(),
             ttl_s=admitted.ttl_s,
-            output=OutputLog(self.store.output_path(task_id), self.settings.output_file_max_bytes),
+            output=self.store.new_output(task_id, self.settings.output_file_max_bytes),
             spec=admitted.spec,
             arguments=admitted.arguments,
             timeout_s=admitted.timeout_s,
@@ -136,16 +152,22 @@ class Executor:
 
     def finish(self, task: Task, status: Status, error: TaskError | None = None, result: JSON | None = None) -> None:
         """Synchronous on purpose: no await, so cancellation cannot come between a change and its record."""
-        if isinstance(task.output, OutputLog):
+        if isinstance(task.output, OutputWriter):
             task.output.finish()
         task.status, task.error, task.result = status, error, result
         task.finished_at = self._clock()
         self.store.record_outcome(task)
         self.release(task)
-        self._reuse.finished(task)
         if task.process is not None:
             tend_orphans(self._active)  # what its command left outside the group, marked or not
+        self._announce_end(task)
+
+    def _announce_end(self, task: Task) -> None:
+        self._reuse.finished(task)
         task.handle.done.set()
+        self._announce(task)
+
+    def _announce(self, task: Task) -> None:
         for listener in task.handle.listeners:
             listener.set()
         self.changes.publish(task)
@@ -213,13 +235,48 @@ class Executor:
         task = self.get(owner, task_id)
         if task.status.finished:
             return task
-        if not task.local:
+        if not task.local and not self._runner.reaches_everywhere:
             raise ForeignTaskError(task_id)
         task.handle.cancel_reason = ErrorKind.CANCELLED_BY_CLIENT
-        task.handle.scope.cancel()
+        self._runner.cancel(task)
+        if self._runner.reaches_everywhere:  # the worker confirms through the change stream
+            return (await self.wait([task], self.settings.kill_grace_s + 5.0, "all"))[0][0]
         with anyio.move_on_after(self.settings.kill_grace_s + 2.0):
             await task.handle.done.wait()
         return task
+
+    # ---- distributed mode ----
+
+    def remote_change(self, task_id: str, *, status_changed: bool = True) -> None:
+        """A task changed in another process: one fired here takes the stored state (and finishes here if it
+        finished there); another's is published when its status changed; waiters wake."""
+        task = self._active.get(task_id)
+        if task is not None and self._runner.reaches_everywhere:
+            stored = self._lookup.load(task_id)
+            if stored is not None:
+                self._take_state(task, stored)
+        elif status_changed and self._runner.reaches_everywhere:
+            stored = self._lookup.load(task_id)
+            if stored is not None:
+                self.changes.publish(stored)
+        self._waiters.poke(task_id)
+
+    def _take_state(self, task: Task, stored: Task) -> None:
+        task.status, task.started_at, task.process = stored.status, stored.started_at, stored.process
+        task.output = stored.output
+        if task.process is not None:
+            task.handle.started.set()
+        if not task.status.finished:
+            self._announce(task)
+            return
+        task.error, task.result, task.finished_at = stored.error, stored.result, stored.finished_at
+        self.release(task)
+        self._announce_end(task)
+
+    def run_here(self, task: Task) -> None:
+        assert task.spec is not None  # a worker runs a queued task with its own limits and bookkeeping
+        task.local = True
+        self._start(task, task.spec.handler)
 
     async def shutdown(self) -> None:
         """Cancels every task (process groups TERM, then KILL) and waits, bounded, for them."""
@@ -239,12 +296,13 @@ class Executor:
             await anyio.to_thread.run_sync(self.store.remove_files, expired)
         return len(expired)
 
-    async def upkeep_forever(self) -> None:
-        """Expires old results and checkpoints the store's WAL, off the commit path."""
-        while True:
-            await anyio.sleep(self.settings.sweep_interval_s)
-            try:
-                await self.sweep()
-                await anyio.to_thread.run_sync(self.store.checkpoint)
-            except Exception:
-                log.exception("store upkeep failed; will try again")
+
+async def upkeep_forever(executor: Executor) -> None:
+    """Expires old results and checkpoints the store's WAL, off the commit path."""
+    while True:
+        await anyio.sleep(executor.settings.sweep_interval_s)
+        try:
+            await executor.sweep()
+            await anyio.to_thread.run_sync(executor.store.checkpoint)
+        except Exception:
+            log.exception("store upkeep failed; will try again")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
@@ -50,6 +50,15 @@ class FireArgs(_Args):
     wait_s: Annotated[
         float, Field(ge=0, le=MAX_POLL_TIMEOUT_S, description="Wait up to this long; a finished task comes back whole.")
     ] = 0
+
+
+class DistributedFireArgs(FireArgs):
+    """fire_tool's arguments when `redis_url` is set: only then is there a queue to pick (and a schema
+    byte to pay for it)."""
+
+    target: Annotated[
+        str | None, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Worker queue (default any).")
+    ] = None
 
 
 class GetArgs(_Args):
@@ -113,6 +122,7 @@ async def _fire(call: Call, args: FireArgs) -> FireReply:
                 ttl_s=args.ttl_s,
                 use_cache=args.use_cache,
                 wait_s=args.wait_s,
+                target=args.target if isinstance(args, DistributedFireArgs) else None,
                 owner=call.owner,
             )
 
@@ -245,7 +255,10 @@ OWN_TOOLS = frozenset(tool.name for tool in TABLE)
 
 def register(server: MCPServer, runtime: Runtime, client_log: ClientLog) -> None:
     """Every tool is `async def`: the SDK runs plain functions in a worker thread, a hop per call."""
+    distributed = runtime.settings.redis_url is not None
     for tool in TABLE:
+        if distributed and tool.input is FireArgs:
+            tool = replace(tool, input=DistributedFireArgs)  # the same tool, with target
         server.add_tool(
             _function(tool, runtime, client_log),
             name=tool.name,

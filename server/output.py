@@ -26,7 +26,7 @@ import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,15 @@ class Output(Protocol):
     def total_bytes(self) -> int: ...
     def read(self, offset: int, max_bytes: int) -> Chunk: ...
     def tail(self, tail_bytes: int) -> int: ...
+
+
+@runtime_checkable
+class OutputWriter(Output, Protocol):
+    """A log this process writes (`OutputLog` on disk; `RedisLog` in distributed mode)."""
+
+    def write(self, data: bytes) -> None: ...
+    def finish(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class OutputLog:
@@ -284,7 +293,7 @@ def tail_offset(path: Path, tail_bytes: int, known: Layout | None = None) -> int
     if gap is not None and gap[0] <= start < gap[1]:
         start = gap[1]
     probe = _pread(path, layout, start, min(start + 4, layout.total_bytes))
-    skip = next((i for i, byte in enumerate(probe) if not _is_continuation(byte)), len(probe))
+    skip = next((i for i, byte in enumerate(probe) if not is_continuation(byte)), len(probe))
     return start + skip
 
 
@@ -298,7 +307,7 @@ def _read_once(fd: int, layout: Layout, offset: int, max_bytes: int) -> tuple[Ch
     data = _whole_characters(fd, layout, start, min(start + max_bytes, limit))
     if not data and start < limit:  # a character wider than the read, or cut by the dropped range
         window = _pread_fd(fd, layout, start, min(start + 4, limit))
-        data = _first_character(window, live=limit == total and not layout.finished)
+        data = first_character(window, live=limit == total and not layout.finished)
     next_offset = start + len(data)
     if gap is not None and next_offset == gap[0]:
         next_offset = gap[1]  # the next read continues after the gap
@@ -309,19 +318,19 @@ def _whole_characters(fd: int, layout: Layout, start: int, end: int) -> bytes:
     """Bytes [start, end), less a character split at the end (unless the log is finished there)."""
     data = _pread_fd(fd, layout, start, end)
     if end < layout.total_bytes or not layout.finished:
-        data = _cut_to_boundary(data)
+        data = cut_to_boundary(data)
     return data
 
 
-def _first_character(data: bytes, *, live: bool) -> bytes:
+def first_character(data: bytes, *, live: bool) -> bytes:
     """The first character of `data` whole; a byte that starts no valid character goes alone (so a
     read always moves on), and at the live end an incomplete one waits for its last bytes."""
     if not data:
         return b""
     width = _width(data[0])
-    if width <= len(data) and all(_is_continuation(b) for b in data[1:width]):
+    if width <= len(data) and all(is_continuation(b) for b in data[1:width]):
         return data[:width]
-    if live and len(data) < width and all(_is_continuation(b) for b in data[1:]):
+    if live and len(data) < width and all(is_continuation(b) for b in data[1:]):
         return b""
     return data[:1]
 
@@ -396,14 +405,14 @@ def _pwrite_all(fd: int, data: bytes | memoryview, position: int) -> None:
         view, position = view[written:], position + written
 
 
-def _is_continuation(byte: int) -> bool:
+def is_continuation(byte: int) -> bool:
     return byte & 0xC0 == 0x80
 
 
-def _cut_to_boundary(data: bytes) -> bytes:
+def cut_to_boundary(data: bytes) -> bytes:
     """Drops a multi-byte character split at the end, so the next read starts on it whole."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
-        if not _is_continuation(byte):
+        if not is_continuation(byte):
             return data if _width(byte) <= back else data[:-back]
     return data

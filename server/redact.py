@@ -135,3 +135,27 @@ def _mask(length: int) -> bytes:
     if length < len(label):
         return b"*" * length
     return label[:-1] + b"*" * (length - len(label)) + b"]"
+
+
+def mask_url(url: str) -> str:
+    """A URL fit for a message: its password (and user name) replaced by `***`."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+    except ValueError:
+        return "***"
+    if "@" not in netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + netloc.rsplit("@", 1)[1]))
+
+
+def url_password(url: str) -> str | None:
+    """The password in a URL (masked in every reply and log line like the other secrets)."""
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None

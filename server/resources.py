@@ -56,6 +56,19 @@ def add_resources(server: MCPServer, runtime: Runtime, notifier: Notifier) -> No
             shown["notifications"] = notifier.stats()
         return json.dumps(shown, indent=1)
 
+    if runtime.settings.redis_url is not None:
+
+        @server.resource(
+            "offload://workers",
+            name="workers",
+            mime_type="application/json",
+            description="Distributed mode: live workers, their queues, running counts, last heartbeat.",
+        )
+        async def workers() -> str:
+            if not runtime.settings.is_admin(reader.get()):  # server-wide: other owners' work shows in it
+                return json.dumps({"workers": None, "note": "server-wide figures are shown to admin owners only"})
+            return json.dumps({"workers": runtime.workers()}, indent=1)
+
     @server.resource(
         "task://{task_id}",
         name="task",

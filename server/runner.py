@@ -42,11 +42,20 @@ class Lifecycle(Protocol):
 
 
 class Runner(Protocol):
+    reaches_everywhere: bool
+    """True when `cancel` reaches a task whoever runs it (distributed mode); False: only this process's."""
+
     def run(self, task: Task, handler: Handler) -> None:
         """Starts the task on a later loop iteration and returns at once."""
 
+    def cancel(self, task: Task) -> None:
+        """Asks whatever runs the task to stop it (TERM the group, grace, KILL); returns at once. The
+        final status is written by whoever runs it (or here, when nothing had started it)."""
+
 
 class LocalRunner:
+    reaches_everywhere = False
+
     def __init__(self, task_group: TaskGroup, settings: Settings, registry: Registry, lifecycle: Lifecycle) -> None:
         self._tg = task_group
         self._settings = settings
@@ -57,6 +66,9 @@ class LocalRunner:
 
     def run(self, task: Task, handler: Handler) -> None:
         self._tg.start_soon(self._run, task, handler, name=f"offload task {task.tool} {task.id}")
+
+    def cancel(self, task: Task) -> None:
+        task.handle.scope.cancel()
 
     async def _run(self, task: Task, handler: Handler) -> None:
         # Let the reply to `fire` leave first: a process spawn ahead of it delays it.

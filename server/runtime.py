@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio.abc import TaskGroup
@@ -26,11 +26,14 @@ from anyio.abc import TaskGroup
 from server.cache import Clock
 from server.changes import Subscriber
 from server.config import Settings, clients_config, data_dir
-from server.errors import ConfigError, ForeignTaskError, RequestError
-from server.executor import Executor
+from server.distributed import DocketRunner, follow_changes, live_workers, queue_depths
+from server.errors import ConfigError, ForeignTaskError, RequestError, StoreUnreachableError
+from server.executor import Executor, RunnerFactory, upkeep_forever
 from server.recovery import recover, watch_peers
-from server.redact import Redactor, known_secrets
-from server.store import Store
+from server.redact import Redactor, known_secrets, url_password
+from server.redis_store import RedisStore
+from server.runner import Lifecycle
+from server.store import Store, TaskStore
 from server.tasks import (
     Catalog,
     FireableTool,
@@ -97,20 +100,24 @@ class Runtime:
         extra_tools: Iterable[ToolSpec] = (),
         clock: Clock = time.time,
         load_plugins: bool = True,
+        role: Literal["serve", "worker"] = "serve",
     ) -> AsyncIterator[Runtime]:
+        """`role` "worker" (distributed mode only): tasks come from the worker's queues, not from MCP."""
         if settings.portable_process:
             force_portable()
         _use_pidfd_child_watcher()
         pool = ClientPool(clients_config(settings))
         registry, upstreams, login_secrets = await _registry(settings, pool, extra_tools, load_plugins)
         become_subreaper()  # what leaves a command's process group comes back to us
-        store = Store.open(data_dir(settings), lease_s=settings.lease_s)
+        store = _open_store(settings)
         try:
             async with upstreams, anyio.create_task_group() as tg:  # upstreams stop after every task has
-                executor = Executor(registry, settings, clock, tg, store)
+                executor = Executor(registry, settings, clock, tg, store, _runner_factory(store, settings, tg, role))
                 await _start_engine(executor, tg)
+                if isinstance(store, RedisStore) and role == "serve" and settings.redis_url is not None:
+                    tg.start_soon(follow_changes, executor, store, settings.redis_url, name="offload change stream")
                 names = [*secret_variables(settings), *upstreams.referenced_variables()]
-                redactor = Redactor.from_environ(names, extra=login_secrets)
+                redactor = Redactor.from_environ(names, extra=[*login_secrets, *secret_values(settings)])
                 await upstreams.start_eager()
                 runtime = cls(settings, executor, pool, redactor, tg)
                 runtime.upstreams = upstreams
@@ -164,9 +171,12 @@ class Runtime:
         use_cache: bool,
         wait_s: float,
         owner: str,
+        target: str | None = None,
     ) -> FireReply:
         await prepare(self.upstreams, tool, owner)  # a lazy upstream MCP server starts on its first fire
-        fired = self.executor.fire(owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s, use_cache=use_cache)
+        fired = self.executor.fire(
+            owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s, use_cache=use_cache, target=target
+        )
         task = fired.task
         if wait_s > 0 and not task.status.finished:
             await self.executor.wait([task], wait_s, "all")
@@ -277,24 +287,9 @@ class Runtime:
         }
         if not self.settings.is_admin(owner):
             return mine
-        counters = executor.counters
-        everyone = executor.active_tasks()
-        per_tool = {
-            tool: {
-                "lookups": lookups,
-                "reused": counters.cache_reuses[tool],
-                "hit_rate": round(counters.cache_reuses[tool] / lookups, 3),
-            }
-            for tool, lookups in counters.cache_lookups.items()
-        }
         return {
             **mine,
-            "server": {
-                "queue_depth": sum(t.status is Status.QUEUED for t in everyone),
-                "running": sum(t.status is Status.RUNNING for t in everyone),
-            },
-            "fired": counters.fired,
-            "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
+            **_server_wide(executor),
             "clients": self.pool.stats(),
             "data_dir": str(data_dir(self.settings).expanduser()),
         }
@@ -313,6 +308,65 @@ class Runtime:
         return catalog_of(
             spec for spec in self.executor.registry if upstreams is None or upstreams.allows(spec.name, owner)
         )
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Distributed mode's live workers (offload://workers); empty in single-process mode."""
+        store = self.executor.store
+        return live_workers(store, time.time()) if isinstance(store, RedisStore) else []
+
+
+def _server_wide(executor: Executor) -> dict[str, Any]:
+    """Every owner's work (per queue too, in distributed mode) and the reuse figures, for offload://stats."""
+    counters = executor.counters
+    everyone = executor.active_tasks()
+    per_tool = {
+        tool: {
+            "lookups": lookups,
+            "reused": counters.cache_reuses[tool],
+            "hit_rate": round(counters.cache_reuses[tool] / lookups, 3),
+        }
+        for tool, lookups in counters.cache_lookups.items()
+    }
+    server: dict[str, Any] = {
+        "queue_depth": sum(t.status is Status.QUEUED for t in everyone),
+        "running": sum(t.status is Status.RUNNING for t in everyone),
+    }
+    if isinstance(executor.store, RedisStore):
+        server["queues"] = queue_depths(executor.store)  # tasks waiting for a worker, per queue
+    return {
+        "server": server,
+        "fired": counters.fired,
+        "cache": {"hits": counters.cache_hits, "joined": counters.joined, "per_tool": per_tool},
+    }
+
+
+def _runner_factory(store: TaskStore, settings: Settings, tg: TaskGroup, role: str) -> RunnerFactory | None:
+    """A distributed front-end's tasks run on workers (`DocketRunner`); everywhere else, here."""
+    if not isinstance(store, RedisStore) or role != "serve":
+        return None
+    store.hands_off = True  # every task it adds goes to a queue at once
+
+    def make_runner(lifecycle: Lifecycle) -> DocketRunner:
+        return DocketRunner(tg, settings, store, lifecycle)
+
+    return make_runner
+
+
+def _open_store(settings: Settings) -> TaskStore:
+    """SQLite on the data directory; Redis (records and output) when `redis_url` is set."""
+    if settings.redis_url is None:
+        return Store.open(data_dir(settings), lease_s=settings.lease_s)
+    try:
+        store = RedisStore.open(
+            settings.redis_url, data_dir(settings), namespace=settings.redis_namespace, lease_s=settings.lease_s
+        )
+    except StoreUnreachableError as exc:
+        raise ConfigError(
+            f"Redis at redis_url={exc.where} does not answer ({exc.reason}); start it, or fix redis_url "
+            "(--redis-url or OFFLOAD_REDIS_URL)"
+        ) from exc
+    store.output_max_bytes = settings.output_file_max_bytes
+    return store
 
 
 async def _registry(
@@ -355,9 +409,9 @@ async def _start_engine(executor: Executor, tg: TaskGroup) -> None:
     try:
         await recover(executor)
         await executor.sweep()
-    except sqlite3.Error:  # a full disk, say: serve anyway; the lease loop tries again
+    except Exception:  # a full disk, Redis gone for a moment: serve anyway; the lease loop tries again
         log.exception("settling earlier tasks or expiring old ones failed; will try again")
-    tg.start_soon(executor.upkeep_forever, name="offload store upkeep")
+    tg.start_soon(upkeep_forever, executor, name="offload store upkeep")
     tg.start_soon(watch_peers, executor, executor.settings.lease_s / 3, name="offload lease and peers")
 
 
@@ -385,6 +439,12 @@ def secret_variables(settings: Settings) -> list[str]:
         settings.auth_token_env,
         *settings.owner_tokens().values(),
     ]
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """Secrets the settings hold themselves (a password in redis_url): masked like the others."""
+    password = None if settings.redis_url is None else url_password(settings.redis_url)
+    return [] if password is None else [password]
 
 
 def _use_pidfd_child_watcher() -> None:

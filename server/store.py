@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server.errors import ConfigError, StoreFullError
-from server.output import OutputLog, StoredLog
+from server.output import OutputLog, OutputWriter, StoredLog
 from server.tasks import Status, Task, TaskError, TaskSummary, error_kind, iso
 from tools.context import ProcessInfo
 from tools.registry import ToolSpec
@@ -115,6 +115,7 @@ class TaskStore(Protocol):
 
     def output_path(self, task_id: str) -> Path: ...
     def exit_path(self, task_id: str) -> Path: ...
+    def new_output(self, task_id: str, file_max_bytes: int) -> OutputWriter: ...
     def add(self, task: Task) -> None: ...
     def record_running(self, task: Task) -> None: ...
     def record_process(self, task: Task) -> None: ...
@@ -135,7 +136,22 @@ class TaskStore(Protocol):
     def close(self) -> None: ...
 
 
-class Store:
+class FileLogs:
+    """Where a server on a data directory keeps each task's output log and exit record: files."""
+
+    output_dir: Path
+
+    def output_path(self, task_id: str) -> Path:
+        return self.output_dir / f"{task_id}.log"
+
+    def exit_path(self, task_id: str) -> Path:
+        return self.output_dir / f"{task_id}.exit"
+
+    def new_output(self, task_id: str, file_max_bytes: int) -> OutputLog:  # a file in the data directory
+        return OutputLog(self.output_path(task_id), file_max_bytes)
+
+
+class Store(FileLogs):
     def __init__(
         self, root: Path, connection: sqlite3.Connection, instance: str, lock_fd: int, lease_s: float = 10.0
     ) -> None:
@@ -185,12 +201,6 @@ class Store:
         os.close(self._lock_fd)
         with contextlib.suppress(OSError):
             (self.root / "instances" / f"{self.instance}.lock").unlink()
-
-    def output_path(self, task_id: str) -> Path:
-        return self.output_dir / f"{task_id}.log"
-
-    def exit_path(self, task_id: str) -> Path:
-        return self.output_dir / f"{task_id}.exit"
 
     # ---- writes (each one a commit) ----
 

@@ -9,7 +9,7 @@ import sys
 import anyio
 
 from server.config import Settings
-from server.output import OutputLog, StoredLog
+from server.output import OutputLog, OutputWriter, StoredLog
 from server.store import TaskStore
 from server.tasks import ErrorKind, Task
 from tools.context import ProcessInfo, ToolContext
@@ -33,7 +33,7 @@ def context_for(task: Task, store: TaskStore, settings: Settings, copy_turns: an
 
     return ToolContext(
         task_id=task.id,
-        write_output=output.write if isinstance(output, OutputLog) else _no_output,
+        write_output=output.write if isinstance(output, OutputWriter) else _no_output,
         output_bytes=lambda: task.output.total_bytes,
         set_process=set_process,
         set_watcher=set_watcher,

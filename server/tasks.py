@@ -206,6 +206,8 @@ class Task:
     watcher: ProcessInfo | None = None
     """The capture process of a detached command (what a restart follows)."""
     detached: bool = False
+    queue: str | None = None
+    """The worker queue it was fired to (distributed mode's `target`); None: the default."""
     local: bool = True
     """Run by this server process; False for a task another server on the same data dir runs."""
     handle: Handle = field(default_factory=Handle)

@@ -1,5 +1,6 @@
-"""Waiting for tasks to finish: on each task's change events, never a sleep loop, except for tasks
-another server process runs, which send no events here and are read again every second."""
+"""Waiting for tasks to finish: on each task's change events, never a sleep loop. A task another server
+process runs sends no events to its Task object here: in distributed mode the change stream pokes its
+id (`poke`); on a shared SQLite data directory it is read again every second."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ class Waiters:
         self._waiting = 0
         self._no_waiters = anyio.Event()
         self._no_waiters.set()
+        self._by_id: dict[str, set[anyio.Event]] = {}
+
+    def poke(self, task_id: str) -> None:
+        """The task changed somewhere (another process): wake whoever waits on it."""
+        for event in self._by_id.get(task_id, ()):
+            event.set()
 
     @property
     def count(self) -> int:
@@ -43,7 +50,7 @@ class Waiters:
             with anyio.move_on_after(timeout_s):
                 while not satisfied(current, return_when):
                     beat = FOREIGN_RECHECK_S if any(not t.local for t in current) else heartbeat_s
-                    await _next_change(current, beat)
+                    await self._next_change(current, beat)
                     current = [self._refresh(t) for t in current]
                     if on_progress is not None:
                         await on_progress(sum(t.status.finished for t in current), len(current))
@@ -58,18 +65,23 @@ class Waiters:
         """Returns once no `wait` is in progress (tests use it to see a cancelled poll end)."""
         await self._no_waiters.wait()
 
-
-async def _next_change(tasks: Iterable[Task], heartbeat_s: float) -> None:
-    changed = anyio.Event()
-    pending = [t for t in tasks if not t.status.finished]
-    for task in pending:
-        task.handle.listeners.add(changed)
-    try:
-        with anyio.move_on_after(heartbeat_s):
-            await changed.wait()
-    finally:
+    async def _next_change(self, tasks: Iterable[Task], heartbeat_s: float) -> None:
+        changed = anyio.Event()
+        pending = [t for t in tasks if not t.status.finished]
         for task in pending:
-            task.handle.listeners.discard(changed)
+            task.handle.listeners.add(changed)
+            self._by_id.setdefault(task.id, set()).add(changed)
+        try:
+            with anyio.move_on_after(heartbeat_s):
+                await changed.wait()
+        finally:
+            for task in pending:
+                task.handle.listeners.discard(changed)
+                waiting = self._by_id.get(task.id)
+                if waiting is not None:
+                    waiting.discard(changed)
+                    if not waiting:
+                        del self._by_id[task.id]
 
 
 def satisfied(tasks: Sequence[Task], return_when: ReturnWhen) -> bool:

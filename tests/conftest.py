@@ -8,7 +8,9 @@ registry interface: `test.gate` (cacheable; each key finishes when the test rele
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from server.app import build_server
 from server.config import Settings
 from server.runtime import Runtime
 from testkit.processes import live_group_members, when_tree_runs
+from testkit.redis_server import RedisServer
 from tools.context import JSON, ToolContext
 from tools.process import portable
 from tools.registry import ToolSpec
@@ -107,6 +110,20 @@ class Gate:
             ),
             ToolSpec(name="test.boom", description="raises", input_model=GateArgs, handler=boom),
         ]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session (loopback, free port, no persistence). Without the binary
+    the tests that need it skip, except in CI (`CI` set), where they fail: .ci/run installs it."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing in CI: .ci/run installs the Debian package redis-server")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_FUNCTION_LINES = 60
 MAX_CLASS_LINES = 250
 FACE = {"app", "mcp_tools", "resources", "notify", "schema", "task_extension", "web", "stdio", "auth", "limits",
-        "events", "client_log", "completions", "signals", "cli", "sdk_compat", "demo", "__main__"}  # fmt: skip
+        "events", "client_log", "completions", "signals", "cli", "sdk_compat", "demo", "__main__",
+        "worker"}  # fmt: skip
 """server/ modules that speak MCP or a transport; every other server/ module is the engine."""
 
 

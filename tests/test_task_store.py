@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from server.output import OutputLog
+from server.output import OutputWriter
+from server.redis_store import RedisStore
 from server.store import Store, TaskStore
 from server.tasks import ErrorKind, Status, Task, TaskError
+from testkit.redis_server import RedisServer
 from tools.context import ProcessInfo
 from tools.registry import ToolSpec
 
@@ -35,13 +37,17 @@ def _spec_of(name: str) -> ToolSpec | None:
     return None
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "redis"])
 def task_stores(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
     opened: list[TaskStore] = []
+    namespace = f"test-{secrets.token_hex(6)}"  # one Redis for the session; each test its own keys
 
     def open_store() -> TaskStore:
         if request.param == "sqlite":
             store: TaskStore = Store.open(tmp_path / "data", lease_s=10.0, now=NOW)
+        else:
+            redis: RedisServer = request.getfixturevalue("redis_server")
+            store = RedisStore.open(redis.url, tmp_path / "local", namespace=namespace, lease_s=10.0, now=NOW)
         opened.append(store)
         return store
 
@@ -63,7 +69,7 @@ def new_task(store: TaskStore, *, owner: str = "alice", tool: str = "t", created
         owner=owner,
         created_at=created_at,
         ttl_s=60.0,
-        output=OutputLog(store.output_path(task_id), 4096),
+        output=store.new_output(task_id, 4096),
         arguments=Args(n=1),
         timeout_s=30.0,
         **kw,  # type: ignore[arg-type]
@@ -95,7 +101,7 @@ async def test_a_task_reads_back_as_it_was_recorded_at_each_step(store: TaskStor
     assert running.process == ProcessInfo(4242, 777, "boot-a") and running.watcher == ProcessInfo(4243, 778, "boot-a")
     assert running.detached
 
-    assert isinstance(task.output, OutputLog)
+    assert isinstance(task.output, OutputWriter)
     task.output.write(b"hello\n")
     task.output.finish()
     error = TaskError(kind=ErrorKind.EXIT_STATUS, message="exited 3")
@@ -146,7 +152,7 @@ async def test_only_a_completed_unexpired_task_offers_its_result_for_reuse(store
 async def test_a_swept_task_leaves_a_tombstone_of_its_owner_and_its_files_can_go(store: TaskStore) -> None:
     task = new_task(store)
     store.add(task)
-    assert isinstance(task.output, OutputLog)
+    assert isinstance(task.output, OutputWriter)
     task.output.write(b"x" * 10)
     task.output.finish()
     finish(store, task, Status.COMPLETED, NOW)
@@ -204,3 +210,21 @@ async def test_an_error_kind_this_version_does_not_know_reads_as_written(tmp_pat
         assert again is not None and again.error is not None and again.error.kind is ErrorKind.TIMEOUT
     finally:
         store.close()
+
+
+async def test_a_late_write_to_a_record_the_store_lost_leaves_nothing_readable_and_expiry_goes_on(
+    store: TaskStore,
+) -> None:
+    """Found by review: Redis restarted without persistence, a running task then finished; its outcome made a
+    partial record that crashed every front-end reading it and every sweep after."""
+    task = new_task(store)
+    store.add(task)
+    if isinstance(store, Store):
+        store._db.execute("DELETE FROM tasks WHERE id = ?", (task.id,))
+    else:
+        assert isinstance(store, RedisStore)
+        store.redis.delete(store._key("task", task.id))
+    finish(store, task, Status.COMPLETED, NOW)
+    assert store.load(task.id, _spec_of) is None
+    assert store.sweep(NOW + 1000, tombstones_max=10) == []
+    assert store.load(task.id, _spec_of) is None

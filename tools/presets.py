@@ -83,6 +83,8 @@ class Preset:
     """Which `args` a caller may append: "none", "any", or a regex each argument must match (tools/presets.py)."""
     allow_options: bool = False
     """Arguments starting with "-" are refused unless this is set."""
+    queue: str | None = None
+    """Distributed mode: the worker queue this preset always runs on (a build host, say)."""
 
 
 class PresetArgs(BaseModel):
@@ -122,6 +124,7 @@ def preset_spec(name: str, preset: Preset, config: shell.ShellConfig) -> ToolSpe
         default_timeout_s=preset.timeout_s,
         check=check,
         recover=functools.partial(shell.recover, config=config),
+        queue=preset.queue,
     )
 
 

@@ -51,6 +51,8 @@ class ToolSpec:
     """Shown in the catalog, e.g. a missing credential."""
     recover: Recover | None = None
     """None: such a task is settled `interrupted` (after its process group, if any, is killed)."""
+    queue: str | None = None
+    """Distributed mode: the worker queue its tasks go to unless `fire_tool` names one (presets may pin one)."""
     check: Callable[[Any, str], None] | None = None
     """Refuses arguments the operator's policy forbids for this owner (raises ValueError saying why) before
     anything starts: (arguments, owner)."""

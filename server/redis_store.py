@@ -1,0 +1,682 @@
+"""RedisStore: the TaskStore of distributed mode. Task records, tombstones, leases, reuse keys and output
+live in Redis, shared by every front-end and worker; the same contract as the SQLite `Store`
+(tests/test_task_store.py runs against both).
+
+Keys, under one namespace (`offload` unless a test picks its own):
+    {ns}:task:{id}       hash: the record, each field JSON
+    {ns}:owner:{owner}   zset: the owner's task ids by created_at
+    {ns}:cache:{key}     zset: completed task ids of a result key by finished_at
+    {ns}:expiring        zset: finished task ids by expires_at (what `sweep` walks)
+    {ns}:unfinished      set: queued and running task ids (what `claim_orphans` walks)
+    {ns}:tomb:{id}, {ns}:tombs   tombstones (bounded, newest kept)
+    {ns}:instance:{id}   a live process's lease: a key that expires after lease_s unless renewed
+    {ns}:fence:{id}      the run fence: who runs the task (set once; a redelivery finds it taken)
+    {ns}:out:{id}, {ns}:outmeta:{id}   the output stream and its layout (`RedisLog`)
+and two pub/sub channels, {ns}:changes (a task id each time a task changes) and {ns}:cancel.
+
+The interface is synchronous, like the SQLite store's: each call is one round trip (a pipeline or a
+script) to a Redis that is meant to be near, so it runs on the event loop as SQLite's commits do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.exceptions
+from redis.typing import FieldT
+
+from server.errors import StoreUnreachableError
+from server.output import Chunk, cut_to_boundary, first_character, is_continuation
+from server.redact import mask_url
+from server.store import Expired, SpecOf, make_private
+from server.tasks import Status, Task, TaskError, TaskSummary, error_kind, iso
+from tools.context import ProcessInfo
+
+log = logging.getLogger(__name__)
+
+UNFINISHED = (Status.QUEUED.value, Status.RUNNING.value)
+HANDED_TO_QUEUE = ""
+"""The `instance` of a task waiting in a Docket queue: no process holds it, so nobody's death settles it."""
+READ_RETRIES = 4
+STATUS_CHANGED = "status"
+DETAIL_CHANGED = "detail"
+"""What a message on the change channel (`{task id} {what}`) says changed: the status, or a detail (the pid)."""
+CANCEL_FENCE = "cancel_task"
+"""The fence of a task cancelled before any worker took it."""
+
+_CLAIM = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if redis.call('HGET', KEYS[1], 'instance') == ARGV[1] and (status == '"queued"' or status == '"running"') then
+  redis.call('HSET', KEYS[1], 'instance', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_COMPLETE_RECORD = {b"id", b"owner", b"tool", b"status", b"created_at", b"ttl_s"}
+"""A task record has these from its first write; a later write to a record Redis lost leaves only some."""
+
+_SWEEP_ONE = """
+if redis.call('EXISTS', KEYS[1]) == 0 or not redis.call('HGET', KEYS[1], 'owner') then
+  redis.call('DEL', KEYS[1], KEYS[5], KEYS[6], KEYS[7])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return 0
+end
+local owner = cjson.decode(redis.call('HGET', KEYS[1], 'owner'))
+local at = redis.call('ZSCORE', KEYS[2], ARGV[1])
+local key = cjson.decode(redis.call('HGET', KEYS[1], 'cache_key'))
+redis.call('HSET', KEYS[3], 'owner', owner, 'at', at)
+redis.call('ZADD', KEYS[4], at, ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', ARGV[2] .. owner, ARGV[1])
+if key ~= cjson.null then redis.call('ZREM', ARGV[3] .. key, ARGV[1]) end
+redis.call('DEL', KEYS[1], KEYS[5], KEYS[6], KEYS[7])
+return 1
+"""
+
+_FENCE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', ''} end
+local status = cjson.decode(redis.call('HGET', KEYS[1], 'status'))
+if status ~= 'queued' and status ~= 'running' then return {'finished', status} end
+local holder = redis.call('GET', KEYS[2])
+if holder then return {'taken', holder} end
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'instance', ARGV[2])
+return {'ok', ''}
+"""
+
+
+class RedisRecords:
+    """Reading task records out of Redis (and the key and channel names): what every process needs, the
+    front-ends' lookups above all. `RedisStore` adds the writes, leases, fences and expiry."""
+
+    redis: redis.Redis
+    ns: str
+    where: str
+    output_max_bytes: int
+
+    def key(self, kind: str, name: str) -> str:
+        return self._key(kind, name)
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self.ns}:{kind}:{name}"
+
+    @property
+    def changes_channel(self) -> str:
+        return f"{self.ns}:changes"
+
+    @property
+    def cancel_channel(self) -> str:
+        return f"{self.ns}:cancel"
+
+    def _reachable(self) -> AbstractContextManager[None]:
+        return reachable(self.where)
+
+    def new_output(self, task_id: str, file_max_bytes: int) -> RedisLog:
+        return RedisLog(
+            self.redis, self._key("out", task_id), self._key("outmeta", task_id), file_max_bytes, self.where
+        )
+
+    def load(self, task_id: str, spec_of: SpecOf) -> Task | None:
+        with self._reachable():
+            raw = self.redis.hgetall(self._key("task", task_id))
+        if not raw.keys() >= _COMPLETE_RECORD:  # none, or the remains of one Redis lost (a late write made it)
+            return None
+        record = {_text(k): _decode(v) for k, v in raw.items()}
+        return self._task(record, spec_of)
+
+    def arguments_json(self, task_id: str) -> str | None:
+        value = _decode(self.redis.hget(self._key("task", task_id), "arguments"))
+        return None if value is None else str(value)
+
+    def _records(self, ids: list[str], fields: tuple[str, ...]) -> list[dict[str, Any] | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for task_id in ids:
+            pipe.hmget(self._key("task", task_id), list(fields))
+        found: list[dict[str, Any] | None] = []
+        for values in pipe.execute():
+            if values[0] is None:
+                found.append(None)
+            else:
+                found.append({name: _decode(v) for name, v in zip(fields, values, strict=True)})
+        return found
+
+    def _owner_records(self, owner: str, fields: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+        """The owner's records, newest first, a page at a time."""
+        zkey = self._key("owner", owner)
+        start = 0
+        page = 200
+        with self._reachable():
+            while True:
+                ids = [_text(i) for i in self.redis.zrevrange(zkey, start, start + page - 1)]
+                if not ids:
+                    return
+                for record in self._records(ids, fields):
+                    if record is not None:
+                        yield record
+                start += page
+
+    def summaries(
+        self, owner: str, now: float, status: Status | None, tool: str | None, limit: int
+    ) -> list[TaskSummary]:
+        fields = ("id", "tool", "status", "error_kind", "created_at", "finished_at", "expires_at")
+        found: list[TaskSummary] = []
+        for record in self._owner_records(owner, fields):
+            if _expired(record, now) or (status is not None and record["status"] != status.value):
+                continue
+            if tool is not None and record["tool"] != tool:
+                continue
+            found.append(
+                TaskSummary(
+                    task_id=record["id"],
+                    tool=record["tool"],
+                    status=Status(record["status"]),
+                    error_kind=None if record["error_kind"] is None else error_kind(record["error_kind"]),
+                    created_at=iso(record["created_at"]) or "",
+                    finished_at=iso(record["finished_at"]),
+                )
+            )
+            if len(found) >= limit:
+                break
+        return found
+
+    def count_by_status(self, owner: str, now: float) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for record in self._owner_records(owner, ("status", "expires_at")):
+            if not _expired(record, now):
+                counts[record["status"]] = counts.get(record["status"], 0) + 1
+        return counts
+
+    def reusable(self, cache_key: str, now: float) -> str | None:
+        with self._reachable():
+            ids = [_text(i) for i in self.redis.zrevrange(self._key("cache", cache_key), 0, 20)]
+            for record in self._records(ids, ("id", "status", "expires_at")) if ids else []:
+                if record is not None and record["status"] == Status.COMPLETED.value and not _expired(record, now):
+                    return str(record["id"])
+        return None
+
+    def tombstone(self, task_id: str) -> Expired | None:
+        with self._reachable():
+            raw = self.redis.hgetall(self._key("tomb", task_id))
+        if not raw:
+            return None
+        return Expired(_text(raw[b"owner"]), float(raw[b"at"]))
+
+    def _task(self, record: dict[str, Any], spec_of: SpecOf) -> Task:
+        error = None
+        if record.get("error_kind") is not None:
+            error = TaskError(kind=error_kind(record["error_kind"]), message=record.get("error_message") or "")
+        task_id = str(record["id"])
+        return Task(
+            id=task_id,
+            tool=record["tool"],
+            owner=record["owner"],
+            created_at=record["created_at"],
+            ttl_s=record["ttl_s"],
+            output=self.new_output(task_id, self.output_max_bytes),
+            spec=spec_of(record["tool"]),
+            timeout_s=record.get("timeout_s"),
+            time_left_s=record.get("timeout_s"),
+            cache_key=record.get("cache_key"),
+            status=Status(record["status"]),
+            started_at=record.get("started_at"),
+            finished_at=record.get("finished_at"),
+            result=record.get("result"),
+            error=error,
+            process=_process(record.get("pid"), record.get("start_ticks"), record.get("boot_id")),
+            watcher=_process(record.get("watcher_pid"), record.get("watcher_ticks"), record.get("boot_id")),
+            detached=bool(record.get("detached")),
+            queue=record.get("queue"),
+            local=False,
+        )
+
+
+@contextmanager
+def reachable(where: str) -> Iterator[None]:
+    """Redis not answering, as the error a caller can act on (naming redis_url, its password masked)."""
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        raise StoreUnreachableError(where, type(exc).__name__) from exc
+
+
+class RedisStore(RedisRecords):
+    def __init__(
+        self, client: redis.Redis, url: str, root: Path, *, namespace: str = "offload", lease_s: float = 10.0
+    ) -> None:
+        self.redis = client
+        self.where = mask_url(url)
+        self.root = root
+        self.ns = namespace
+        self.instance = f"{socket.gethostname()}#{os.getpid()}#{os.urandom(4).hex()}"
+        self.lease_s = lease_s
+        self.output_max_bytes = 64 * 1024 * 1024
+        self._claim = client.register_script(_CLAIM)
+        self._sweep_one = client.register_script(_SWEEP_ONE)
+        self._fence = client.register_script(_FENCE)
+        self._closed = False
+        self.hands_off = False
+        """A front-end's store: every task it adds goes to a queue at once (`hand_off` folded into `add`)."""
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self.where} ns={self.ns} instance={self.instance}>"
+
+    @classmethod
+    def open(
+        cls, url: str, root: Path, *, namespace: str = "offload", lease_s: float = 10.0, now: float | None = None
+    ) -> RedisStore:
+        """Connects (and checks Redis answers); `root` holds this machine's exit records only."""
+        root = root.expanduser()
+        for folder in (root, root / "output", root / "instances"):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private(root)
+        client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
+        store = cls(client, url, root, namespace=namespace, lease_s=lease_s)
+        store.heartbeat(0.0 if now is None else now)
+        return store
+
+    def close(self) -> None:
+        """Gives up this process's lease: its unfinished tasks become claimable at once. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.redis.delete(self._key("instance", self.instance))
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not give up the lease in Redis at %s: %s", self.where, exc)
+        self.redis.close()
+
+    def output_path(self, task_id: str) -> Path:
+        return self.root / "output" / f"{task_id}.log"
+
+    def exit_path(self, task_id: str) -> Path:
+        return self.root / "output" / f"{task_id}.exit"
+
+    def add(self, task: Task) -> None:
+        """Raises `StoreUnreachableError` when Redis does not answer: nothing is started then."""
+        record = {
+            "id": task.id,
+            "owner": task.owner,
+            "tool": task.tool,
+            "arguments": "{}" if task.arguments is None else task.arguments.model_dump_json(by_alias=True),
+            "instance": HANDED_TO_QUEUE if self.hands_off else self.instance,
+            "created_at": task.created_at,
+            "started_at": task.started_at,
+            "ttl_s": task.ttl_s,
+            "timeout_s": task.timeout_s,
+            "cache_key": task.cache_key,
+            "queue": task.queue,
+            "cancel": False,
+            **_process_fields(task),
+            **_outcome(task, output_total=0),  # a new task has written nothing yet
+        }
+        with self._reachable():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(self._key("task", task.id), mapping=_encode(record))
+            pipe.zadd(self._key("owner", task.owner), {task.id: task.created_at})
+            pipe.sadd(f"{self.ns}:unfinished", task.id)
+            pipe.execute()
+
+    def hand_off(self, task: Task) -> None:
+        """The task waits in a queue from now on: no process's death settles it until a worker takes it."""
+        if self.hands_off:
+            return  # `add` recorded it so
+        with self._reachable():  # not a change anyone waits on: nothing published
+            self.redis.hset(self._key("task", task.id), "instance", json.dumps(HANDED_TO_QUEUE))
+
+    def record_running(self, task: Task) -> None:
+        self._update(task.id, STATUS_CHANGED, status=task.status.value, started_at=task.started_at)
+
+    def record_process(self, task: Task) -> None:
+        self._update(task.id, DETAIL_CHANGED, **_process_fields(task))
+
+    def record_watcher(self, task: Task) -> None:
+        watcher = task.watcher
+        assert watcher is not None
+        self._update(
+            task.id,
+            DETAIL_CHANGED,
+            watcher_pid=watcher.pid,
+            watcher_ticks=watcher.start_ticks,
+            boot_id=watcher.boot_id,
+            detached=True,
+        )
+
+    def record_outcome(self, task: Task) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self._key("task", task.id), mapping=_encode(_outcome(task)))
+        if task.status.finished and task.expires_at is not None:
+            pipe.srem(f"{self.ns}:unfinished", task.id)
+            pipe.zadd(f"{self.ns}:expiring", {task.id: task.expires_at})
+            if task.status is Status.COMPLETED and task.cache_key is not None:
+                pipe.zadd(self._key("cache", task.cache_key), {task.id: task.finished_at or 0.0})
+        pipe.publish(self.changes_channel, f"{task.id} {STATUS_CHANGED}")
+        self._execute(pipe, task.id)
+
+    def request_cancel(self, task_id: str) -> bool:
+        """Flags the task cancelled for whoever runs it; True when nobody took it yet (the fence is now
+        the canceller's: no worker will start it, and the caller settles it)."""
+        with self._reachable():
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.hset(self._key("task", task_id), "cancel", "true")
+            pipe.set(self._key("fence", task_id), CANCEL_FENCE, nx=True)
+            pipe.publish(self.cancel_channel, task_id)
+            _, fenced, _ = pipe.execute()
+        return bool(fenced)
+
+    def take_fence(self, task_id: str, worker: str) -> tuple[str, str]:
+        """The run fence, set once: ("ok", ""), ("taken", holder), ("finished", status) or ("gone", "")."""
+        verdict, detail = self._fence(
+            keys=[self._key("task", task_id), self._key("fence", task_id)], args=[worker, json.dumps(self.instance)]
+        )
+        return _text(verdict), _text(detail)
+
+    def take_over_fence(self, task_id: str, worker: str) -> None:
+        """A dead worker's task that is safe to run again: its fence is this worker's from now on."""
+        self.redis.set(self._key("fence", task_id), worker)
+
+    def restart_output(self, task_id: str, file_max_bytes: int) -> RedisLog:
+        """A task run again from the start: what the first run wrote is dropped, offsets start at 0."""
+        self.redis.delete(self._key("out", task_id), self._key("outmeta", task_id))
+        return self.new_output(task_id, file_max_bytes)
+
+    def cancel_requested(self, task_id: str) -> bool:
+        return _decode(self.redis.hget(self._key("task", task_id), "cancel")) is True
+
+    def _update(self, task_id: str, change: str, **values: Any) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self._key("task", task_id), mapping=_encode(values))
+        pipe.publish(self.changes_channel, f"{task_id} {change}")
+        self._execute(pipe, task_id)
+
+    def _execute(self, pipe: Any, task_id: str) -> None:
+        """A change Redis cannot take now is logged: the task goes on (as the SQLite store holds it)."""
+        try:
+            pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not record a change of task %s in Redis at %s: %s", task_id, self.where, exc)
+
+    def heartbeat(self, now: float) -> None:
+        with self._reachable():
+            self.redis.set(self._key("instance", self.instance), "1", px=int(self.lease_s * 1000))
+
+    def instance_alive(self, instance: str) -> bool:
+        return bool(self.redis.exists(self._key("instance", instance)))
+
+    def claim_orphans(self, now: float, spec_of: SpecOf) -> list[Task]:
+        """Takes over the unfinished tasks of processes whose lease lapsed, each with one atomic script,
+        so of several live processes exactly one settles each task."""
+        ids = sorted(_text(i) for i in self.redis.smembers(f"{self.ns}:unfinished"))
+        alive: dict[str, bool] = {}
+        claimed: list[Task] = []
+        for task_id, record in zip(ids, self._records(ids, ("instance", "status")) if ids else [], strict=True):
+            if record is None:
+                self.redis.srem(f"{self.ns}:unfinished", task_id)
+                continue
+            task = self._claim_if_dead(task_id, record, alive, spec_of)
+            if task is not None:
+                claimed.append(task)
+        return claimed
+
+    def claim_if_orphan(self, task_id: str, spec_of: SpecOf) -> Task | None:
+        """The one task, claimed, if the process holding it is dead (a redelivered job's check)."""
+        record = self._records([task_id], ("instance", "status"))[0]
+        return None if record is None else self._claim_if_dead(task_id, record, {}, spec_of)
+
+    def _claim_if_dead(
+        self, task_id: str, record: dict[str, Any], alive: dict[str, bool], spec_of: SpecOf
+    ) -> Task | None:
+        holder = record["instance"]
+        if holder in (self.instance, HANDED_TO_QUEUE) or record["status"] not in UNFINISHED:
+            return None
+        if holder not in alive:
+            alive[holder] = self.instance_alive(holder)
+        if alive[holder]:
+            return None
+        if not self._claim(keys=[self._key("task", task_id)], args=[json.dumps(holder), json.dumps(self.instance)]):
+            return None
+        return self.load(task_id, spec_of)
+
+    def checkpoint(self) -> None:
+        """Nothing to do: Redis persists as its operator configured it."""
+
+    def sweep(self, now: float, tombstones_max: int) -> list[str]:
+        with self._reachable():
+            ids = [_text(i) for i in self.redis.zrangebyscore(f"{self.ns}:expiring", "-inf", now)]
+            swept = [task_id for task_id in ids if self._sweep(task_id)]
+            if swept:
+                tombs = f"{self.ns}:tombs"
+                old = [_text(i) for i in self.redis.zrange(tombs, 0, -(tombstones_max + 1))]
+                if old:
+                    pipe = self.redis.pipeline(transaction=True)
+                    pipe.zrem(tombs, *old)
+                    pipe.delete(*(self._key("tomb", i) for i in old))
+                    pipe.execute()
+        return swept
+
+    def _sweep(self, task_id: str) -> bool:
+        keys = [
+            self._key("task", task_id),
+            f"{self.ns}:expiring",
+            self._key("tomb", task_id),
+            f"{self.ns}:tombs",
+            self._key("out", task_id),
+            self._key("outmeta", task_id),
+            self._key("fence", task_id),
+        ]
+        args = [task_id, f"{self.ns}:owner:", f"{self.ns}:cache:"]
+        return bool(self._sweep_one(keys=keys, args=args))
+
+    def remove_files(self, task_ids: list[str]) -> None:
+        """This machine's exit records of expired tasks (their output went with their record)."""
+        for task_id in task_ids:
+            for path in (self.output_path(task_id), self.exit_path(task_id)):
+                path.unlink(missing_ok=True)
+
+
+def _process_fields(task: Task) -> dict[str, Any]:
+    process = task.process
+    return {
+        "pid": None if process is None else process.pid,
+        "start_ticks": None if process is None else process.start_ticks,
+        "boot_id": None if process is None else process.boot_id,
+        "detached": task.detached,
+    }
+
+
+def _outcome(task: Task, *, output_total: int | None = None) -> dict[str, Any]:
+    return {
+        "status": task.status.value,
+        "finished_at": task.finished_at,
+        "expires_at": task.expires_at,
+        "result": task.result,
+        "error_kind": None if task.error is None else str(task.error.kind),
+        "error_message": None if task.error is None else task.error.message,
+        "output_total": task.output.total_bytes if output_total is None else output_total,
+    }
+
+
+def _encode(values: dict[str, Any]) -> dict[FieldT, FieldT]:
+    return {name: json.dumps(value, separators=(",", ":")) for name, value in values.items()}
+
+
+def _decode(raw: bytes | str | None) -> Any:
+    return None if raw is None else json.loads(raw)
+
+
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _expired(record: dict[str, Any], now: float) -> bool:
+    expires_at = record.get("expires_at")
+    return expires_at is not None and expires_at <= now
+
+
+def _process(pid: int | None, ticks: int | None, boot_id: str | None) -> ProcessInfo | None:
+    return None if pid is None else ProcessInfo(pid, ticks, boot_id)
+
+
+# ---- output ----
+
+
+class RedisLog:
+    """A task's output as a Redis stream: one entry per stored piece, its id `{offset}-1`, so a read by
+    byte offset is one XREVRANGE (the entry holding the offset) and one XRANGE (the rest).
+
+    Bounded like `OutputLog`: the first half of `file_max_bytes` is kept whole (the head), then only the
+    most recent half (the ring: older ring entries are deleted as newer ones arrive). The one lost range is
+    [head, ring_from), reported as `dropped`. The layout (total, ring_from, finished) is a hash written in
+    the same transaction as the entries, so a reader never counts a byte not yet stored."""
+
+    def __init__(self, client: redis.Redis, stream: str, meta: str, file_max_bytes: int, where: str = "") -> None:
+        self._redis = client
+        self._where = where
+        self._stream = stream
+        self._meta = meta
+        self._head = file_max_bytes // 2
+        self._ring = file_max_bytes - self._head
+        self._total = 0
+        self._ring_entries: deque[tuple[int, int]] = deque()
+        self._lost_from: int | None = None
+        self._writing = False
+
+    def __repr__(self) -> str:
+        return f"<RedisLog {self._stream}>"
+
+    # ---- writing (one process: the worker that runs the task) ----
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._writing = True
+        start, end = self._total, self._total + len(data)
+        self._total = end
+        if self._lost_from is not None:
+            return
+        pipe = self._redis.pipeline(transaction=True)
+        for offset, piece in self._pieces(start, data):
+            pipe.xadd(self._stream, {"d": piece}, id=f"{offset}-1")
+            if offset >= self._head:
+                self._ring_entries.append((offset, len(piece)))
+        while self._ring_entries and sum(self._ring_entries[0]) <= end - self._ring:
+            old, _ = self._ring_entries.popleft()
+            pipe.xdel(self._stream, f"{old}-1")
+        ring_from = self._ring_entries[0][0] if self._ring_entries else end
+        pipe.hset(self._meta, mapping={"head": self._head, "total": end, "ring_from": ring_from})
+        try:
+            pipe.execute()
+        except redis.exceptions.RedisError as exc:
+            self._lost_from = start
+            log.warning("output of %s stops being stored at byte %d: %s", self._stream, start, exc)
+            self._meta_write({"lost_from": start})
+
+    def _pieces(self, start: int, data: bytes) -> list[tuple[int, bytes]]:
+        pieces: list[tuple[int, bytes]] = []
+        if start < self._head:
+            part = data[: self._head - start]
+            pieces.append((start, part))
+            start, data = start + len(part), data[len(part) :]
+        if len(data) > self._ring:
+            start, data = start + len(data) - self._ring, data[len(data) - self._ring :]
+        if data:
+            pieces.append((start, data))
+        return pieces
+
+    def finish(self) -> None:
+        if self._writing:
+            self._meta_write({"head": self._head, "total": self._total, "finished": 1})
+        else:  # settled by a process that wrote none of it: only say no byte follows
+            self._meta_write({"finished": 1})
+
+    def close(self) -> None:
+        """Nothing held open: every write went to Redis."""
+
+    def _meta_write(self, values: dict[FieldT, FieldT]) -> None:
+        try:
+            self._redis.hset(self._meta, mapping=values)
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not update the output layout of %s: %s", self._stream, exc)
+
+    # ---- reading (any process) ----
+
+    @property
+    def total_bytes(self) -> int:
+        if self._writing:
+            return self._total
+        with reachable(self._where):
+            return int(self._redis.hget(self._meta, "total") or 0)
+
+    def read(self, offset: int, max_bytes: int) -> Chunk:
+        for _ in range(READ_RETRIES):
+            meta = self._layout()
+            total, gap = meta["total"], _gap(meta)
+            start = min(max(offset, 0), total)
+            if gap is not None and gap[0] <= start < gap[1]:
+                start = gap[1]
+            limit = gap[0] if gap is not None and start < gap[0] else meta.get("lost_from", total)
+            end = min(start + max_bytes, limit)
+            data, ring_from = self._bytes(start, end)
+            if start >= meta["head"] and start < ring_from and start < total:
+                continue  # the ring moved past what we were reading: read again
+            if end < total or not meta["finished"]:
+                data = cut_to_boundary(data)
+            if not data and start < limit:
+                window, _ = self._bytes(start, min(start + 4, limit))
+                data = first_character(window, live=limit == total and not meta["finished"])
+            next_offset = start + len(data)
+            if gap is not None and next_offset == gap[0]:
+                next_offset = gap[1]
+            return Chunk(data, start, next_offset, total, gap)
+        return Chunk(b"", offset, offset, self.total_bytes, None)
+
+    def tail(self, tail_bytes: int) -> int:
+        meta = self._layout()
+        start = max(meta["total"] - tail_bytes, 0)
+        gap = _gap(meta)
+        if gap is not None and gap[0] <= start < gap[1]:
+            start = gap[1]
+        probe, _ = self._bytes(start, min(start + 4, meta["total"]))
+        return start + next((i for i, byte in enumerate(probe) if not is_continuation(byte)), len(probe))
+
+    def _layout(self) -> dict[str, int]:
+        with reachable(self._where):
+            raw = self._redis.hgetall(self._meta)
+        meta = {_text(k): int(v) for k, v in raw.items()}
+        meta.setdefault("total", 0)
+        meta.setdefault("head", self._head)
+        meta.setdefault("ring_from", meta["total"])
+        meta.setdefault("finished", 0)
+        return meta
+
+    def _bytes(self, start: int, end: int) -> tuple[bytes, int]:
+        """Bytes [start, end) as stored now (one transaction), and where the ring starts now."""
+        if end <= start:
+            return b"", int(self._redis.hget(self._meta, "ring_from") or 0)
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.xrevrange(self._stream, max=f"{start}-1", min="-", count=1)
+        pipe.xrange(self._stream, min=f"({start}-1", max=f"{end - 1}-1")
+        pipe.hget(self._meta, "ring_from")
+        with reachable(self._where):
+            first, rest, ring_from = pipe.execute()
+        parts: list[bytes] = []
+        for entry_id, fields in [*first, *rest]:
+            at = int(_text(entry_id).split("-", 1)[0])
+            piece: bytes = fields[b"d"]
+            lo, hi = max(start, at), min(end, at + len(piece))
+            if hi > lo:
+                parts.append(piece[lo - at : hi - at])
+        return b"".join(parts), int(ring_from or 0)
+
+
+def _gap(meta: dict[str, int]) -> tuple[int, int] | None:
+    return (meta["head"], meta["ring_from"]) if meta["ring_from"] > meta["head"] else None

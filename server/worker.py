@@ -1,0 +1,36 @@
+"""`offload-mcp worker`: runs the tasks front-ends queue on its queues (distributed mode)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import anyio
+
+from server import __version__
+from server.config import Settings
+from server.distributed import DEFAULT_QUEUE, WorkerEngine, worker_name
+from server.errors import ConfigError
+from server.redis_store import RedisStore
+from server.runtime import Runtime
+from server.signals import stop_on_signal
+
+log = logging.getLogger("offload")
+
+
+def default_queues() -> list[str]:
+    """A worker's queues unless told: its host name (a task fired with target=HOST) and `any`."""
+    return [socket.gethostname(), DEFAULT_QUEUE]
+
+
+async def serve_worker(settings: Settings, queues: list[str]) -> None:
+    """Runs until SIGTERM/SIGINT, then stops its tasks (TERM, grace, KILL) and writes their outcome."""
+    if settings.redis_url is None:
+        raise ConfigError("offload-mcp worker needs redis_url: pass --redis-url or set OFFLOAD_REDIS_URL")
+    async with Runtime.open(settings, role="worker") as runtime, anyio.create_task_group() as tg:
+        store = runtime.executor.store
+        assert isinstance(store, RedisStore)
+        engine = WorkerEngine(runtime.executor, store, settings, queues, worker_name())
+        tg.start_soon(stop_on_signal, tg.cancel_scope.cancel)
+        log.info("offload-mcp %s worker %s on queues %s (Redis at %s)", __version__, engine.name, queues, store.where)
+        await engine.serve()

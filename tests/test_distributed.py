@@ -1,0 +1,217 @@
+"""Distributed mode for real: a redis-server, two workers and two front-ends as separate processes
+(`testkit.cluster`), spoken to by the SDK's streamable HTTP client. Docket's memory backend is never used."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import ERAS, data, error_text, live_group_members
+from mcp import Client
+from mcp_types import ResourceUpdatedNotification
+
+from server.config import Settings, load_settings
+from server.errors import ConfigError
+from server.runtime import Runtime
+from testkit.cluster import Node, cluster, connect, start_node, stop_nodes
+from testkit.redis_server import RedisServer, free_port
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[list[Node]]:
+    """Two workers (queues w0/w1 and `any`) and two front-ends, on the session's Redis; one preset, pinned
+    to the queue w1, configured on all of them."""
+    config = tmp_path / "offload.toml"
+    config.write_text('[presets.pinned]\ncommand = "echo $PPID"\nqueue = "w1"\n')
+    async with cluster(tmp_path, redis_server.url, config=config) as started:
+        yield started
+
+
+async def tool(client: Client, name: str, **arguments: Any) -> dict[str, Any]:
+    return data(await client.call_tool(name, arguments))
+
+
+async def until_running(client: Client, command: str, **fire: Any) -> tuple[dict[str, Any], Path]:
+    """Fires `command` (which writes to $READY once running) and returns its fire reply once it runs:
+    a FIFO turns readable when the command writes it. An event, bounded; no polling."""
+    folder = Path(tempfile.mkdtemp(prefix="offload-dist-"))
+    fifo = folder / "ready"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        arguments = {"command": command.replace("$READY", str(fifo))}
+        fired = await tool(client, "fire_tool", tool="shell", arguments=arguments, **fire)
+        with anyio.fail_after(20):
+            await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+    return fired, folder
+
+
+async def test_front_ends_share_tasks_workers_run_them_and_cancel_reaches_across(nodes: list[Node]) -> None:
+    workers = [n for n in nodes if n.role == "worker"]
+    front_ends = [n for n in nodes if n.role == "front-end"]
+    async with connect(front_ends[0].url, ERAS["modern"]) as one, connect(front_ends[1].url, ERAS["legacy"]) as two:
+        # fired on one front-end, collected on the other
+        fired = await tool(one, "fire_tool", tool="shell", arguments={"command": "echo hello; echo from a worker"})
+        polled = await tool(two, "poll_output", task_ids=[fired["task_id"]], timeout_s=20)
+        assert polled["pending"] == [] and polled["unknown"] == [], polled
+        view = polled["done"][0]
+        assert view["status"] == "completed" and view["result"]["exit_code"] == 0, view
+        assert view["output"]["text"] == "hello\nfrom a worker\n"
+        again = await tool(one, "get_cached_output", task_id=fired["task_id"])
+        assert again["output"]["text"] == "hello\nfrom a worker\n"
+        assert fired["task_id"] in {t["task_id"] for t in (await tool(two, "list_tasks"))["tasks"]}
+
+        # target routes to a queue: the command's parent is that worker
+        for queue, worker in (("w1", workers[1]), ("w0", workers[0])):
+            done = await tool(
+                one, "fire_tool", tool="shell", arguments={"command": "echo $PPID"}, target=queue, wait_s=20
+            )
+            assert done["status"] == "completed", done
+            assert done["task"]["output"]["text"] == f"{worker.process.pid}\n"
+        pinned = await tool(one, "fire_tool", tool="pinned", arguments={}, wait_s=20)
+        assert pinned["task"]["output"]["text"] == f"{workers[1].process.pid}\n"  # the preset's own queue
+
+        # cancel on the other front-end stops the command on its worker
+        running, _ = await until_running(one, "sleep 300 & echo ready > $READY; wait")
+        pgid = (await tool(one, "get_cached_output", task_id=running["task_id"]))["pid"]
+        assert pgid is not None and live_group_members(pgid)
+        cancelled = await tool(two, "cancel_task", task_id=running["task_id"])
+        assert cancelled["status"] == "cancelled", cancelled
+        assert cancelled["error"]["kind"] == "cancelled_by_client"
+        assert live_group_members(pgid) == []
+        heard = await tool(one, "poll_output", task_ids=[running["task_id"]], timeout_s=10)
+        assert heard["done"][0]["status"] == "cancelled"
+
+        # visibility: the live workers and their queues; stats name the queue depths
+        shown = json.loads((await one.read_resource("offload://workers")).contents[0].text)  # type: ignore[union-attr]
+        by_pid = {w["pid"]: w for w in shown["workers"]}
+        assert set(by_pid) == {w.process.pid for w in workers}
+        assert by_pid[workers[1].process.pid]["queues"] == ["w1", "any"]
+        waiting = await tool(one, "fire_tool", tool="shell", arguments={"command": "true"}, target="nobody")
+        stats = json.loads((await two.read_resource("offload://stats")).contents[0].text)  # type: ignore[union-attr]
+        assert stats["server"]["queues"] == {"nobody": 1}  # no worker takes that queue
+
+        # cancelled before any worker took it: settled by the front-end that cancels, never started
+        never = await tool(two, "cancel_task", task_id=waiting["task_id"])
+        assert never["status"] == "cancelled" and "never started" in never["error"]["message"], never
+        heard = await tool(one, "poll_output", task_ids=[waiting["task_id"]], timeout_s=10)
+        assert heard["done"][0]["status"] == "cancelled"
+
+
+async def test_a_subscriber_on_one_front_end_hears_of_a_task_fired_on_the_other(nodes: list[Node]) -> None:
+    front_ends = [n for n in nodes if n.role == "front-end"]
+    finished = anyio.Event()
+    uri = ""
+
+    async def on_message(message: object) -> None:
+        if isinstance(message, ResourceUpdatedNotification) and message.params.uri == uri:
+            finished.set()
+
+    async with (
+        connect(front_ends[0].url) as one,
+        connect(front_ends[1].url, ERAS["legacy"], message_handler=on_message) as two,
+    ):
+        go = Path(tempfile.mkdtemp(prefix="offload-dist-")) / "go"
+        os.mkfifo(go)
+        hold, _ = await until_running(one, f"echo ready > $READY; read line < {go}")
+        uri = hold["resource"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # resources/subscribe is the 2025-11-25 era's way
+            await two.subscribe_resource(uri)
+        await anyio.to_thread.run_sync(go.write_text, "go\n")
+        with anyio.fail_after(20):
+            while True:  # an update may be another change: the finish is the one wanted
+                await finished.wait()
+                finished = anyio.Event()
+                if (await tool(two, "get_cached_output", task_id=hold["task_id"]))["status"] == "completed":
+                    break
+
+
+async def test_kill_9_a_front_end_then_a_worker_nothing_is_lost_or_run_twice(nodes: list[Node], tmp_path: Path) -> None:
+    front_ends = [n for n in nodes if n.role == "front-end"]
+    side = tmp_path / "side-effect"
+    async with connect(front_ends[0].url) as one:
+        collected, _ = await until_running(one, "echo ready > $READY; echo still here")
+        interrupted, _ = await until_running(one, f"echo ran >> {side}; sleep 300 & echo ready > $READY; wait")
+        pgid = (await tool(one, "get_cached_output", task_id=interrupted["task_id"]))["pid"]
+    await front_ends[0].kill_9()  # its tasks go on, and are collected on the other front-end
+    async with connect(front_ends[1].url) as two:
+        polled = await tool(two, "poll_output", task_ids=[collected["task_id"]], timeout_s=20)
+        assert polled["done"][0]["status"] == "completed", polled
+        assert "still here" in polled["done"][0]["output"]["text"]
+
+        runner = next(n for n in nodes if n.role == "worker" and _runs(n, pgid))
+        await runner.kill_9()  # mid-command: the task settles, and is never run again
+        polled = await tool(two, "poll_output", task_ids=[interrupted["task_id"]], timeout_s=15)
+    assert polled["pending"] == [], polled
+    settled = polled["done"][0]
+    assert settled["status"] == "failed" and settled["error"]["kind"] == "interrupted", settled
+    assert side.read_text() == "ran\n"
+    assert live_group_members(pgid) == []  # the surviving worker killed what the dead one left
+
+
+def _runs(worker: Node, pgid: int) -> bool:
+    """Is `pgid` a child of this worker's process (the command's shell is the worker's child)?"""
+    try:
+        with open(f"/proc/{pgid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) == worker.process.pid
+    except OSError:
+        return False
+
+
+async def test_redis_down_fire_names_redis_url_with_the_password_masked(tmp_path: Path) -> None:
+    secret = "s3cret-pa55word"
+    server = RedisServer(tmp_path / "redis", extra_args=("--requirepass", secret))
+    server.start()
+    url = f"redis://:{secret}@127.0.0.1:{server.port}/0"
+    try:
+        async with anyio.create_task_group() as tg:
+            front_end = await start_node(tg, tmp_path, "front-end", url, "f")
+            try:
+                async with connect(front_end.url) as client:
+                    done = await tool(client, "fire_tool", tool="shell", arguments={"command": "true"})
+                    assert done["status"] in ("queued", "running", "completed")
+                    server.stop()
+                    result = await client.call_tool("fire_tool", {"tool": "shell", "arguments": {"command": "true"}})
+                    text = error_text(result)
+                    assert f"redis_url=redis://***@127.0.0.1:{server.port}/0" in text, text
+                    assert secret not in text
+                    server.start()  # back: fire works again
+                    again = await tool(client, "fire_tool", tool="shell", arguments={"command": "true"})
+                    assert again["task_id"]
+            finally:
+                await stop_nodes([front_end])
+                tg.cancel_scope.cancel()
+        await front_end.process.aclose()
+        assert secret.encode() not in front_end.log
+    finally:
+        server.stop()
+
+
+async def test_a_front_end_without_redis_refuses_to_start_naming_redis_url(tmp_path: Path) -> None:
+    url = f"redis://:hunter2hunter2@127.0.0.1:{free_port()}/0"
+    with pytest.raises(ConfigError, match=r"redis_url=redis://\*\*\*@127\.0\.0\.1:\d+/0 does not answer") as caught:
+        async with Runtime.open(Settings(redis_url=url, data_dir=tmp_path / "data"), load_plugins=False):
+            pass
+    assert "hunter2" not in str(caught.value)
+
+
+def test_distributed_settings_are_checked_and_never_echo_the_password() -> None:
+    with pytest.raises(ConfigError, match=r"redis_url = 'http://\*\*\*@h': .*redis:// or rediss://") as caught:
+        load_settings(environ={"OFFLOAD_REDIS_URL": "http://u:hunter2hunter2@h"})
+    assert "hunter2" not in str(caught.value)
+    with pytest.raises(ConfigError, match="presets pinned name a worker queue, which needs distributed mode"):
+        load_settings(overrides={"presets": {"pinned": {"command": "make", "queue": "w1"}}})
+    with pytest.raises(ConfigError, match="detach"):
+        load_settings(environ={"OFFLOAD_REDIS_URL": "redis://h/0", "OFFLOAD_DETACH": "true"})
