@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from mcp.server.context import ServerRequestContext
@@ -24,7 +24,7 @@ from mcp_types import (
     SetLevelRequestParams,
 )
 from mcp_types import Tool as MCPTool
-from pydantic import AnyUrl, ValidationError
+from pydantic import AnyUrl, BaseModel, ValidationError
 
 from server import __version__, mcp_tools, resources
 from server.auth import owner_of_request
@@ -55,6 +55,8 @@ class OffloadServer(MCPServer):
 
     exposed: Sequence[MCPTool] = ()
     """Fireable tools served as MCP tools too (`expose`); `TasksExtension` answers their calls."""
+    own_inputs: Mapping[str, type[BaseModel]] = {}
+    """Offload's own tools' input models (server/mcp_tools.py)."""
     notifier: Notifier | None = None
     """Tells this server's subscribed clients when a task changes."""
 
@@ -73,7 +75,11 @@ class OffloadServer(MCPServer):
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
-        """Parameter errors read as plain sentences naming the parameter and the value, not a pydantic dump."""
+        """Parameter errors read as plain sentences naming the parameter and the value, not a pydantic dump;
+        an argument the tool does not take is refused, not dropped."""
+        model = self.own_inputs.get(name)
+        if model is not None and (refusal := mcp_tools.unknown_arguments(name, model, arguments or {})):
+            raise ToolError(refusal)
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
@@ -118,7 +124,7 @@ def build_server(runtime: Runtime) -> OffloadServer:
     server.notifier = notifier
     runtime.subscribe(notifier.task_changed)
     runtime.at_close(notifier.close)
-    mcp_tools.register(server, runtime, client_log)
+    server.own_inputs = mcp_tools.register(server, runtime, client_log)
     resources.add_resources(server, runtime, notifier)
     resources.add_subscriptions(server, runtime, notifier)
     _add_logging_and_completions(server, runtime, client_log)

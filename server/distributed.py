@@ -64,6 +64,11 @@ async def offload_run(task_id: str) -> None:
 # ---- the front-end side ----
 
 
+MAX_QUEUES = 64
+"""Queues one front-end keeps open: each holds Redis connections for the front-end's life, so `target`
+names beyond this are refused (an owner firing and cancelling to fresh names exhausted Redis)."""
+
+
 class DocketRunner:
     """A Runner whose tasks run on workers: `run` queues the id, `cancel` reaches any worker."""
 
@@ -94,6 +99,11 @@ class DocketRunner:
         for _ in range(REPLY_HOPS):  # the reply to fire leaves first, as with a local run
             await anyio.lowlevel.checkpoint()
         queue = task.queue or DEFAULT_QUEUE
+        if queue not in self._ready and len(self._ready) >= MAX_QUEUES:  # each queue holds Redis connections
+            known = ", ".join(sorted(self._ready))
+            message = f"this front-end already serves {MAX_QUEUES} queues; target one of them: {known}"
+            self._lifecycle.finish(task, Status.FAILED, TaskError(kind=ErrorKind.REFUSED, message=message))
+            return
         try:
             docket = await self._docket(queue)
             await docket.add(offload_run, key=task.id)(task.id)

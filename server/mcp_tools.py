@@ -253,18 +253,32 @@ TABLE = (
 OWN_TOOLS = frozenset(tool.name for tool in TABLE)
 
 
-def register(server: MCPServer, runtime: Runtime, client_log: ClientLog) -> None:
-    """Every tool is `async def`: the SDK runs plain functions in a worker thread, a hop per call."""
+def register(server: MCPServer, runtime: Runtime, client_log: ClientLog) -> dict[str, type[BaseModel]]:
+    """Every tool is `async def`: the SDK runs plain functions in a worker thread, a hop per call. Returns
+    each tool's input model: what the server checks for arguments it does not take."""
+    inputs: dict[str, type[BaseModel]] = {}
     distributed = runtime.settings.redis_url is not None
     for tool in TABLE:
         if distributed and tool.input is FireArgs:
             tool = replace(tool, input=DistributedFireArgs)  # the same tool, with target
+        inputs[tool.name] = tool.input
         server.add_tool(
             _function(tool, runtime, client_log),
             name=tool.name,
             description=tool.description,
             annotations=tool.annotations,
         )
+    return inputs
+
+
+def unknown_arguments(name: str, model: type[BaseModel], arguments: dict[str, Any]) -> str | None:
+    """A plain refusal naming arguments a tool does not take (the SDK would drop them silently)."""
+    unknown = sorted(set(arguments) - set(model.model_fields))
+    if not unknown:
+        return None
+    takes = ", ".join(model.model_fields) or "none"
+    hint = " (target is for distributed mode: set redis_url)" if unknown == ["target"] else ""
+    return f"{name} takes no argument {', '.join(map(repr, unknown))}{hint}; its arguments are: {takes}"
 
 
 def _function(tool: McpTool, runtime: Runtime, client_log: ClientLog) -> Callable[..., Awaitable[BaseModel]]:

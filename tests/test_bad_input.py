@@ -115,3 +115,15 @@ async def test_tool_definitions_fit_the_context_budget(client: Client) -> None:
     by_name = {t.name: t for t in tools}
     assert by_name["get_cached_output"].annotations.read_only_hint is True  # type: ignore[union-attr]
     assert by_name["run_shell_background"].annotations.destructive_hint is True  # type: ignore[union-attr]
+
+
+async def test_an_argument_a_tool_does_not_take_is_refused_by_name(client: Client, runtime: Runtime) -> None:
+    """Found by review: the SDK dropped unknown arguments silently, so `target` without redis_url, or a typo
+    like `timeout` for `timeout_s`, ran the task as if never said."""
+    typo = error_text(await client.call_tool("run_shell_background", {"command": "true", "timeout": 5}))
+    assert "run_shell_background takes no argument 'timeout'" in typo and "timeout_s" in typo
+    target = error_text(
+        await client.call_tool("fire_tool", {"tool": "test.gate", "arguments": {"key": "k"}, "target": "gpu"})
+    )
+    assert "takes no argument 'target'" in target and "redis_url" in target
+    assert runtime.executor.counters.fired == 0
