@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import anyio
 import pytest
 
+from testkit.processes import gone, live_group_members, when_tree_runs
 from tools import process
 from tools.process import (
     TASK_MARKER,
@@ -54,16 +55,6 @@ def blocked_child(**kwargs: object) -> subprocess.Popen[bytes]:
         [sys.executable, "-c", "import sys; sys.stdin.read()"],
         stdin=subprocess.PIPE,
         **kwargs,  # type: ignore[call-overload]
-    )
-
-
-def blocked_group() -> subprocess.Popen[bytes]:
-    """A shell leading its own group, waiting for a member that runs until its stdin closes."""
-    return subprocess.Popen(
-        # A background job's stdin is /dev/null unless redirected: fd 3 keeps the pipe for it.
-        ["sh", "-c", f"exec 3<&0; {sys.executable} -c 'import sys; sys.stdin.read()' <&3 & wait"],
-        stdin=subprocess.PIPE,
-        start_new_session=True,
     )
 
 
@@ -175,18 +166,21 @@ def _readable(fd: int, timeout_s: float) -> bool:
 
 
 async def test_a_group_left_behind_is_killed_after_its_identity_is_checked(core: str) -> None:
-    leader = blocked_group()
+    async def spawn(command: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(["sh", "-c", command], stdin=subprocess.DEVNULL, start_new_session=True)  # noqa: ASYNC220
+
+    leader = await when_tree_runs(spawn)  # returns once every process of the tree exists (a FIFO says so)
+    members = live_group_members(leader.pid)
     info = identify(leader.pid)
-    assert group_alive(leader.pid)
     assert not await kill_left_behind(dataclasses.replace(info, start_ticks=(info.start_ticks or 0) + 1), 0.5)
     assert group_alive(leader.pid)
     assert await kill_left_behind(info, 0.5)
     leader.communicate(timeout=WAIT_S)
     assert leader.returncode != 0
-    with anyio.fail_after(WAIT_S):
-        while group_alive(leader.pid):  # the backgrounded member: killed, then reaped by init or us
-            await anyio.sleep(0.01)
-            process.tend_orphans(())
+    for pid in members:  # the backgrounded member too: an exit event each (a pidfd, or psutil), bounded
+        assert await gone(pid, WAIT_S)
+    process.tend_orphans(())  # reaps it if it became our child
+    assert not group_alive(leader.pid)
 
 
 async def test_marked_processes_are_found_anywhere(core: str) -> None:

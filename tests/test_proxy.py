@@ -256,7 +256,7 @@ async def test_an_upstream_that_dies_mid_call_fails_the_task_with_its_stderr_and
 
 async def test_an_upstream_that_stops_answering_is_restarted(events: Events) -> None:
     async with proxy(mcp_servers={"fx": fixture_server(health_check_s=0.5)}) as (_rt, client):
-        frozen = await fired(client, "fx.freeze", seconds=60, events=str(events.path))
+        frozen = await fired(client, "fx.freeze", events=str(events.path))
         await events.expect("started freeze")
         view = await finish(client, frozen["task_id"])
         assert view["status"] == "failed" and view["error"]["kind"] == "upstream_exited"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-import time
+import threading
 import warnings
 from typing import Annotated, Any
 
@@ -85,16 +85,17 @@ async def stubborn(events: str | None = None) -> str:
     """Ignores cancellation for an hour."""
     _tell(events, "started stubborn")
     with anyio.CancelScope(shield=True):
-        await anyio.sleep(3600)
-    return "finally"
+        await anyio.sleep_forever()  # until the process is stopped
+    return "unreachable"
 
 
 @server.tool()
-async def freeze(seconds: float, events: str | None = None) -> str:
-    """Blocks the whole server (a synchronous sleep): it answers nothing, health checks included."""
+async def freeze(events: str | None = None) -> str:
+    """Blocks the whole server until it is stopped (a wait in the event loop's thread): it answers nothing,
+    health checks included."""
     _tell(events, "started freeze")
-    time.sleep(seconds)  # noqa: ASYNC251 - the point: the event loop stops
-    return "thawed"
+    threading.Event().wait()
+    return "unreachable"
 
 
 @server.tool()
