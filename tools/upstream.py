@@ -682,9 +682,10 @@ def _as_result(server: str, tool: str, result: types.CallToolResult, ctx: ToolCo
     value: JSON = {"server": server, "tool": tool, "content": content}
     if result.structured_content is not None:
         value["structured_content"] = result.structured_content
-    size_bytes = len(json.dumps(value))
+    encoded = json.dumps(value).encode()
+    size_bytes = len(encoded)
     if size_bytes > MAX_RESULT_BYTES:  # replies stay bounded: the whole result is in the output, by offset
-        ctx.write_output(json.dumps(value).encode() + b"\n")
+        ctx.write_output(encoded + b"\n")
         note = f"the result was {size_bytes} bytes: it is the task's output (read it by offset)"
         value = {
             "server": server,
