@@ -268,7 +268,7 @@ class WorkerEngine:
         """A redelivered job whose fence a worker took. If that worker lives, it still runs the task: nothing
         to do. If it died, the task is settled `interrupted` (naming it) and never run again, except a read
         that is safe to repeat (a cacheable call: GitHub reads, HTTP GET), which runs again here."""
-        task = self.store.claim_if_orphan(task_id, self.executor.registry.get)
+        task = self.store.claim_if_orphan(task_id, self.executor.registry.get, time.time())
         if task is None:
             return
         killed = task.process is not None and await kill_left_behind(task.process, self.settings.kill_grace_s)

@@ -156,11 +156,26 @@ class Executor:
             task.output.finish()
         task.status, task.error, task.result = status, error, result
         task.finished_at = self._clock()
-        self.store.record_outcome(task)
+        if not self.store.record_outcome(task):
+            self._take_stored_outcome(task)
         self.release(task)
         if task.process is not None:
             tend_orphans(self._active)  # what its command left outside the group, marked or not
         self._announce_end(task)
+
+    def _take_stored_outcome(self, task: Task) -> None:
+        """Another process settled the task first (it took this one for dead): its outcome stands, here too."""
+        stored = self.store.load(task.id, self.registry.get)
+        if stored is None or not stored.status.finished:
+            return
+        log.warning(
+            "task %s ended here as %s, but another server had already settled it as %s; that outcome stands",
+            task.id,
+            task.status.value,
+            stored.status.value,
+        )
+        task.status, task.error, task.result = stored.status, stored.error, stored.result
+        task.finished_at = stored.finished_at
 
     def _announce_end(self, task: Task) -> None:
         self._reuse.finished(task)
@@ -194,10 +209,14 @@ class Executor:
         self._start(task, handler)
 
     def settle(self, task: Task, status: Status, error: TaskError | None, result: JSON | None) -> None:
-        """Records the truthful end of a claimed task of a dead server, nothing of which runs."""
+        """Records the truthful end of a claimed task of a dead server, nothing of which runs. A task this
+        process follows (a front-end's, run by a worker that died) ends through the record its waiters hold."""
+        following = self._active.get(task.id)
+        if following is None:
+            self._active[task.id] = task
+            self._active_per_owner[task.owner] += 1
+        task = following or task
         task.local = True
-        self._active[task.id] = task
-        self._active_per_owner[task.owner] += 1
         self.finish(task, status, error, result)
 
     # ---- read and wait ----

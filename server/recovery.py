@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import anyio
 
 from server.executor import Executor
+from server.redis_store import RedisStore
 from server.tasks import ErrorKind, Status, Task, TaskError
 from tools.context import JSON, ToolContext
 from tools.process import carries_marker, end_marked, is_same_process, kill_left_behind, tend_orphans
@@ -39,9 +40,10 @@ class Recovered:
 
 async def recover(executor: Executor, wall_clock: Callable[[], float] = time.time) -> Recovered:
     report = Recovered()
-    if not executor.runs_here:  # a distributed front-end: the workers settle each other's tasks
-        return report
-    tasks = executor.store.claim_orphans(wall_clock(), executor.registry.get)
+    now = wall_clock()
+    if not executor.runs_here and not _no_worker_left(executor, now):
+        return report  # a distributed front-end: the workers settle each other's tasks while any lives
+    tasks = executor.store.claim_orphans(now, executor.registry.get)
     async with anyio.create_task_group() as tg:
         for task in tasks:
             tg.start_soon(_recover_one, executor, task, report)
@@ -58,9 +60,20 @@ async def recover(executor: Executor, wall_clock: Callable[[], float] = time.tim
     return report
 
 
+def _no_worker_left(executor: Executor, now: float) -> bool:
+    """A front-end settles dead workers' tasks itself only once no worker is left to do it (it cannot end
+    what a dead worker left on its machine: a worker there does, when one starts)."""
+    return isinstance(executor.store, RedisStore) and not executor.store.workers_alive(now)
+
+
 async def _recover_one(executor: Executor, task: Task, report: Recovered) -> None:
+    who = "the server running it" if task.holder is None else f"the process running it ({task.holder})"
     if task.status is Status.QUEUED or (task.process is None and task.watcher is None):
-        _interrupted(executor, task, "the server running it stopped before it started; nothing of it runs")
+        _interrupted(executor, task, f"{who} stopped before it started; nothing of it runs")
+        report.interrupted += 1
+        return
+    if not executor.runs_here:  # a front-end: what the dead worker left runs on another machine
+        _interrupted(executor, task, f"{who} stopped before it finished, and no worker is left to end what remains")
         report.interrupted += 1
         return
     hook = task.spec.recover if task.spec is not None else None
@@ -79,7 +92,7 @@ async def _recover_one(executor: Executor, task: Task, report: Recovered) -> Non
     report.groups_killed += killed
     report.interrupted += 1
     what = "what was left of it was killed" if killed else "nothing of it was still running"
-    _interrupted(executor, task, f"the server running it stopped before it finished; {what}")
+    _interrupted(executor, task, f"{who} stopped before it finished; {what}")
 
 
 def _as_handler(hook: Recover, task: Task) -> Handler:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -82,6 +83,20 @@ if key ~= cjson.null then redis.call('ZREM', ARGV[3] .. key, ARGV[1]) end
 redis.call('DEL', KEYS[1], KEYS[5], KEYS[6], KEYS[7])
 return 1
 """
+
+_RECORD_OUTCOME = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= '"queued"' and status ~= '"running"' then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+if ARGV[2] ~= '' then
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+  if ARGV[3] ~= '' then redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1]) end
+end
+redis.call('PUBLISH', KEYS[5], ARGV[1] .. ' status')
+return 1
+"""
+"""The first outcome recorded stays: a later one (from a process taken for dead) is refused."""
 
 _FENCE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', ''} end
@@ -263,7 +278,10 @@ class RedisStore(RedisRecords):
         self._claim = client.register_script(_CLAIM)
         self._sweep_one = client.register_script(_SWEEP_ONE)
         self._fence = client.register_script(_FENCE)
+        self._record_outcome = client.register_script(_RECORD_OUTCOME)
         self._closed = False
+        self._steady_since: float | None = None
+        """Since when Redis has answered this process's heartbeats without a failure (None: failing now)."""
         self.hands_off = False
         """A front-end's store: every task it adds goes to a queue at once (`hand_off` folded into `add`)."""
 
@@ -281,7 +299,9 @@ class RedisStore(RedisRecords):
         make_private(root)
         client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
         store = cls(client, url, root, namespace=namespace, lease_s=lease_s)
-        store.heartbeat(0.0 if now is None else now)
+        at = time.time() if now is None else now
+        store.heartbeat(at)
+        store._steady_since = at - lease_s  # no outage seen yet: leases are trusted from the start
         return store
 
     def close(self) -> None:
@@ -351,16 +371,25 @@ class RedisStore(RedisRecords):
             detached=True,
         )
 
-    def record_outcome(self, task: Task) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self._key("task", task.id), mapping=_encode(_outcome(task)))
-        if task.status.finished and task.expires_at is not None:
-            pipe.srem(f"{self.ns}:unfinished", task.id)
-            pipe.zadd(f"{self.ns}:expiring", {task.id: task.expires_at})
-            if task.status is Status.COMPLETED and task.cache_key is not None:
-                pipe.zadd(self._key("cache", task.cache_key), {task.id: task.finished_at or 0.0})
-        pipe.publish(self.changes_channel, f"{task.id} {STATUS_CHANGED}")
-        self._execute(pipe, task.id)
+    def record_outcome(self, task: Task) -> bool:
+        """False when another process settled the task first (this one was taken for dead: a Redis outage,
+        a pause past its lease): the first outcome recorded stays, so a result never flips once read."""
+        expires: float | str = task.expires_at if task.status.finished and task.expires_at is not None else ""
+        cached: float | str = (task.finished_at or 0.0) if task.status is Status.COMPLETED and task.cache_key else ""
+        keys = [
+            self._key("task", task.id),
+            f"{self.ns}:unfinished",
+            f"{self.ns}:expiring",
+            self._key("cache", task.cache_key or ""),
+            self.changes_channel,
+        ]
+        fields = [part for pair in _encode(_outcome(task)).items() for part in pair]
+        args = [task.id, expires, cached if expires != "" else "", *fields]
+        try:
+            return bool(self._record_outcome(keys=keys, args=args))
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not record the outcome of task %s in Redis at %s: %s", task.id, self.where, exc)
+            return True
 
     def request_cancel(self, task_id: str) -> bool:
         """Flags the task cancelled for whoever runs it; True when nobody took it yet (the fence is now
@@ -406,8 +435,25 @@ class RedisStore(RedisRecords):
             log.warning("could not record a change of task %s in Redis at %s: %s", task_id, self.where, exc)
 
     def heartbeat(self, now: float) -> None:
-        with self._reachable():
-            self.redis.set(self._key("instance", self.instance), "1", px=int(self.lease_s * 1000))
+        try:
+            with self._reachable():
+                self.redis.set(self._key("instance", self.instance), "1", px=int(self.lease_s * 1000))
+        except StoreUnreachableError:
+            self._steady_since = None
+            raise
+        if self._steady_since is None:
+            self._steady_since = now
+
+    def trusts_leases(self, now: float) -> bool:
+        """After an outage every lease may have lapsed, live processes' too: nobody is taken for dead until
+        this process has had Redis for a whole lease again, by when every live one has renewed its own."""
+        return self._steady_since is not None and now - self._steady_since >= self.lease_s
+
+    def workers_alive(self, now: float) -> bool:
+        """Whether any worker sent a heartbeat within the last lease (distributed mode's workers list)."""
+        return any(
+            json.loads(raw)["heartbeat_at"] >= now - self.lease_s for raw in self.redis.hvals(f"{self.ns}:workers")
+        )
 
     def instance_alive(self, instance: str) -> bool:
         return bool(self.redis.exists(self._key("instance", instance)))
@@ -415,6 +461,8 @@ class RedisStore(RedisRecords):
     def claim_orphans(self, now: float, spec_of: SpecOf) -> list[Task]:
         """Takes over the unfinished tasks of processes whose lease lapsed, each with one atomic script,
         so of several live processes exactly one settles each task."""
+        if not self.trusts_leases(now):
+            return []
         ids = sorted(_text(i) for i in self.redis.smembers(f"{self.ns}:unfinished"))
         alive: dict[str, bool] = {}
         claimed: list[Task] = []
@@ -427,8 +475,10 @@ class RedisStore(RedisRecords):
                 claimed.append(task)
         return claimed
 
-    def claim_if_orphan(self, task_id: str, spec_of: SpecOf) -> Task | None:
+    def claim_if_orphan(self, task_id: str, spec_of: SpecOf, now: float) -> Task | None:
         """The one task, claimed, if the process holding it is dead (a redelivered job's check)."""
+        if not self.trusts_leases(now):
+            return None  # the lease loop settles it once leases can be trusted again, if it is dead
         record = self._records([task_id], ("instance", "status"))[0]
         return None if record is None else self._claim_if_dead(task_id, record, {}, spec_of)
 
@@ -444,7 +494,11 @@ class RedisStore(RedisRecords):
             return None
         if not self._claim(keys=[self._key("task", task_id)], args=[json.dumps(holder), json.dumps(self.instance)]):
             return None
-        return self.load(task_id, spec_of)
+        task = self.load(task_id, spec_of)
+        if task is not None:
+            worker = self.redis.get(self._key("fence", task_id))  # a worker's name; a server's instance else
+            task.holder = _text(worker) if worker is not None else "#".join(str(holder).split("#")[:2])
+        return task
 
     def checkpoint(self) -> None:
         """Nothing to do: Redis persists as its operator configured it."""

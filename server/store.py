@@ -120,7 +120,7 @@ class TaskStore(Protocol):
     def record_running(self, task: Task) -> None: ...
     def record_process(self, task: Task) -> None: ...
     def record_watcher(self, task: Task) -> None: ...
-    def record_outcome(self, task: Task) -> None: ...
+    def record_outcome(self, task: Task) -> bool: ...
     def load(self, task_id: str, spec_of: SpecOf) -> Task | None: ...
     def summaries(
         self, owner: str, now: float, status: Status | None, tool: str | None, limit: int
@@ -159,7 +159,8 @@ class Store(FileLogs):
         self.output_dir = root / "output"
         self.instance = instance
         self.lease_s = lease_s
-        self._unwritten: dict[str, dict[str, Any]] = {}
+        self._unwritten: dict[str, tuple[bool, dict[str, Any]]] = {}
+        """Changes the database could not take yet, per task: (an outcome among them, the values)."""
         self._db = connection
         self._lock_fd = lock_fd
         self._closed = False
@@ -235,24 +236,33 @@ class Store(FileLogs):
             task.id, watcher_pid=watcher.pid, watcher_ticks=watcher.start_ticks, boot_id=watcher.boot_id, detached=1
         )
 
-    def record_outcome(self, task: Task) -> None:
-        self.update(task.id, **_outcome(task))
+    def record_outcome(self, task: Task) -> bool:
+        """False when another server settled the task first (this one was taken for dead): the first
+        outcome recorded is the one every reader sees, so a result never flips after it was read."""
+        return self.update(task.id, _final=True, **_outcome(task))
 
-    def update(self, task_id: str, **values: Any) -> None:
+    def update(self, task_id: str, _final: bool = False, **values: Any) -> bool:
         """Never raises: a change the database cannot take now (disk full, locked past the timeout) is
-        kept and written by `flush` later, so a full disk never takes the server or a task down."""
-        held = self._unwritten.pop(task_id, {})
-        values = {**held, **values}
+        kept and written by `flush` later, so a full disk never takes the server or a task down. A
+        `_final` change (an outcome) is written only while the task is unfinished; False when it was not."""
+        final, held = self._unwritten.pop(task_id, (False, {}))
+        final, values = final or _final, {**held, **values}
         assignments = ", ".join(f"{name} = :{name}" for name in values)
+        unfinished = " AND status IN ('queued', 'running')" if final else ""
         try:
-            self._db.execute(f"UPDATE tasks SET {assignments} WHERE id = :id", {**values, "id": task_id})  # noqa: S608
+            cursor = self._db.execute(
+                f"UPDATE tasks SET {assignments} WHERE id = :id{unfinished}",  # noqa: S608 - our column names
+                {**values, "id": task_id},
+            )
         except sqlite3.OperationalError as exc:
-            self._unwritten[task_id] = values
+            self._unwritten[task_id] = (final, values)
             log.warning(
                 "the task database cannot be written (%s); holding %d task changes to write later",
                 exc,
                 len(self._unwritten),
             )
+            return True
+        return cursor.rowcount == 1
 
     def flush(self) -> int:
         """Writes the changes `update` had to hold; returns how many are still held."""
@@ -320,15 +330,16 @@ class Store(FileLogs):
         rows = self._db.execute(
             "SELECT * FROM tasks WHERE status IN ('queued', 'running') AND instance != ?", (self.instance,)
         ).fetchall()
+        names = {i: f"{host}#{pid}" for i, host, pid in self._db.execute("SELECT id, host, pid FROM instances")}
         dead: dict[str, bool] = {}
         for row in rows:
             if row["instance"] not in dead:
                 dead[row["instance"]] = self._instance_is_dead(row["instance"], now)
-        return [
-            _task(row, self.output_path(row["id"]), spec_of(row["tool"]))
-            for row in rows
-            if dead[row["instance"]] and self._claim(row["id"], row["instance"])
-        ]
+        claimed = [row for row in rows if dead[row["instance"]] and self._claim(row["id"], row["instance"])]
+        tasks = [_task(row, self.output_path(row["id"]), spec_of(row["tool"])) for row in claimed]
+        for task, row in zip(tasks, claimed, strict=True):
+            task.holder = names.get(row["instance"])
+        return tasks
 
     def _claim(self, task_id: str, from_instance: str) -> bool:
         cursor = self._db.execute(

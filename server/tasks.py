@@ -210,6 +210,8 @@ class Task:
     """The worker queue it was fired to (distributed mode's `target`); None: the default."""
     local: bool = True
     """Run by this server process; False for a task another server on the same data dir runs."""
+    holder: str | None = None
+    """Who ran it before this process claimed it (a server or worker taken for dead): named in its error."""
     handle: Handle = field(default_factory=Handle)
 
     @property

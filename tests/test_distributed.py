@@ -161,6 +161,22 @@ async def test_kill_9_a_front_end_then_a_worker_nothing_is_lost_or_run_twice(nod
     assert live_group_members(pgid) == []  # the surviving worker killed what the dead one left
 
 
+async def test_with_every_worker_dead_a_front_end_settles_their_tasks_naming_the_worker(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with cluster(tmp_path, redis_server.url, front_ends=1, workers=1) as started:
+        worker, front_end = started
+        async with connect(front_end.url) as client:
+            fired, _ = await until_running(client, "sleep 300 & echo ready > $READY; wait")
+            await worker.kill_9()  # the only worker: no other is left to settle its task
+            polled = await tool(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=15)
+    assert polled["pending"] == [], front_end.log.decode()[-3000:]
+    error = polled["done"][0]["error"]
+    assert error["kind"] == "interrupted", error
+    assert f"#{worker.process.pid}" in error["message"], error  # which worker stopped
+    assert "no worker is left" in error["message"], error
+
+
 def _runs(worker: Node, pgid: int) -> bool:
     """Is `pgid` a child of this worker's process (the command's shell is the worker's child)?"""
     try:

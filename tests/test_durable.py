@@ -15,6 +15,8 @@ from conftest import FakeClock, Gate, call, error_text, live_group_members, open
 from server.config import Settings
 from server.errors import ConfigError
 from server.runtime import Runtime
+from server.store import Store
+from server.tasks import ErrorKind, Status, TaskError
 from testkit.processes import gone
 from testkit.rawserver import RawServer, start_server
 
@@ -244,6 +246,32 @@ async def test_two_servers_share_a_data_dir(settings: Settings, clock: FakeClock
         assert (await call(first, "cancel_task", task_id=fired["task_id"]))["status"] == "cancelled"
         after = await call(second, "get_cached_output", task_id=fired["task_id"])
         assert after["status"] == "cancelled"
+
+
+async def test_a_server_taken_for_dead_never_flips_the_outcome_another_recorded(
+    settings: Settings, clock: FakeClock, gate: Gate
+) -> None:
+    """A server paused past its lease wakes and finishes a task a live server has already settled: the
+    settled outcome stands, on the late server too, and the cached result is not offered for reuse."""
+    async with open_client(settings, clock, gate) as (_, client):
+        fired = await call(client, "fire_tool", tool="test.gate", arguments={"key": "late"})
+        await gate.wait_entered("late")
+        settler = Store.open(settings.data_dir, lease_s=settings.lease_s)  # another server on the data dir
+        try:
+            task = settler.load(fired["task_id"], lambda _name: None)
+            assert task is not None and task.status is Status.RUNNING
+            task.status, task.finished_at = Status.FAILED, clock()
+            task.error = TaskError(kind=ErrorKind.INTERRUPTED, message="its server was taken for dead")
+            assert settler.record_outcome(task)
+        finally:
+            settler.close()
+        gate.release("late")
+        reply = await call(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=10)
+        view = reply["done"][0]
+        assert (view["status"], view["error"]["kind"], view["result"]) == ("failed", "interrupted", None)
+        again = await call(client, "fire_tool", tool="test.gate", arguments={"key": "late"})
+        assert again["task_id"] != fired["task_id"] and not again["cached"]
+        gate.release("late")
 
 
 @pytest.fixture

@@ -228,3 +228,24 @@ async def test_a_late_write_to_a_record_the_store_lost_leaves_nothing_readable_a
     assert store.load(task.id, _spec_of) is None
     assert store.sweep(NOW + 1000, tombstones_max=10) == []
     assert store.load(task.id, _spec_of) is None
+
+
+async def test_the_first_outcome_recorded_is_final_a_late_one_is_refused(task_stores: OpenStore) -> None:
+    """A server taken for dead (paused past its lease) that wakes and finishes must not flip what the
+    server that settled its task recorded: readers may already have collected that."""
+    paused, settler = task_stores(), task_stores()
+    task = new_task(paused)
+    paused.add(task)
+    task.status = Status.RUNNING
+    paused.record_running(task)
+    settled = settler.load(task.id, _spec_of)
+    assert settled is not None
+    error = TaskError(kind=ErrorKind.INTERRUPTED, message="its server stopped")
+    settled.status, settled.finished_at, settled.error = Status.FAILED, NOW + 1, error
+    assert settler.record_outcome(settled)
+
+    task.status, task.finished_at, task.result = Status.COMPLETED, NOW + 2, {"exit_code": 0}
+    assert not paused.record_outcome(task)
+    stored = settler.load(task.id, _spec_of)
+    assert stored is not None and stored.status is Status.FAILED and stored.error == error
+    assert stored.result is None and stored.finished_at == NOW + 1

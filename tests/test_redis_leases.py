@@ -1,0 +1,179 @@
+"""Leases across a Redis outage, and the outcome that stays: in distributed mode every lease lives in Redis,
+so an outage longer than `lease_s` lets every live process's lease lapse at once. Nobody may then be taken
+for dead (and its command killed, its task settled `interrupted`) just because Redis was away; and a
+process that was taken for dead (paused past its lease) never flips an outcome already recorded.
+
+The outage is real: the processes reach Redis through a `TcpProxy` that the test cuts (connections reset,
+new ones refused) while Redis, and every key's expiry, runs on."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import redis
+import redis.asyncio as aioredis
+from conftest import data
+from mcp import Client
+
+from server.errors import StoreUnreachableError
+from server.redis_store import RedisStore
+from server.tasks import Status, Task
+from testkit.cluster import Node, cluster, connect
+from testkit.redis_server import RedisServer
+from testkit.tcp_proxy import TcpProxy
+from tools.registry import ToolSpec
+
+pytestmark = pytest.mark.anyio
+
+LEASE_S = 2.0
+
+
+def _spec_of(name: str) -> ToolSpec | None:
+    return None
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[TcpProxy]:
+    with TcpProxy(redis_server.port) as opened:
+        yield opened
+
+
+def _task(store: RedisStore) -> Task:
+    task_id = secrets.token_urlsafe(12)
+    return Task(
+        id=task_id, tool="t", owner="alice", created_at=time.time(), ttl_s=60, output=store.new_output(task_id, 4096)
+    )
+
+
+async def test_after_an_outage_no_lease_is_trusted_until_this_process_had_redis_for_a_whole_lease(
+    proxy: TcpProxy, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    namespace = f"t{secrets.token_hex(6)}"
+    holder = RedisStore.open(redis_server.url, tmp_path / "a", namespace=namespace, lease_s=LEASE_S)
+    watcher = RedisStore.open(proxy.url(), tmp_path / "b", namespace=namespace, lease_s=LEASE_S)
+    try:
+        task = _task(holder)
+        holder.add(task)
+        holder.close()  # its lease is gone: its task is an orphan
+        now = time.time()
+
+        proxy.cut()
+        with pytest.raises(StoreUnreachableError):
+            watcher.heartbeat(now)
+        proxy.restore()
+        watcher.heartbeat(now + 1)  # Redis answers again from here
+
+        assert watcher.claim_orphans(now + 1, _spec_of) == []  # every lease may have lapsed in the outage
+        assert watcher.claim_if_orphan(task.id, _spec_of, now + 1 + LEASE_S - 0.01) is None
+        claimed = watcher.claim_orphans(now + 1 + LEASE_S, _spec_of)  # a whole lease later: dead is dead
+        assert [t.id for t in claimed] == [task.id]
+    finally:
+        watcher.close()
+
+
+async def test_the_first_outcome_recorded_stays_and_the_late_one_is_refused(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    namespace = f"t{secrets.token_hex(6)}"
+    paused = RedisStore.open(redis_server.url, tmp_path / "a", namespace=namespace, lease_s=LEASE_S)
+    settler = RedisStore.open(redis_server.url, tmp_path / "b", namespace=namespace, lease_s=LEASE_S)
+    try:
+        task = _task(paused)
+        paused.add(task)
+        other = settler.load(task.id, _spec_of)
+        assert other is not None
+        other.status, other.finished_at = Status.FAILED, time.time()
+        assert settler.record_outcome(other)
+
+        task.status, task.finished_at, task.result = Status.COMPLETED, time.time(), {"late": True}
+        assert not paused.record_outcome(task)
+        stored = settler.load(task.id, _spec_of)
+        assert stored is not None and stored.status is Status.FAILED and stored.result is None
+    finally:
+        paused.close()
+        settler.close()
+
+
+# ---- the whole cluster through an outage ----
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path, proxy: TcpProxy) -> AsyncIterator[list[Node]]:
+    async with cluster(tmp_path, proxy.url(), front_ends=1, lease_s=LEASE_S) as started:
+        yield started
+
+
+async def _fire_gated(client: Client, target: str, folder: Path) -> tuple[str, Path]:
+    """A command on `target`'s worker that says it runs (a FIFO turns readable), then waits for its gate."""
+    ready, gate, side = folder / f"ready-{target}", folder / f"gate-{target}", folder / f"ran-{target}"
+    os.mkfifo(ready)
+    os.mkfifo(gate)
+    command = f"echo ran >> {side}; echo up > {ready}; read line < {gate}; echo finished $line"
+    fd = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fired = data(
+            await client.call_tool("fire_tool", {"tool": "shell", "arguments": {"command": command}, "target": target})
+        )
+        with anyio.fail_after(20):
+            await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
+    return str(fired["task_id"]), gate
+
+
+async def _until(check: Callable[[], bool], redis_url: str, timeout_s: float = 20.0) -> None:
+    """Waits, bounded, for a condition on Redis's state (read directly, not through the proxy), checked
+    again at each keyspace event (a key set, written or expired): an event, not a sleep."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.config_set("notify-keyspace-events", "KEA")
+        async with client.pubsub() as pubsub:
+            await pubsub.psubscribe("__keyspace@0__:*")
+            with anyio.fail_after(timeout_s):
+                while not check():
+                    await pubsub.get_message(timeout=1.0)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.slow
+async def test_an_outage_longer_than_the_lease_kills_nothing_and_every_command_ends_as_it_really_did(
+    nodes: list[Node], proxy: TcpProxy, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    direct = redis.Redis.from_url(redis_server.url)
+    namespace = tmp_path.name[-60:]
+    front_end = next(n for n in nodes if n.role == "front-end")
+    folder = Path(tempfile.mkdtemp(prefix="offload-outage-"))
+    async with connect(front_end.url) as client:
+        fired = [await _fire_gated(client, target, folder) for target in ("w0", "w1")]
+
+    proxy.cut()  # until every process's lease has lapsed in Redis
+    await _until(lambda: not direct.keys(f"{namespace}:instance:*"), redis_server.url)  # every lease lapsed
+    restored_at = time.time()
+    proxy.restore()
+
+    def steady() -> bool:  # both workers heard from a whole lease after Redis came back
+        beats = [json.loads(raw)["heartbeat_at"] for raw in direct.hvals(f"{namespace}:workers")]
+        return len(beats) == 2 and min(beats) >= restored_at + LEASE_S
+
+    await _until(steady, redis_server.url)
+    for _, gate in fired:
+        with open(gate, "w") as f:  # a FIFO whose reader waits: no block
+            f.write("ok\n")
+    async with connect(front_end.url) as client:
+        polled = data(await client.call_tool("poll_output", {"task_ids": [t for t, _ in fired], "timeout_s": 30}))
+    assert polled["pending"] == [], polled
+    for view in polled["done"]:
+        assert view["status"] == "completed", view  # not interrupted, not killed
+        assert "finished ok" in view["output"]["text"], view
+    for target in ("w0", "w1"):
+        assert (folder / f"ran-{target}").read_text() == "ran\n"  # and never run twice
+    assert b"another server had already settled it" not in b"".join(n.log for n in nodes)
