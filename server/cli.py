@@ -71,6 +71,12 @@ def parser() -> argparse.ArgumentParser:
         help="distributed mode: redis:// or rediss:// URL shared by front-ends and workers (OFFLOAD_REDIS_URL)",
     )
     p.add_argument(
+        "--worker",
+        action="store_true",
+        help="distributed mode: a front-end that also runs tasks, as a worker on --queue (default: the host "
+        "name and 'any')",
+    )
+    p.add_argument(
         "--queue",
         action="append",
         metavar="NAME",
@@ -115,8 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             from server.auth import Credentials
             from server.web import serve_http
+            from server.worker import default_queues
 
-            anyio.run(serve_http, settings, Credentials.load(settings, os.environ))
+            queues = (args.queue or default_queues()) if args.worker else None
+            anyio.run(serve_http, settings, Credentials.load(settings, os.environ), queues)
     except ConfigError as exc:
         log.error("%s", exc)  # noqa: TRY400 - the message is the whole story; a traceback would bury it
         return 2

@@ -115,6 +115,7 @@ async def watch_peers(executor: Executor, interval_s: float, wall_clock: Callabl
         try:
             executor.store.heartbeat(wall_clock())
             await recover(executor, wall_clock)
-            tend_orphans([task.id for task in executor.active_tasks()])
+            if executor.runs_here:  # a front-end's: a worker beside it (`--worker`) tends its own
+                tend_orphans([task.id for task in executor.active_tasks()])
         except Exception:
             log.exception("checking on other servers failed; will try again")

@@ -28,6 +28,7 @@ from server.limits import uvicorn_options
 from server.runtime import Runtime
 from server.sdk_compat import sessions_held
 from server.signals import stop_on_signal
+from server.worker import worker_beside
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-async def serve_http(settings: Settings, credentials: Credentials) -> None:
+async def serve_http(settings: Settings, credentials: Credentials, worker_queues: list[str] | None = None) -> None:
     """Serves until SIGTERM/SIGINT; then stops taking requests, cancels every task and kills their groups."""
     check_bind(settings.host, credentials, settings.auth_token_env)
     check_isolation(settings, credentials)  # issue 12: several owners need confined shells
@@ -115,7 +116,7 @@ async def serve_http(settings: Settings, credentials: Credentials) -> None:
             ", ".join(map(repr, unrooted)),
         )
     sock = bind(settings.host, settings.port)
-    async with Runtime.open(settings) as runtime:
+    async with Runtime.open(settings) as runtime, worker_beside(settings, worker_queues):
         server = build_server(runtime)
         config = uvicorn.Config(
             web_app(server, settings, credentials),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 
@@ -21,6 +23,27 @@ log = logging.getLogger("offload")
 def default_queues() -> list[str]:
     """A worker's queues unless told: its host name (a task fired with target=HOST) and `any`."""
     return [socket.gethostname(), DEFAULT_QUEUE]
+
+
+@asynccontextmanager
+async def worker_beside(settings: Settings, queues: list[str] | None) -> AsyncIterator[None]:
+    """A front-end started with `--worker` runs a worker in its own process too (a Runtime of its own,
+    as a worker process has); without `--worker` (None), nothing."""
+    if queues is None:
+        yield
+        return
+    if settings.redis_url is None:
+        raise ConfigError("--worker runs a worker beside the front-end: it needs redis_url (--redis-url)")
+    async with Runtime.open(settings, role="worker") as runtime, anyio.create_task_group() as tg:
+        store = runtime.executor.store
+        assert isinstance(store, RedisStore)
+        engine = WorkerEngine(runtime.executor, store, settings, queues, worker_name())
+        tg.start_soon(engine.serve, name="offload worker beside the front-end")
+        log.info("worker %s on queues %s beside the front-end (Redis at %s)", engine.name, queues, store.where)
+        try:
+            yield
+        finally:
+            tg.cancel_scope.cancel()
 
 
 async def serve_worker(settings: Settings, queues: list[str]) -> None:

@@ -177,6 +177,31 @@ async def test_with_every_worker_dead_a_front_end_settles_their_tasks_naming_the
     assert "no worker is left" in error["message"], error
 
 
+async def test_a_front_end_started_with_worker_runs_tasks_fired_on_any_front_end(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    async with anyio.create_task_group() as tg:
+        both = await start_node(tg, tmp_path, "front-end", redis_server.url, "f0", "--worker")
+        plain = await start_node(tg, tmp_path, "front-end", redis_server.url, "f1")
+        try:
+            async with connect(plain.url) as client:
+                fired = await tool(client, "fire_tool", tool="shell", arguments={"command": "echo $PPID"})
+                polled = await tool(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=20)
+                assert polled["done"][0]["status"] == "completed", polled
+                shell_parent = int(polled["done"][0]["output"]["text"])
+                assert shell_parent == both.process.pid  # the front-end with --worker ran it: no worker runs
+                waiting, _ = await until_running(client, "sleep 300 & echo ready > $READY; wait")
+                await stop_nodes([both])  # its own task is stopped and settled, not left running
+                polled = await tool(client, "poll_output", task_ids=[waiting["task_id"]], timeout_s=20)
+            assert polled["done"][0]["status"] in ("cancelled", "failed"), polled
+            assert live_group_members(polled["done"][0]["pid"]) == []
+        finally:
+            await stop_nodes([both, plain])
+            tg.cancel_scope.cancel()
+            for node in (both, plain):
+                await node.process.aclose()
+
+
 def _runs(worker: Node, pgid: int) -> bool:
     """Is `pgid` a child of this worker's process (the command's shell is the worker's child)?"""
     try:
