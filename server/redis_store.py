@@ -6,6 +6,7 @@ Keys, under one namespace (`offload` unless a test picks its own):
     {ns}:task:{id}       hash: the record, each field JSON
     {ns}:owner:{owner}   zset: the owner's task ids by created_at
     {ns}:cache:{key}     zset: completed task ids of a result key by finished_at
+    {ns}:inflight:{key}  the unfinished task of a result key (what an identical call joins), until its outcome
     {ns}:expiring        zset: finished task ids by expires_at (what `sweep` walks)
     {ns}:unfinished      set: queued and running task ids (what `claim_orphans` walks)
     {ns}:tomb:{id}, {ns}:tombs   tombstones (bounded, newest kept)
@@ -89,6 +90,7 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if status and status ~= '"queued"' and status ~= '"running"' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 if ARGV[2] ~= '' then
+  if redis.call('GET', KEYS[6]) == ARGV[1] then redis.call('DEL', KEYS[6]) end
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
   if ARGV[3] ~= '' then redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1]) end
@@ -217,7 +219,9 @@ class RedisRecords:
             for record in self._records(ids, ("id", "status", "expires_at")) if ids else []:
                 if record is not None and record["status"] == Status.COMPLETED.value and not _expired(record, now):
                     return str(record["id"])
-        return None
+            running = self.redis.get(self._key("inflight", cache_key))  # any front-end's, to join
+            record = self._records([_text(running)], ("id", "status"))[0] if running is not None else None
+        return str(record["id"]) if record is not None and record["status"] in UNFINISHED else None
 
     def tombstone(self, task_id: str) -> Expired | None:
         with self._reachable():
@@ -344,6 +348,8 @@ class RedisStore(RedisRecords):
             pipe.hset(self._key("task", task.id), mapping=_encode(record))
             pipe.zadd(self._key("owner", task.owner), {task.id: task.created_at})
             pipe.sadd(f"{self.ns}:unfinished", task.id)
+            if task.cache_key is not None:  # joined by an identical call on any front-end while it runs
+                pipe.set(self._key("inflight", task.cache_key), task.id)
             pipe.execute()
 
     def hand_off(self, task: Task) -> None:
@@ -382,6 +388,7 @@ class RedisStore(RedisRecords):
             f"{self.ns}:expiring",
             self._key("cache", task.cache_key or ""),
             self.changes_channel,
+            self._key("inflight", task.cache_key or ""),
         ]
         fields = [part for pair in _encode(_outcome(task)).items() for part in pair]
         args = [task.id, expires, cached if expires != "" else "", *fields]

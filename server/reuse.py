@@ -2,7 +2,8 @@
 
 Three places can hold a result key's task: the running tasks, the hot tier of finished ones (in
 memory, bounded, expiring with each task), and the store (any server's finished task on this data
-directory). Only completed tasks are reused; a failure or cancellation frees the key at once.
+directory, or any front-end's in distributed mode: a running one there is joined too). Only completed
+tasks are reused; a failure or cancellation frees the key at once.
 """
 
 from __future__ import annotations
@@ -49,11 +50,14 @@ class Reuse:
             return Fired(task, deduplicated=True)
         found = self.hot.get(task_id) if task_id is not None else None
         found = found or stored(key)
-        if found is not None and found.status is Status.COMPLETED:
-            self.counters.cache_hits += 1
-            self.counters.cache_reuses[found.tool] += 1
-            return Fired(found, cached=True)
-        return None
+        if found is None or (found.status.finished and found.status is not Status.COMPLETED):
+            return None
+        self.counters.cache_reuses[found.tool] += 1
+        if not found.status.finished:  # running in another process (a front-end's, or a server's on the data dir)
+            self.counters.joined += 1
+            return Fired(found, deduplicated=True)
+        self.counters.cache_hits += 1
+        return Fired(found, cached=True)
 
     def hold(self, task: Task) -> None:
         if task.cache_key is not None:

@@ -125,7 +125,9 @@ class TaskStore(Protocol):
     def summaries(
         self, owner: str, now: float, status: Status | None, tool: str | None, limit: int
     ) -> list[TaskSummary]: ...
-    def reusable(self, cache_key: str, now: float) -> str | None: ...
+    def reusable(self, cache_key: str, now: float) -> str | None:
+        """A task to reuse for this result key: completed and unexpired, else unfinished (to join)."""
+
     def count_by_status(self, owner: str, now: float) -> dict[str, int]: ...
     def tombstone(self, task_id: str) -> Expired | None: ...
     def heartbeat(self, now: float) -> None: ...
@@ -293,10 +295,11 @@ class Store(FileLogs):
         return [_summary(row) for row in self._db.execute(query, [*params, limit])]
 
     def reusable(self, cache_key: str, now: float) -> str | None:
-        """The newest completed, unexpired task with this result key."""
+        """The newest completed, unexpired task with this result key; else one still running (any server's),
+        to join."""
         found = self._db.execute(
-            "SELECT id FROM tasks WHERE cache_key = ? AND status = 'completed' AND expires_at > ? "
-            "ORDER BY finished_at DESC LIMIT 1",
+            "SELECT id FROM tasks WHERE cache_key = ? AND (status IN ('queued', 'running') "
+            "OR (status = 'completed' AND expires_at > ?)) ORDER BY status = 'completed' DESC, created_at DESC LIMIT 1",
             (cache_key, now),
         ).fetchone()
         return None if found is None else str(found[0])

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import AsyncIterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 from conftest import ERAS, data, error_text, live_group_members
 from mcp import Client
@@ -200,6 +203,45 @@ async def test_a_front_end_started_with_worker_runs_tasks_fired_on_any_front_end
             tg.cancel_scope.cancel()
             for node in (both, plain):
                 await node.process.aclose()
+
+
+async def test_an_identical_get_on_the_other_front_end_joins_the_one_in_flight(nodes: list[Node]) -> None:
+    """A cacheable call (an HTTP GET) fired on two front-ends while it runs reaches its server once."""
+    hits: list[str] = []
+    reached, release = threading.Event(), threading.Event()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            reached.set()
+            release.wait(30)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"slow answer")
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    fire = {"tool": "http.request", "arguments": {"url": f"http://127.0.0.1:{http.server_port}/slow"}}
+    front_ends = [n for n in nodes if n.role == "front-end"]
+    try:
+        async with connect(front_ends[0].url) as one, connect(front_ends[1].url) as two:
+            first = await tool(one, "fire_tool", **fire)
+            assert await anyio.to_thread.run_sync(reached.wait, 20)  # the worker's request is at the server
+            joined = await tool(two, "fire_tool", **fire)
+            assert (joined["task_id"], joined["deduplicated"]) == (first["task_id"], True)
+            release.set()
+            polled = await tool(two, "poll_output", task_ids=[joined["task_id"]], timeout_s=20)
+            assert polled["done"][0]["status"] == "completed", polled
+            again = await tool(two, "fire_tool", **fire)
+            assert (again["task_id"], again["cached"]) == (first["task_id"], True)
+    finally:
+        release.set()
+        http.shutdown()
+        http.server_close()
+    assert hits == ["/slow"]
 
 
 def _runs(worker: Node, pgid: int) -> bool:

@@ -236,6 +236,22 @@ async def test_readers_see_committed_tasks_while_the_server_writes(
         reader.close()
 
 
+async def test_an_identical_call_on_another_server_joins_the_running_one(
+    settings: Settings, clock: FakeClock, gate: Gate
+) -> None:
+    async with open_client(settings, clock, gate) as (_, first), open_client(settings, clock, gate) as (_, second):
+        fired = await call(first, "fire_tool", tool="test.gate", arguments={"key": "shared"})
+        await gate.wait_entered("shared")
+        joined = await call(second, "fire_tool", tool="test.gate", arguments={"key": "shared"})
+        assert (joined["task_id"], joined["deduplicated"]) == (fired["task_id"], True)
+        gate.release("shared")
+        reply = await call(second, "poll_output", task_ids=[joined["task_id"]], timeout_s=10)
+        assert reply["done"][0]["result"] == {"key": "shared", "call": 1}
+        assert gate.calls == {"shared": 1}  # ran once, for both servers' callers
+        again = await call(second, "fire_tool", tool="test.gate", arguments={"key": "shared"})
+        assert (again["task_id"], again["cached"]) == (fired["task_id"], True)
+
+
 async def test_two_servers_share_a_data_dir(settings: Settings, clock: FakeClock, gate: Gate) -> None:
     async with open_client(settings, clock, gate) as (_, first), open_client(settings, clock, gate) as (_, second):
         fired = await call(first, "run_shell_background", command="sleep 300")
