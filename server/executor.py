@@ -45,6 +45,28 @@ COPY_TURNS = 1
 only with a chunk in hand, never while it waits for one."""
 
 
+class ActiveTasks(dict[str, Task]):
+    """The unfinished tasks this process runs or follows, by id, and how many each owner has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.per_owner: Counter[str] = Counter()
+
+    def hold(self, task: Task) -> Task:
+        """Holds the task; one already held under its id stays, and is returned."""
+        if (held := self.get(task.id)) is not None:
+            return held
+        self[task.id] = task
+        self.per_owner[task.owner] += 1
+        return task
+
+    def drop(self, task: Task) -> None:
+        if self.pop(task.id, None) is not None:
+            self.per_owner[task.owner] -= 1
+            if self.per_owner[task.owner] <= 0:
+                del self.per_owner[task.owner]
+
+
 class Executor:
     def __init__(
         self,
@@ -60,8 +82,7 @@ class Executor:
         self.store = store
         self.changes = Changes()
         self._clock = clock
-        self._active: dict[str, Task] = {}
-        self._active_per_owner: Counter[str] = Counter()
+        self._active = ActiveTasks()
         self._copy_turns = anyio.CapacityLimiter(COPY_TURNS)
         self._admission = Admission(registry, settings)
         self._reuse = Reuse(settings.finished_tasks_max, clock)
@@ -105,7 +126,7 @@ class Executor:
             self.counters.cache_lookups[tool] += 1
             if use_cache and (reused := self._reuse.find(key, self._active, self._lookup.reusable)) is not None:
                 return reused
-        self._admission.check_room(owner, self._active_per_owner[owner])
+        self._admission.check_room(owner, self._active.per_owner[owner])
         task = self._new_task(admitted)
         task.queue = target or admitted.spec.queue
         self.store.add(task)  # on disk before the id is returned
@@ -130,8 +151,7 @@ class Executor:
         )
 
     def _start(self, task: Task, handler: Handler) -> None:
-        self._active[task.id] = task
-        self._active_per_owner[task.owner] += 1
+        self._active.hold(task)
         self._reuse.hold(task)
         self._runner.run(task, handler)
 
@@ -156,26 +176,12 @@ class Executor:
             task.output.finish()
         task.status, task.error, task.result = status, error, result
         task.finished_at = self._clock()
-        if not self.store.record_outcome(task):
-            self._take_stored_outcome(task)
+        if not self.store.record_outcome(task):  # another process settled it first: that outcome stands
+            self._lookup.take_stored_outcome(task)
         self.release(task)
         if task.process is not None:
             tend_orphans(self._active)  # what its command left outside the group, marked or not
         self._announce_end(task)
-
-    def _take_stored_outcome(self, task: Task) -> None:
-        """Another process settled the task first (it took this one for dead): its outcome stands, here too."""
-        stored = self.store.load(task.id, self.registry.get)
-        if stored is None or not stored.status.finished:
-            return
-        log.warning(
-            "task %s ended here as %s, but another server had already settled it as %s; that outcome stands",
-            task.id,
-            task.status.value,
-            stored.status.value,
-        )
-        task.status, task.error, task.result = stored.status, stored.error, stored.result
-        task.finished_at = stored.finished_at
 
     def _announce_end(self, task: Task) -> None:
         self._reuse.finished(task)
@@ -188,10 +194,7 @@ class Executor:
         self.changes.publish(task)
 
     def release(self, task: Task) -> None:
-        if self._active.pop(task.id, None) is not None:
-            self._active_per_owner[task.owner] -= 1
-            if self._active_per_owner[task.owner] <= 0:
-                del self._active_per_owner[task.owner]
+        self._active.drop(task)
         task.handle.started.set()
         task.handle.released.set()
 
@@ -211,11 +214,7 @@ class Executor:
     def settle(self, task: Task, status: Status, error: TaskError | None, result: JSON | None) -> None:
         """Records the truthful end of a claimed task of a dead server, nothing of which runs. A task this
         process follows (a front-end's, run by a worker that died) ends through the record its waiters hold."""
-        following = self._active.get(task.id)
-        if following is None:
-            self._active[task.id] = task
-            self._active_per_owner[task.owner] += 1
-        task = following or task
+        task = self._active.hold(task)
         task.local = True
         self.finish(task, status, error, result)
 

@@ -3,6 +3,7 @@ another owner's task reads exactly like an unknown id, an expired one names when
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from server.cache import Clock, FinishedTasks
@@ -10,6 +11,8 @@ from server.errors import ExpiredTaskError, UnknownTaskError
 from server.store import TaskStore
 from server.tasks import Task, iso
 from tools.registry import Registry
+
+log = logging.getLogger(__name__)
 
 
 class Lookup:
@@ -41,6 +44,20 @@ class Lookup:
         """An unexpired task as the store has it now (another server may be running it)."""
         stored = self._store.load(task_id, self._registry.get)
         return None if stored is None or self._expired(stored) else self._keep(stored)
+
+    def take_stored_outcome(self, task: Task) -> None:
+        """Another process settled the task first (it took this one for dead): its outcome stands, here too."""
+        stored = self._store.load(task.id, self._registry.get)
+        if stored is None or not stored.status.finished:
+            return
+        log.warning(
+            "task %s ended here as %s, but another server had already settled it as %s; that outcome stands",
+            task.id,
+            task.status.value,
+            stored.status.value,
+        )
+        task.status, task.error, task.result = stored.status, stored.error, stored.result
+        task.finished_at = stored.finished_at
 
     def reusable(self, cache_key: str) -> Task | None:
         task_id = self._store.reusable(cache_key, self._clock())

@@ -17,6 +17,17 @@ and two pub/sub channels, {ns}:changes (a task id each time a task changes) and 
 
 The interface is synchronous, like the SQLite store's: each call is one round trip (a pipeline or a
 script) to a Redis that is meant to be near, so it runs on the event loop as SQLite's commits do.
+
+Across an outage (Redis not answering for a while) nothing a task records is dropped, as with the SQLite
+store's `update` and `flush`. A task change Redis does not take is held in this process, merged with that
+task's later changes (a later value wins, so an older held status never overwrites a newer one), and written
+whole (its fields, its moves out of `unfinished` and into `expiring` and its result key, its message on the
+change channel) at the task's next change and at every `heartbeat` (`flush`); one warning per outage, not one
+per change. Output a `RedisLog` could not store is held by the log, bounded as the log is, and written by the
+same `flush` and at its `finish`. `close` tries once more. What is held lives in this process's memory only: a
+process that dies before Redis answers again loses it (its lease lapses, and whoever claims its tasks settles
+them `interrupted`). The calls that start or steer a task (`add`, `hand_off`, `request_cancel`, reads) raise
+`StoreUnreachableError` instead: their caller can act.
 """
 
 from __future__ import annotations
@@ -29,15 +40,19 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 import redis.exceptions
+from redis.backoff import NoBackoff
+from redis.commands.core import Script
+from redis.retry import Retry
 from redis.typing import FieldT
 
 from server.errors import StoreUnreachableError
-from server.output import Chunk, cut_to_boundary, first_character, is_continuation
+from server.output import Chunk, Output, cut_to_boundary, first_character, is_continuation
 from server.redact import mask_url
 from server.store import Expired, SpecOf, make_private
 from server.tasks import Status, Task, TaskError, TaskSummary, error_kind, iso
@@ -89,12 +104,10 @@ _RECORD_OUTCOME = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status and status ~= '"queued"' and status ~= '"running"' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
-if ARGV[2] ~= '' then
-  if redis.call('GET', KEYS[6]) == ARGV[1] then redis.call('DEL', KEYS[6]) end
-  redis.call('SREM', KEYS[2], ARGV[1])
-  redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-  if ARGV[3] ~= '' then redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1]) end
-end
+if redis.call('GET', KEYS[6]) == ARGV[1] then redis.call('DEL', KEYS[6]) end
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1]) end
 redis.call('PUBLISH', KEYS[5], ARGV[1] .. ' status')
 return 1
 """
@@ -120,12 +133,14 @@ class RedisRecords:
     ns: str
     where: str
     output_max_bytes: int
+    unwritten_logs: set[RedisLog]
+    """This process's logs holding output Redis has not taken yet (what `RedisStore.flush` writes)."""
 
     def key(self, kind: str, name: str) -> str:
         return self._key(kind, name)
 
     def _key(self, kind: str, name: str) -> str:
-        return f"{self.ns}:{kind}:{name}"
+        return _key(self.ns, kind, name)
 
     @property
     def changes_channel(self) -> str:
@@ -139,9 +154,8 @@ class RedisRecords:
         return reachable(self.where)
 
     def new_output(self, task_id: str, file_max_bytes: int) -> RedisLog:
-        return RedisLog(
-            self.redis, self._key("out", task_id), self._key("outmeta", task_id), file_max_bytes, self.where
-        )
+        stream, meta = self._key("out", task_id), self._key("outmeta", task_id)
+        return RedisLog(self.redis, stream, meta, file_max_bytes, self.where, self.unwritten_logs)
 
     def load(self, task_id: str, spec_of: SpecOf) -> Task | None:
         with self._reachable():
@@ -259,6 +273,14 @@ class RedisRecords:
         )
 
 
+def call_timeout_s(lease_s: float) -> float:
+    """How long one Redis call may take. The client is synchronous (each call holds the event loop), so a
+    stalled Redis must fail a call well inside a lease: a heartbeat stuck longer would let this process be
+    taken for dead. One retry, at once, on a fresh connection, covers a connection Redis closed while idle
+    (redis-py's default retries with backoff, holding the loop for seconds while Redis refuses)."""
+    return max(0.5, min(5.0, lease_s / 3))
+
+
 @contextmanager
 def reachable(where: str) -> Iterator[None]:
     """Redis not answering, as the error a caller can act on (naming redis_url, its password masked)."""
@@ -268,7 +290,84 @@ def reachable(where: str) -> Iterator[None]:
         raise StoreUnreachableError(where, type(exc).__name__) from exc
 
 
-class RedisStore(RedisRecords):
+class RedisLeases(RedisRecords):
+    """Leases in Redis: each process's key expires unless renewed; a process whose key lapsed is dead, and
+    one live process claims each of its unfinished tasks (one atomic script each)."""
+
+    instance: str
+    lease_s: float
+    _claim: Script
+    _steady_since: float | None
+    """Since when Redis has answered this process's heartbeats without a failure (None: failing now)."""
+
+    def _renew(self, now: float) -> None:
+        try:
+            with self._reachable():
+                self.redis.set(self._key("instance", self.instance), "1", px=int(self.lease_s * 1000))
+        except StoreUnreachableError:
+            self._steady_since = None
+            raise
+        if self._steady_since is None:
+            self._steady_since = now
+
+    def trusts_leases(self, now: float) -> bool:
+        """After an outage every lease may have lapsed, live processes' too: nobody is taken for dead until
+        this process has had Redis for a whole lease again, by when every live one has renewed its own."""
+        return self._steady_since is not None and now - self._steady_since >= self.lease_s
+
+    def workers_alive(self, now: float) -> bool:
+        """Whether any worker sent a heartbeat within the last lease (distributed mode's workers list)."""
+        return any(
+            json.loads(raw)["heartbeat_at"] >= now - self.lease_s for raw in self.redis.hvals(f"{self.ns}:workers")
+        )
+
+    def instance_alive(self, instance: str) -> bool:
+        return bool(self.redis.exists(self._key("instance", instance)))
+
+    def claim_orphans(self, now: float, spec_of: SpecOf) -> list[Task]:
+        """Takes over the unfinished tasks of processes whose lease lapsed, each with one atomic script,
+        so of several live processes exactly one settles each task."""
+        if not self.trusts_leases(now):
+            return []
+        ids = sorted(_text(i) for i in self.redis.smembers(f"{self.ns}:unfinished"))
+        alive: dict[str, bool] = {}
+        claimed: list[Task] = []
+        for task_id, record in zip(ids, self._records(ids, ("instance", "status")) if ids else [], strict=True):
+            if record is None:
+                self.redis.srem(f"{self.ns}:unfinished", task_id)
+                continue
+            task = self._claim_if_dead(task_id, record, alive, spec_of)
+            if task is not None:
+                claimed.append(task)
+        return claimed
+
+    def claim_if_orphan(self, task_id: str, spec_of: SpecOf, now: float) -> Task | None:
+        """The one task, claimed, if the process holding it is dead (a redelivered job's check)."""
+        if not self.trusts_leases(now):
+            return None  # the lease loop settles it once leases can be trusted again, if it is dead
+        record = self._records([task_id], ("instance", "status"))[0]
+        return None if record is None else self._claim_if_dead(task_id, record, {}, spec_of)
+
+    def _claim_if_dead(
+        self, task_id: str, record: dict[str, Any], alive: dict[str, bool], spec_of: SpecOf
+    ) -> Task | None:
+        holder = record["instance"]
+        if holder in (self.instance, HANDED_TO_QUEUE) or record["status"] not in UNFINISHED:
+            return None
+        if holder not in alive:
+            alive[holder] = self.instance_alive(holder)
+        if alive[holder]:
+            return None
+        if not self._claim(keys=[self._key("task", task_id)], args=[json.dumps(holder), json.dumps(self.instance)]):
+            return None
+        task = self.load(task_id, spec_of)
+        if task is not None:
+            worker = self.redis.get(self._key("fence", task_id))  # a worker's name; a server's instance else
+            task.holder = _text(worker) if worker is not None else "#".join(str(holder).split("#")[:2])
+        return task
+
+
+class RedisStore(RedisLeases):
     def __init__(
         self, client: redis.Redis, url: str, root: Path, *, namespace: str = "offload", lease_s: float = 10.0
     ) -> None:
@@ -282,10 +381,10 @@ class RedisStore(RedisRecords):
         self._claim = client.register_script(_CLAIM)
         self._sweep_one = client.register_script(_SWEEP_ONE)
         self._fence = client.register_script(_FENCE)
-        self._record_outcome = client.register_script(_RECORD_OUTCOME)
         self._closed = False
-        self._steady_since: float | None = None
-        """Since when Redis has answered this process's heartbeats without a failure (None: failing now)."""
+        self._steady_since = None
+        self._changes = ChangeWriter(client, namespace, self.where)
+        self.unwritten_logs = set()
         self.hands_off = False
         """A front-end's store: every task it adds goes to a queue at once (`hand_off` folded into `add`)."""
 
@@ -301,7 +400,9 @@ class RedisStore(RedisRecords):
         for folder in (root, root / "output", root / "instances"):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         make_private(root)
-        client = redis.Redis.from_url(url, socket_connect_timeout=2.0, socket_timeout=10.0)
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=2.0, socket_timeout=call_timeout_s(lease_s), retry=Retry(NoBackoff(), 1)
+        )
         store = cls(client, url, root, namespace=namespace, lease_s=lease_s)
         at = time.time() if now is None else now
         store.heartbeat(at)
@@ -309,10 +410,15 @@ class RedisStore(RedisRecords):
         return store
 
     def close(self) -> None:
-        """Gives up this process's lease: its unfinished tasks become claimable at once. Idempotent."""
+        """Writes what is held (one more try), then gives up this process's lease: its unfinished tasks
+        become claimable at once. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if held := self.flush():
+            log.warning(
+                "closing with %d task records and logs Redis at %s did not take: they are lost", held, self.where
+            )
         try:
             self.redis.delete(self._key("instance", self.instance))
         except redis.exceptions.RedisError as exc:
@@ -380,23 +486,12 @@ class RedisStore(RedisRecords):
     def record_outcome(self, task: Task) -> bool:
         """False when another process settled the task first (this one was taken for dead: a Redis outage,
         a pause past its lease): the first outcome recorded stays, so a result never flips once read."""
-        expires: float | str = task.expires_at if task.status.finished and task.expires_at is not None else ""
-        cached: float | str = (task.finished_at or 0.0) if task.status is Status.COMPLETED and task.cache_key else ""
-        keys = [
-            self._key("task", task.id),
-            f"{self.ns}:unfinished",
-            f"{self.ns}:expiring",
-            self._key("cache", task.cache_key or ""),
-            self.changes_channel,
-            self._key("inflight", task.cache_key or ""),
-        ]
-        fields = [part for pair in _encode(_outcome(task)).items() for part in pair]
-        args = [task.id, expires, cached if expires != "" else "", *fields]
-        try:
-            return bool(self._record_outcome(keys=keys, args=args))
-        except redis.exceptions.RedisError as exc:
-            log.warning("could not record the outcome of task %s in Redis at %s: %s", task.id, self.where, exc)
-            return True
+        settled = None
+        if task.status.finished and task.expires_at is not None:
+            cache_key = task.cache_key if task.status is Status.COMPLETED else None
+            settled = Settled(task.expires_at, task.finished_at or 0.0, cache_key, task.cache_key)
+        outcome = _outcome(task, output_total=_known_total(task.output))
+        return self._changes.record(task.id, Change(outcome, (STATUS_CHANGED,), settled))
 
     def request_cancel(self, task_id: str) -> bool:
         """Flags the task cancelled for whoever runs it; True when nobody took it yet (the fence is now
@@ -429,83 +524,20 @@ class RedisStore(RedisRecords):
         return _decode(self.redis.hget(self._key("task", task_id), "cancel")) is True
 
     def _update(self, task_id: str, change: str, **values: Any) -> None:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(self._key("task", task_id), mapping=_encode(values))
-        pipe.publish(self.changes_channel, f"{task_id} {change}")
-        self._execute(pipe, task_id)
+        self._changes.record(task_id, Change(values, (change,)))
 
-    def _execute(self, pipe: Any, task_id: str) -> None:
-        """A change Redis cannot take now is logged: the task goes on (as the SQLite store holds it)."""
-        try:
-            pipe.execute()
-        except redis.exceptions.RedisError as exc:
-            log.warning("could not record a change of task %s in Redis at %s: %s", task_id, self.where, exc)
+    def flush(self) -> int:
+        """Writes what Redis could not take: held output first (so whoever sees a task's outcome finds all of
+        its output), then each task's held changes in one transaction; stops at the first that fails (Redis
+        is still away). Returns how many logs and task records still hold something."""
+        if all(output.flush() for output in list(self.unwritten_logs)):
+            self._changes.flush()
+        return len(self.unwritten_logs) + self._changes.held
 
     def heartbeat(self, now: float) -> None:
-        try:
-            with self._reachable():
-                self.redis.set(self._key("instance", self.instance), "1", px=int(self.lease_s * 1000))
-        except StoreUnreachableError:
-            self._steady_since = None
-            raise
-        if self._steady_since is None:
-            self._steady_since = now
-
-    def trusts_leases(self, now: float) -> bool:
-        """After an outage every lease may have lapsed, live processes' too: nobody is taken for dead until
-        this process has had Redis for a whole lease again, by when every live one has renewed its own."""
-        return self._steady_since is not None and now - self._steady_since >= self.lease_s
-
-    def workers_alive(self, now: float) -> bool:
-        """Whether any worker sent a heartbeat within the last lease (distributed mode's workers list)."""
-        return any(
-            json.loads(raw)["heartbeat_at"] >= now - self.lease_s for raw in self.redis.hvals(f"{self.ns}:workers")
-        )
-
-    def instance_alive(self, instance: str) -> bool:
-        return bool(self.redis.exists(self._key("instance", instance)))
-
-    def claim_orphans(self, now: float, spec_of: SpecOf) -> list[Task]:
-        """Takes over the unfinished tasks of processes whose lease lapsed, each with one atomic script,
-        so of several live processes exactly one settles each task."""
-        if not self.trusts_leases(now):
-            return []
-        ids = sorted(_text(i) for i in self.redis.smembers(f"{self.ns}:unfinished"))
-        alive: dict[str, bool] = {}
-        claimed: list[Task] = []
-        for task_id, record in zip(ids, self._records(ids, ("instance", "status")) if ids else [], strict=True):
-            if record is None:
-                self.redis.srem(f"{self.ns}:unfinished", task_id)
-                continue
-            task = self._claim_if_dead(task_id, record, alive, spec_of)
-            if task is not None:
-                claimed.append(task)
-        return claimed
-
-    def claim_if_orphan(self, task_id: str, spec_of: SpecOf, now: float) -> Task | None:
-        """The one task, claimed, if the process holding it is dead (a redelivered job's check)."""
-        if not self.trusts_leases(now):
-            return None  # the lease loop settles it once leases can be trusted again, if it is dead
-        record = self._records([task_id], ("instance", "status"))[0]
-        return None if record is None else self._claim_if_dead(task_id, record, {}, spec_of)
-
-    def _claim_if_dead(
-        self, task_id: str, record: dict[str, Any], alive: dict[str, bool], spec_of: SpecOf
-    ) -> Task | None:
-        holder = record["instance"]
-        if holder in (self.instance, HANDED_TO_QUEUE) or record["status"] not in UNFINISHED:
-            return None
-        if holder not in alive:
-            alive[holder] = self.instance_alive(holder)
-        if alive[holder]:
-            return None
-        if not self._claim(keys=[self._key("task", task_id)], args=[json.dumps(holder), json.dumps(self.instance)]):
-            return None
-        task = self.load(task_id, spec_of)
-        if task is not None:
-            worker = self.redis.get(self._key("fence", task_id))  # a worker's name; a server's instance else
-            task.holder = _text(worker) if worker is not None else "#".join(str(holder).split("#")[:2])
-        return task
+        """Writes what is held (`flush`), then renews this process's lease."""
+        self.flush()
+        self._renew(now)
 
     def checkpoint(self) -> None:
         """Nothing to do: Redis persists as its operator configured it."""
@@ -544,6 +576,114 @@ class RedisStore(RedisRecords):
                 path.unlink(missing_ok=True)
 
 
+class ChangeWriter:
+    """Writes task changes to Redis, each in one transaction; holds those Redis does not take, merged per
+    task in order, until the task's next change or `flush` gets them through."""
+
+    def __init__(self, client: redis.Redis, namespace: str, where: str) -> None:
+        self._redis = client
+        self._ns = namespace
+        self._where = where
+        self._channel = f"{namespace}:changes"
+        self._settle = client.register_script(_RECORD_OUTCOME)
+        self._unwritten: dict[str, Change] = {}
+        self._holding = False
+        """An outage is under way (warned about once): some change could not be written and is held."""
+
+    def __repr__(self) -> str:
+        return f"<ChangeWriter {self._where} ns={self._ns} held={self.held}>"
+
+    @property
+    def held(self) -> int:
+        """How many tasks have changes Redis has not taken yet."""
+        return len(self._unwritten)
+
+    def record(self, task_id: str, change: Change) -> bool:
+        """Never raises: a change Redis cannot take now is held, with what the task held before it, and
+        written whole later (the task goes on, as with the SQLite store's `update`). False only when Redis
+        refused an outcome: another process had settled the task first."""
+        held = self._unwritten.pop(task_id, None)
+        return self._write(task_id, change if held is None else held.then(change)) is not False
+
+    def _write(self, task_id: str, change: Change) -> bool | None:
+        """True: written; False: an outcome refused (the task was settled already); None: held."""
+        try:
+            written = self._send(task_id, change)  # a retry after a lost reply repeats it: idempotent
+        except redis.exceptions.RedisError as exc:
+            self._unwritten[task_id] = change
+            if not self._holding:
+                self._holding = True
+                log.warning(
+                    "Redis at %s does not answer (%s); holding task changes to write when it does", self._where, exc
+                )
+            return None
+        if self._holding and not self._unwritten:
+            self._holding = False
+            log.info("Redis at %s answers again: the task changes held meanwhile are written", self._where)
+        return written
+
+    def _send(self, task_id: str, change: Change) -> bool:
+        if (settled := change.settled) is None:
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(_key(self._ns, "task", task_id), mapping=_encode(change.fields))
+            for what in change.published:
+                pipe.publish(self._channel, f"{task_id} {what}")
+            pipe.execute()
+            return True
+        keys = [
+            _key(self._ns, "task", task_id),
+            f"{self._ns}:unfinished",
+            f"{self._ns}:expiring",
+            _key(self._ns, "cache", settled.cache_key or ""),
+            self._channel,
+            _key(self._ns, "inflight", settled.result_key or ""),
+        ]
+        fields = [part for pair in _encode(change.fields).items() for part in pair]
+        cached: float | str = settled.finished_at if settled.cache_key is not None else ""
+        return bool(self._settle(keys=keys, args=[task_id, settled.expires_at, cached, *fields]))
+
+    def flush(self) -> None:
+        """Writes the held changes, in the order they were held; stops at the first Redis does not take."""
+        for task_id in list(self._unwritten):
+            if not self._write(task_id, self._unwritten.pop(task_id)):
+                return
+
+
+def _key(namespace: str, kind: str, name: str) -> str:
+    return f"{namespace}:{kind}:{name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Where a finished task moves, in the transaction of its outcome: out of `unfinished`, into `expiring`
+    at `expires_at`, and (completed with a result key) into that key's zset at `finished_at`."""
+
+    expires_at: float
+    finished_at: float
+    cache_key: str | None
+    """The result key it is reused by (completed tasks only)."""
+    result_key: str | None = None
+    """The result key it held while running (what identical calls joined), freed now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change of a task record: fields (each JSON-encoded when written), what the change channel is
+    told, and, for a final outcome, where the task moves. Held changes merge in order (`then`)."""
+
+    fields: dict[str, Any]
+    published: tuple[str, ...]
+    settled: Settled | None = None
+
+    def then(self, later: Change) -> Change:
+        """This change followed by a later one: the later values win, each message is sent once."""
+        return Change(
+            {**self.fields, **later.fields},
+            tuple(dict.fromkeys((*self.published, *later.published))),
+            later.settled or self.settled,
+        )
+
+
 def _process_fields(task: Task) -> dict[str, Any]:
     process = task.process
     return {
@@ -554,16 +694,26 @@ def _process_fields(task: Task) -> dict[str, Any]:
     }
 
 
-def _outcome(task: Task, *, output_total: int | None = None) -> dict[str, Any]:
-    return {
+def _outcome(task: Task, *, output_total: int | None) -> dict[str, Any]:
+    """The outcome's fields; without `output_total` (None) the record keeps the total it has."""
+    outcome = {
         "status": task.status.value,
         "finished_at": task.finished_at,
         "expires_at": task.expires_at,
         "result": task.result,
         "error_kind": None if task.error is None else str(task.error.kind),
         "error_message": None if task.error is None else task.error.message,
-        "output_total": task.output.total_bytes if output_total is None else output_total,
     }
+    return outcome if output_total is None else {**outcome, "output_total": output_total}
+
+
+def _known_total(output: Output) -> int | None:
+    """How much output the task wrote, when that can be known now: a log this process writes knows; any
+    other asks Redis, and while Redis is away the outcome goes without it (recording it never raises)."""
+    try:
+        return output.total_bytes
+    except StoreUnreachableError:
+        return None
 
 
 def _encode(values: dict[str, Any]) -> dict[FieldT, FieldT]:
@@ -597,9 +747,26 @@ class RedisLog:
     Bounded like `OutputLog`: the first half of `file_max_bytes` is kept whole (the head), then only the
     most recent half (the ring: older ring entries are deleted as newer ones arrive). The one lost range is
     [head, ring_from), reported as `dropped`. The layout (total, ring_from, finished) is a hash written in
-    the same transaction as the entries, so a reader never counts a byte not yet stored."""
+    the same transaction as the entries, so a reader never counts a byte not yet stored.
 
-    def __init__(self, client: redis.Redis, stream: str, meta: str, file_max_bytes: int, where: str = "") -> None:
+    Across an outage: pieces Redis does not take are held here and written, in offset order and in one
+    transaction with the layout, by the store's next `flush` (every heartbeat) or at `finish`; meanwhile a
+    write only holds (a write that waited on a Redis that is away would stall the event loop each time).
+    What is held is bounded as the log is: the head, and the ring's worth of recent bytes (plus at most
+    the one piece that straddles the ring's start); pieces the ring moved past while held are never written,
+    they fall inside `dropped` as they would have been deleted anyway. A retry after an EXEC whose reply
+    was lost finds its entries there ("ID ... equal or smaller"): they count as stored. `finished` is set
+    only with the last held byte."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        stream: str,
+        meta: str,
+        file_max_bytes: int,
+        where: str = "",
+        unwritten: set[RedisLog] | None = None,
+    ) -> None:
         self._redis = client
         self._where = where
         self._stream = stream
@@ -608,8 +775,18 @@ class RedisLog:
         self._ring = file_max_bytes - self._head
         self._total = 0
         self._ring_entries: deque[tuple[int, int]] = deque()
-        self._lost_from: int | None = None
+        """(offset, length) of the ring entries in Redis, or sent to it unacknowledged, oldest first."""
+        self._sent: dict[int, bytes] = {}
+        """Pieces sent in a transaction that failed, by offset: they keep their id, so a retry can tell."""
+        self._fresh: list[tuple[int, bytearray]] = []
+        """Bytes never sent (written while waiting): at most a head piece and a ring piece, merged."""
+        self._deletes: list[int] = []
+        """Ring entries the ring moved past whose XDEL has not been acknowledged."""
+        self._unwritten: set[RedisLog] = set() if unwritten is None else unwritten
         self._writing = False
+        self._finishing = False
+        self._waiting = False
+        """A transaction failed: writes only hold until `flush` or `finish` gets one through."""
 
     def __repr__(self) -> str:
         return f"<RedisLog {self._stream}>"
@@ -622,24 +799,11 @@ class RedisLog:
         self._writing = True
         start, end = self._total, self._total + len(data)
         self._total = end
-        if self._lost_from is not None:
-            return
-        pipe = self._redis.pipeline(transaction=True)
         for offset, piece in self._pieces(start, data):
-            pipe.xadd(self._stream, {"d": piece}, id=f"{offset}-1")
-            if offset >= self._head:
-                self._ring_entries.append((offset, len(piece)))
-        while self._ring_entries and sum(self._ring_entries[0]) <= end - self._ring:
-            old, _ = self._ring_entries.popleft()
-            pipe.xdel(self._stream, f"{old}-1")
-        ring_from = self._ring_entries[0][0] if self._ring_entries else end
-        pipe.hset(self._meta, mapping={"head": self._head, "total": end, "ring_from": ring_from})
-        try:
-            pipe.execute()
-        except redis.exceptions.RedisError as exc:
-            self._lost_from = start
-            log.warning("output of %s stops being stored at byte %d: %s", self._stream, start, exc)
-            self._meta_write({"lost_from": start})
+            self._hold(offset, piece)
+        self._forget_before(end - self._ring)
+        if not self._waiting:
+            self._store()
 
     def _pieces(self, start: int, data: bytes) -> list[tuple[int, bytes]]:
         pieces: list[tuple[int, bytes]] = []
@@ -653,20 +817,91 @@ class RedisLog:
             pieces.append((start, data))
         return pieces
 
+    def _hold(self, offset: int, piece: bytes) -> None:
+        """A piece to send: merged into the last one never sent when it continues it on the same side."""
+        if self._fresh:
+            at, buffer = self._fresh[-1]
+            if at + len(buffer) == offset and (at < self._head) == (offset < self._head):
+                buffer += piece
+                return
+        self._fresh.append((offset, bytearray(piece)))
+
+    def _forget_before(self, floor: int) -> None:
+        """The ring keeps what ends past `floor`: older entries are deleted, held bytes before it dropped."""
+        while self._ring_entries and sum(self._ring_entries[0]) <= floor:
+            old, _ = self._ring_entries.popleft()
+            self._deletes.append(old)  # sent, maybe stored: deleted with the next transaction
+            self._sent.pop(old, None)
+        kept: list[tuple[int, bytearray]] = []
+        for at, buffer in self._fresh:
+            if self._head <= at < floor:  # never sent: trimmed to the ring's worth, no id to keep
+                if at + len(buffer) <= floor:
+                    continue
+                del buffer[: floor - at]
+                at = floor
+            kept.append((at, buffer))
+        self._fresh = kept
+
     def finish(self) -> None:
-        if self._writing:
-            self._meta_write({"head": self._head, "total": self._total, "finished": 1})
-        else:  # settled by a process that wrote none of it: only say no byte follows
-            self._meta_write({"finished": 1})
+        """No byte follows: marked so in the transaction that stores the last held byte (now, or at the
+        store's next `flush` if Redis is away)."""
+        self._finishing = True
+        self._store()
+
+    def flush(self) -> bool:
+        """Sends what is held (a `RedisStore.flush`); True once nothing is."""
+        return self._store()
 
     def close(self) -> None:
-        """Nothing held open: every write went to Redis."""
+        """Nothing held open: what Redis has not taken yet is the store's to flush."""
 
-    def _meta_write(self, values: dict[FieldT, FieldT]) -> None:
+    def _store(self) -> bool:
+        for at, buffer in self._fresh:
+            self._sent[at] = bytes(buffer)
+            if at >= self._head:
+                self._ring_entries.append((at, len(buffer)))
+        self._fresh.clear()
+        sent, deletes = list(self._sent.items()), list(self._deletes)
+        pipe = self._redis.pipeline(transaction=True)
+        for at, piece in sent:
+            pipe.xadd(self._stream, {"d": piece}, id=f"{at}-1")
+        if deletes:
+            pipe.xdel(self._stream, *(f"{at}-1" for at in deletes))
+        layout: dict[FieldT, FieldT] = {}
+        if self._writing:
+            ring_from = self._ring_entries[0][0] if self._ring_entries else self._total
+            layout = {"head": self._head, "total": self._total, "ring_from": ring_from}
+        if self._finishing:  # a log settled by a process that wrote none of it only says no byte follows
+            layout["finished"] = 1
+        if layout:
+            pipe.hset(self._meta, mapping=layout)
         try:
-            self._redis.hset(self._meta, mapping=values)
+            replies = pipe.execute(raise_on_error=False)
         except redis.exceptions.RedisError as exc:
-            log.warning("could not update the output layout of %s: %s", self._stream, exc)
+            self._wait(exc)
+            return False
+        for (at, _), reply in zip(sent, replies, strict=False):
+            if isinstance(reply, Exception) and not _already_stored(reply):
+                log.warning("Redis refused the output of %s at byte %d: %s", self._stream, at, reply)
+        self._sent.clear()
+        del self._deletes[: len(deletes)]
+        self._unwritten.discard(self)
+        if self._waiting:
+            self._waiting = False
+            log.info("output of %s: what was held while Redis was away is stored", self._stream)
+        return True
+
+    def _wait(self, exc: redis.exceptions.RedisError) -> None:
+        self._unwritten.add(self)
+        if not self._waiting:
+            self._waiting = True
+            log.warning(
+                "output of %s is held from byte %d until Redis at %s answers: %s",
+                self._stream,
+                min(self._sent, default=self._total),
+                self._where,
+                exc,
+            )
 
     # ---- reading (any process) ----
 
@@ -684,7 +919,7 @@ class RedisLog:
             start = min(max(offset, 0), total)
             if gap is not None and gap[0] <= start < gap[1]:
                 start = gap[1]
-            limit = gap[0] if gap is not None and start < gap[0] else meta.get("lost_from", total)
+            limit = gap[0] if gap is not None and start < gap[0] else total
             end = min(start + max_bytes, limit)
             data, ring_from = self._bytes(start, end)
             if start >= meta["head"] and start < ring_from and start < total:
@@ -741,3 +976,8 @@ class RedisLog:
 
 def _gap(meta: dict[str, int]) -> tuple[int, int] | None:
     return (meta["head"], meta["ring_from"]) if meta["ring_from"] > meta["head"] else None
+
+
+def _already_stored(reply: Exception) -> bool:
+    """An XADD of an entry an earlier EXEC stored (its reply was lost): the stream is past its id."""
+    return isinstance(reply, redis.exceptions.ResponseError) and "equal or smaller" in str(reply)

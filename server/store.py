@@ -161,8 +161,7 @@ class Store(FileLogs):
         self.output_dir = root / "output"
         self.instance = instance
         self.lease_s = lease_s
-        self._unwritten: dict[str, tuple[bool, dict[str, Any]]] = {}
-        """Changes the database could not take yet, per task: (an outcome among them, the values)."""
+        self._unwritten: dict[str, tuple[bool, dict[str, Any]]] = {}  # per task: (an outcome among them, values)
         self._db = connection
         self._lock_fd = lock_fd
         self._closed = False
@@ -251,17 +250,13 @@ class Store(FileLogs):
         final, values = final or _final, {**held, **values}
         assignments = ", ".join(f"{name} = :{name}" for name in values)
         unfinished = " AND status IN ('queued', 'running')" if final else ""
+        sql = f"UPDATE tasks SET {assignments} WHERE id = :id{unfinished}"  # noqa: S608 - our column names
         try:
-            cursor = self._db.execute(
-                f"UPDATE tasks SET {assignments} WHERE id = :id{unfinished}",  # noqa: S608 - our column names
-                {**values, "id": task_id},
-            )
+            cursor = self._db.execute(sql, {**values, "id": task_id})
         except sqlite3.OperationalError as exc:
             self._unwritten[task_id] = (final, values)
             log.warning(
-                "the task database cannot be written (%s); holding %d task changes to write later",
-                exc,
-                len(self._unwritten),
+                "the task database cannot be written (%s); holding changes of %d tasks", exc, len(self._unwritten)
             )
             return True
         return cursor.rowcount == 1
@@ -295,11 +290,11 @@ class Store(FileLogs):
         return [_summary(row) for row in self._db.execute(query, [*params, limit])]
 
     def reusable(self, cache_key: str, now: float) -> str | None:
-        """The newest completed, unexpired task with this result key; else one still running (any server's),
-        to join."""
+        """The newest completed, unexpired task with this result key; else a running one (any server's) to join."""
         found = self._db.execute(
             "SELECT id FROM tasks WHERE cache_key = ? AND (status IN ('queued', 'running') "
-            "OR (status = 'completed' AND expires_at > ?)) ORDER BY status = 'completed' DESC, created_at DESC LIMIT 1",
+            "OR (status = 'completed' AND expires_at > ?)) "
+            "ORDER BY status = 'completed' DESC, finished_at DESC, created_at DESC LIMIT 1",
             (cache_key, now),
         ).fetchone()
         return None if found is None else str(found[0])
@@ -338,11 +333,11 @@ class Store(FileLogs):
         for row in rows:
             if row["instance"] not in dead:
                 dead[row["instance"]] = self._instance_is_dead(row["instance"], now)
-        claimed = [row for row in rows if dead[row["instance"]] and self._claim(row["id"], row["instance"])]
-        tasks = [_task(row, self.output_path(row["id"]), spec_of(row["tool"])) for row in claimed]
-        for task, row in zip(tasks, claimed, strict=True):
-            task.holder = names.get(row["instance"])
-        return tasks
+        return [
+            _task(row, self.output_path(row["id"]), spec_of(row["tool"]), names.get(row["instance"]))
+            for row in rows
+            if dead[row["instance"]] and self._claim(row["id"], row["instance"])
+        ]
 
     def _claim(self, task_id: str, from_instance: str) -> bool:
         cursor = self._db.execute(
@@ -450,7 +445,7 @@ def _outcome(task: Task) -> dict[str, Any]:
     }
 
 
-def _task(row: Row, output_path: Path, spec: ToolSpec | None) -> Task:
+def _task(row: Row, output_path: Path, spec: ToolSpec | None, holder: str | None = None) -> Task:
     if row["output_inline"] is not None and not output_path.exists():
         _write_inline(output_path, row["output_inline"])  # a small output Offload 0.1 kept in its row
     error = (
@@ -478,6 +473,7 @@ def _task(row: Row, output_path: Path, spec: ToolSpec | None) -> Task:
         watcher=_process(row["watcher_pid"], row["watcher_ticks"], row["boot_id"]),
         detached=bool(row["detached"]),
         local=False,
+        holder=holder,
     )
 
 

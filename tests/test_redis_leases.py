@@ -177,3 +177,18 @@ async def test_an_outage_longer_than_the_lease_kills_nothing_and_every_command_e
     for target in ("w0", "w1"):
         assert (folder / f"ran-{target}").read_text() == "ran\n"  # and never run twice
     assert b"another server had already settled it" not in b"".join(n.log for n in nodes)
+
+
+def test_a_stalled_redis_fails_a_call_well_inside_a_lease_and_a_refusing_one_at_once(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The client is synchronous: a call held past a lease would let this process be taken for dead, and
+    redis-py's default retries with backoff hold the event loop for seconds while Redis refuses."""
+    store = RedisStore.open(redis_server.url, tmp_path / "s", namespace=f"t{secrets.token_hex(6)}", lease_s=6.0)
+    try:
+        options = store.redis.connection_pool.connection_kwargs
+        assert options["socket_timeout"] <= 6.0 / 3 and options["socket_connect_timeout"] <= 6.0 / 3
+        retry = store.redis.get_retry()
+        assert retry is not None and retry.get_retries() == 1
+    finally:
+        store.close()

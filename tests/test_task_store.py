@@ -135,14 +135,17 @@ async def test_summaries_are_the_owners_own_unexpired_tasks_newest_first(store: 
     assert store.count_by_status("alice", NOW + 20) == {"completed": 1, "failed": 1, "queued": 3}
 
 
-async def test_only_a_completed_unexpired_task_offers_its_result_for_reuse(store: TaskStore) -> None:
-    failed, older, newer = (new_task(store, cache_key="same") for _ in range(3))
+async def test_a_completed_unexpired_task_is_reused_else_a_running_one_is_joined_never_a_failed_one(
+    store: TaskStore,
+) -> None:
+    failed, older, newer = (new_task(store, cache_key="same", created_at=NOW + i / 10) for i in range(3))
     for task in (failed, older, newer):
         store.add(task)
-    assert store.reusable("same", NOW) is None  # none finished yet
+    assert store.reusable("same", NOW) == newer.id  # none finished yet: the newest running one, to join
     finish(store, failed, Status.FAILED, NOW + 1, error=TaskError(kind=ErrorKind.EXCEPTION, message="x"))
-    assert store.reusable("same", NOW + 2) is None
+    assert store.reusable("same", NOW + 2) == newer.id
     finish(store, older, Status.COMPLETED, NOW + 2)
+    assert store.reusable("same", NOW + 2) == older.id  # a result at once beats joining a running one
     finish(store, newer, Status.COMPLETED, NOW + 3)
     assert store.reusable("same", NOW + 4) == newer.id
     assert store.reusable("same", NOW + 1000) is None  # both expired
