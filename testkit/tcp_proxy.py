@@ -3,6 +3,7 @@ it (connections reset, new ones refused) while Redis itself, and every key's TTL
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from types import TracebackType
@@ -87,8 +88,6 @@ class TcpProxy:
 
 
 def _close(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()
