@@ -36,6 +36,7 @@ from redis.typing import FieldT
 
 from server.errors import StoreUnreachableError
 from server.output import Chunk, cut_to_boundary, first_character, is_continuation
+from server.process_table import ProcessTable
 from server.redact import mask_url
 from server.store import Expired, SpecOf, make_private
 from server.tasks import Status, Task, TaskError, TaskSummary, error_kind, iso
@@ -266,6 +267,9 @@ class RedisStore(RedisRecords):
         self._closed = False
         self.hands_off = False
         """A front-end's store: every task it adds goes to a queue at once (`hand_off` folded into `add`)."""
+        self.process_table: ProcessTable | None = None
+        """A worker's local table of the commands it runs (`server/process_table.py`): each process it
+        records goes there too, first, and leaves when its task ends, for crash cleanup on this machine."""
 
     def __repr__(self) -> str:
         return f"<RedisStore {self.where} ns={self.ns} instance={self.instance}>"
@@ -337,6 +341,8 @@ class RedisStore(RedisRecords):
         self._update(task.id, STATUS_CHANGED, status=task.status.value, started_at=task.started_at)
 
     def record_process(self, task: Task) -> None:
+        if self.process_table is not None and task.process is not None:
+            self.process_table.add(task.id, task.process)  # on this machine's disk before anywhere else
         self._update(task.id, DETAIL_CHANGED, **_process_fields(task))
 
     def record_watcher(self, task: Task) -> None:
@@ -361,6 +367,8 @@ class RedisStore(RedisRecords):
                 pipe.zadd(self._key("cache", task.cache_key), {task.id: task.finished_at or 0.0})
         pipe.publish(self.changes_channel, f"{task.id} {STATUS_CHANGED}")
         self._execute(pipe, task.id)
+        if self.process_table is not None and task.status.finished:
+            self.process_table.remove(task.id)
 
     def request_cancel(self, task_id: str) -> bool:
         """Flags the task cancelled for whoever runs it; True when nobody took it yet (the fence is now
@@ -408,6 +416,12 @@ class RedisStore(RedisRecords):
     def heartbeat(self, now: float) -> None:
         with self._reachable():
             self.redis.set(self._key("instance", self.instance), "1", px=int(self.lease_s * 1000))
+
+    def end_lease(self, instance: str) -> None:
+        """The lease of a process known dead (a worker on this machine whose lock is free) ends now, not
+        lease_s after its last heartbeat: its unfinished tasks become claimable at once."""
+        with self._reachable():
+            self.redis.delete(self._key("instance", instance))
 
     def instance_alive(self, instance: str) -> bool:
         return bool(self.redis.exists(self._key("instance", instance)))
