@@ -12,6 +12,15 @@
 - Cancel from any front-end: a flag and a message on the cancel channel; the worker running the task stops
   it (TERM the group, grace, KILL) and writes the final status. A task no worker took yet is fenced by the
   canceller and settled there.
+- A worker that dies: any live worker settles its tasks once its lease lapses (`claim_orphans` in the lease
+  loop, or `_take_over` on a redelivery), killing what is left only when the process identity matches,
+  that is on the same machine. So each worker also keeps a process table in its data directory
+  (`server/process_table.py`: a row per command it runs, an flock for its life). A worker starting on that
+  data directory, and every live one there in its loop, finds the rows of dead instances, ends their
+  leases at once (their unfinished tasks are then settled here, through the same lease logic), and ends
+  what their commands left running, identity checked and by task marker, even when a worker on another
+  machine settled the task first. What a dead worker left runs on until a worker runs again on its data
+  directory.
 """
 
 from __future__ import annotations
@@ -35,7 +44,10 @@ from anyio.abc import TaskGroup
 from docket import Docket, Worker
 
 from server.config import Settings
+from server.errors import StoreUnreachableError
 from server.executor import Executor
+from server.process_table import end_left_behind
+from server.recovery import recover
 from server.redis_store import CANCEL_FENCE, STATUS_CHANGED, RedisStore
 from server.runner import REPLY_HOPS, Lifecycle, cancel_error
 from server.tasks import ErrorKind, Status, Task, TaskError
@@ -214,6 +226,7 @@ class WorkerEngine:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._follow_cancels, name="offload worker cancels")
                 tg.start_soon(self._advertise, name="offload worker heartbeat")
+                tg.start_soon(self._tend_left_behind_forever, name="offload worker process table")
                 for queue in self.queues:
                     tg.start_soon(self._work, queue, name=f"offload worker queue {queue}")
         finally:
@@ -287,6 +300,37 @@ class WorkerEngine:
             f"not run again ({what})"
         )
         self.executor.settle(task, Status.FAILED, TaskError(kind=ErrorKind.INTERRUPTED, message=message), None)
+
+    async def end_left_behind(self) -> int:
+        """Ends what workers that died on this data directory left running (their process table rows): each
+        one's lease in Redis ends at once (its lock says it died), so the lease logic claims and settles its
+        unfinished tasks here, killing what it can reach; then whatever of their commands still runs is
+        ended, the tasks another machine settled included. Returns how many commands this path ended."""
+        table = self.store.process_table
+        left = [] if table is None else table.left_behind()
+        if table is None or not left:
+            return 0
+        try:
+            for instance in {row.instance for row in left}:
+                self.store.end_lease(instance)
+            await recover(self.executor)
+        except (StoreUnreachableError, redis.exceptions.RedisError) as exc:  # what runs here is ended anyway
+            log.warning("could not settle the tasks of dead workers in Redis at %s now: %s", self.store.where, exc)
+        ended = await end_left_behind(left, self.settings.kill_grace_s)
+        table.forget(left)
+        return ended
+
+    async def tend_left_behind(self) -> None:
+        """`end_left_behind`, never raising: at start, and every lease_s / 3 while `serve` runs."""
+        try:
+            await self.end_left_behind()
+        except Exception:
+            log.exception("ending what dead workers on this data directory left failed; will try again")
+
+    async def _tend_left_behind_forever(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.lease_s / 3)
+            await self.tend_left_behind()
 
     async def _work(self, queue: str) -> None:
         async with Docket(name=docket_name(self.settings.redis_namespace, queue), url=self._url) as docket:

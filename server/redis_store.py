@@ -53,6 +53,7 @@ from redis.typing import FieldT
 
 from server.errors import StoreUnreachableError
 from server.output import Chunk, Output, cut_to_boundary, first_character, is_continuation
+from server.process_table import ProcessTable
 from server.redact import mask_url
 from server.store import Expired, SpecOf, make_private
 from server.tasks import Status, Task, TaskError, TaskSummary, error_kind, iso
@@ -321,6 +322,12 @@ class RedisLeases(RedisRecords):
             json.loads(raw)["heartbeat_at"] >= now - self.lease_s for raw in self.redis.hvals(f"{self.ns}:workers")
         )
 
+    def end_lease(self, instance: str) -> None:
+        """The lease of a process known dead (a worker on this machine whose lock is free) ends now, not
+        lease_s after its last heartbeat: its unfinished tasks become claimable at once."""
+        with self._reachable():
+            self.redis.delete(self._key("instance", instance))
+
     def instance_alive(self, instance: str) -> bool:
         return bool(self.redis.exists(self._key("instance", instance)))
 
@@ -387,6 +394,9 @@ class RedisStore(RedisLeases):
         self.unwritten_logs = set()
         self.hands_off = False
         """A front-end's store: every task it adds goes to a queue at once (`hand_off` folded into `add`)."""
+        self.process_table: ProcessTable | None = None
+        """A worker's local table of the commands it runs (`server/process_table.py`): each process it
+        records goes there too, first, and leaves when its task ends, for crash cleanup on this machine."""
 
     def __repr__(self) -> str:
         return f"<RedisStore {self.where} ns={self.ns} instance={self.instance}>"
@@ -469,6 +479,8 @@ class RedisStore(RedisLeases):
         self._update(task.id, STATUS_CHANGED, status=task.status.value, started_at=task.started_at)
 
     def record_process(self, task: Task) -> None:
+        if self.process_table is not None and task.process is not None:
+            self.process_table.add(task.id, task.process)  # on this machine's disk before anywhere else
         self._update(task.id, DETAIL_CHANGED, **_process_fields(task))
 
     def record_watcher(self, task: Task) -> None:
@@ -491,6 +503,8 @@ class RedisStore(RedisLeases):
             cache_key = task.cache_key if task.status is Status.COMPLETED else None
             settled = Settled(task.expires_at, task.finished_at or 0.0, cache_key, task.cache_key)
         outcome = _outcome(task, output_total=_known_total(task.output))
+        if self.process_table is not None and task.status.finished:
+            self.process_table.remove(task.id)  # its command ended here, whoever settled it
         return self._changes.record(task.id, Change(outcome, (STATUS_CHANGED,), settled))
 
     def request_cancel(self, task_id: str) -> bool:

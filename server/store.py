@@ -178,8 +178,8 @@ class Store(FileLogs):
             (root / sub).mkdir(parents=True, exist_ok=True)
         make_private(root)
         instance = secrets.token_hex(8)
-        lock_fd = _hold_lock(root / "instances" / f"{instance}.lock")
-        store = cls(root, _connect(root / DB_NAME), instance, lock_fd, lease_s)
+        lock_fd = hold_lock(root / "instances" / f"{instance}.lock")
+        store = cls(root, connect(root / DB_NAME, _migrate), instance, lock_fd, lease_s)
         at = time.time() if now is None else now
         try:
             store.heartbeat(at)
@@ -354,7 +354,7 @@ class Store(FileLogs):
             if stale:
                 self._db.execute("DELETE FROM instances WHERE id = ?", (instance,))
             return stale
-        dead = _lock_is_free(self.root / "instances" / f"{instance}.lock")
+        dead = lock_is_free(self.root / "instances" / f"{instance}.lock")
         if dead:
             self._db.execute("DELETE FROM instances WHERE id = ?", (instance,))
         return dead
@@ -535,8 +535,8 @@ def _require_writable(root: Path) -> None:
         ) from exc
 
 
-def _lock_is_free(path: Path) -> bool:
-    """Free means its server is gone: a live one holds it for as long as it runs."""
+def lock_is_free(path: Path) -> bool:
+    """Free means its holder (a server, a worker's process table) is gone: a live one holds it as long as it runs."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -558,25 +558,28 @@ def _remove_task_files(log_path: Path, exit_path: Path) -> None:
             path.unlink()
 
 
-def _hold_lock(path: Path) -> int:
+def hold_lock(path: Path) -> int:
+    """An instance's liveness signal on this machine: an flock the kernel drops when the process dies."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.write(fd, str(os.getpid()).encode())
     return fd
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, prepare: Callable[[sqlite3.Connection], sqlite3.Connection]) -> sqlite3.Connection:
+    """A database of the data directory (WAL, checked), made ready by `prepare` (its schema); one that is
+    unreadable is moved aside and a fresh one started, with a log line."""
     try:
-        return _migrate(_open_db(path))
+        return prepare(_open_db(path))
     except sqlite3.DatabaseError as exc:
         aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
         log.error(  # noqa: TRY400 - the line says all an operator needs; no traceback
-            "the task database %s is unreadable (%s); moved it to %s and started a fresh one", path, exc, aside
+            "the database %s is unreadable (%s); moved it to %s and started a fresh one", path, exc, aside
         )
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 Path(f"{path}{suffix}").rename(f"{aside}{suffix}")
-        return _migrate(_open_db(path))
+        return prepare(_open_db(path))
 
 
 def _open_db(path: Path) -> sqlite3.Connection:

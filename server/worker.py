@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from server import __version__
 from server.config import Settings
 from server.distributed import DEFAULT_QUEUE, WorkerEngine, worker_name
 from server.errors import ConfigError
+from server.process_table import ProcessTable
 from server.redis_store import RedisStore
 from server.runtime import Runtime
 from server.signals import stop_on_signal
@@ -47,13 +49,19 @@ async def worker_beside(settings: Settings, queues: list[str] | None) -> AsyncIt
 
 
 async def serve_worker(settings: Settings, queues: list[str]) -> None:
-    """Runs until SIGTERM/SIGINT, then stops its tasks (TERM, grace, KILL) and writes their outcome."""
+    """Runs until SIGTERM/SIGINT, then stops its tasks (TERM, grace, KILL) and writes their outcome. First
+    it ends what dead workers on its data directory left running (their rows in its process table)."""
     if settings.redis_url is None:
         raise ConfigError("offload-mcp worker needs redis_url: pass --redis-url or set OFFLOAD_REDIS_URL")
-    async with Runtime.open(settings, role="worker") as runtime, anyio.create_task_group() as tg:
-        store = runtime.executor.store
-        assert isinstance(store, RedisStore)
-        engine = WorkerEngine(runtime.executor, store, settings, queues, worker_name())
-        tg.start_soon(stop_on_signal, tg.cancel_scope.cancel)
-        log.info("offload-mcp %s worker %s on queues %s (Redis at %s)", __version__, engine.name, queues, store.where)
-        await engine.serve()
+    with contextlib.ExitStack() as held:  # the table outlives the Runtime: shutdown's outcomes remove rows
+        async with Runtime.open(settings, role="worker") as runtime, anyio.create_task_group() as tg:
+            store = runtime.executor.store
+            assert isinstance(store, RedisStore)
+            store.process_table = held.enter_context(ProcessTable.open(store.root, store.instance))
+            engine = WorkerEngine(runtime.executor, store, settings, queues, worker_name())
+            tg.start_soon(stop_on_signal, tg.cancel_scope.cancel)
+            await engine.tend_left_behind()  # before it says it is up, and before it takes any task
+            log.info(
+                "offload-mcp %s worker %s on queues %s (Redis at %s)", __version__, engine.name, queues, store.where
+            )
+            await engine.serve()

@@ -53,9 +53,10 @@ async def start_node(
     *flags: str,
     lease_s: float = 2.0,
     config: Path | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Node:
-    """Starts a front-end or a worker and returns once it says it is up; its log is read on (drained)
-    for as long as it runs."""
+    """Starts a front-end or a worker (its data directory `tmp_path/name`) and returns once it says it is
+    up; its log is read on (drained) for as long as it runs. `extra_env` adds to its environment."""
     argv = ["worker", *flags] if role == "worker" else ["--transport", "http", "--port", "0", *flags]
     env = {
         **server_env(tmp_path, tmp_path / name),
@@ -65,6 +66,7 @@ async def start_node(
         "OFFLOAD_LOG_LEVEL": "INFO",
         "OFFLOAD_REDIS_NAMESPACE": tmp_path.name[-60:],  # one Redis per test session; each test its own keys
         **({} if config is None else {"OFFLOAD_CONFIG": str(config)}),
+        **(extra_env or {}),
     }
     process = await anyio.open_process(
         [sys.executable, "-m", "server", *argv],
