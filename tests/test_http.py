@@ -26,6 +26,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from server.app import build_server
 from server.auth import Credentials, check_bind
+from server.cache import Clock
 from server.config import LOCAL_OWNER, Settings
 from server.errors import ConfigError
 from server.runtime import Runtime
@@ -46,12 +47,14 @@ PING = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
 
 @asynccontextmanager
 async def web_server(
-    gate: Gate, transport: str, environ: dict[str, str] | None = None, **settings: Any
+    gate: Gate, transport: str, environ: dict[str, str] | None = None, clock: Clock | None = None, **settings: Any
 ) -> AsyncIterator[str]:
-    """A real Offload HTTP server in this process (so `gate` steers its tasks); yields the endpoint URL."""
+    """A real Offload HTTP server in this process (so `gate` steers its tasks); yields the endpoint URL. Its
+    clock is a FakeClock unless given one (a real one where other processes share its records)."""
     config = Settings(transport=transport, kill_grace_s=0.5, **settings)  # type: ignore[arg-type]
     credentials = Credentials.load(config, environ or {})
-    async with Runtime.open(config, extra_tools=gate.specs(), clock=FakeClock(), load_plugins=False) as runtime:
+    clock = FakeClock() if clock is None else clock
+    async with Runtime.open(config, extra_tools=gate.specs(), clock=clock, load_plugins=False) as runtime:
         app = web_app(build_server(runtime), config, credentials)
         async with serve(app, lifespan="on") as (base, _):
             yield base + PATHS[transport]

@@ -1,0 +1,111 @@
+"""Distributed mode behind every face a client may use: an SSE front-end, and the tasks extension
+(`fastmcp-tasks` as the client) on a streamable HTTP one, with the tasks run by a worker on a real Redis.
+The front-end and the worker run in this process (the worker with the test's gate tool, so the test steers
+its tasks); they share nothing but Redis."""
+
+from __future__ import annotations
+
+import gc
+import secrets
+import time
+import warnings
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import Gate, call
+from fastmcp import Client as FastMCPClient
+from fastmcp_tasks.client import call_tool_task
+from test_http import connect, web_server
+
+from server.config import Settings
+from server.distributed import WorkerEngine
+from server.redis_store import RedisStore
+from server.runtime import Runtime
+from testkit.redis_server import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def worker(gate: Gate, settings: Settings) -> AsyncIterator[WorkerEngine]:
+    async with (
+        Runtime.open(settings, role="worker", extra_tools=gate.specs(), load_plugins=False) as runtime,
+        anyio.create_task_group() as tg,
+    ):
+        store = runtime.executor.store
+        assert isinstance(store, RedisStore)
+        engine = WorkerEngine(runtime.executor, store, settings, ["any"], f"w-{secrets.token_hex(3)}")
+        tg.start_soon(engine.serve)
+        yield engine
+        tg.cancel_scope.cancel()
+    with warnings.catch_warnings():  # a cancelled Docket worker leaves its Redis connections to the collector
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+@asynccontextmanager
+async def distributed(
+    gate: Gate, redis_server: RedisServer, tmp_path: Path, transport: str, **extra: Any
+) -> AsyncIterator[str]:
+    shared: dict[str, Any] = {
+        "redis_url": redis_server.url,
+        "redis_namespace": f"t{secrets.token_hex(6)}",
+        "lease_s": 2.0,
+    }
+    worker_settings = Settings(data_dir=tmp_path / "worker", kill_grace_s=0.5, **shared)
+    async with (
+        worker(gate, worker_settings),
+        web_server(gate, transport, clock=time.time, data_dir=tmp_path / "front", **shared, **extra) as url,
+    ):
+        yield url
+
+
+async def test_an_sse_front_end_fires_collects_and_cancels_tasks_a_worker_runs(
+    gate: Gate, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with distributed(gate, redis_server, tmp_path, "sse") as url, connect(url) as client:
+        fired = await call(client, "fire_tool", tool="test.gate", arguments={"key": "sse"})
+        await gate.wait_entered("sse")  # the worker runs it
+        gate.release("sse")
+        polled = await call(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=10)
+        assert polled["done"], (polled, await call(client, "get_cached_output", task_id=fired["task_id"]))
+        done = polled["done"][0]
+        assert (done["status"], done["result"]) == ("completed", {"key": "sse", "call": 1})
+        assert done["output"]["text"] == "gate sse opened\n"
+
+        sleeping = await call(client, "fire_tool", tool="shell", arguments={"command": "sleep 300"})
+        cancelled = await call(client, "cancel_task", task_id=sleeping["task_id"])
+        if cancelled["status"] != "cancelled":  # the worker confirms; the front-end then reports it
+            polled = await call(client, "poll_output", task_ids=[sleeping["task_id"]], timeout_s=10)
+            cancelled = polled["done"][0]
+        assert cancelled["status"] == "cancelled" and cancelled["error"]["kind"] == "cancelled_by_client"
+
+
+async def test_the_tasks_extension_on_a_distributed_front_end_follows_a_worker_run_task(
+    gate: Gate, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with (
+        distributed(gate, redis_server, tmp_path, "http", expose=("test.*", "shell")) as url,
+        FastMCPClient(url) as aware,
+        connect(url) as plain,
+    ):
+        handle = await call_tool_task(aware, "test.gate", {"key": "ext"})
+        await gate.wait_entered("ext")
+        assert (await handle.status()).status == "working"
+        view = await call(plain, "get_cached_output", task_id=handle.task_id)  # one task system
+        assert view["status"] == "running"
+        gate.release("ext")
+        result = await handle.result()
+        assert result.structured_content is not None
+        assert result.structured_content["result"] == {"key": "ext", "call": 1}
+
+        sleeping = await call_tool_task(aware, "shell", {"command": "sleep 300"})
+        await sleeping.cancel()
+        final = await sleeping.wait(timeout=15)
+        assert final.status == "cancelled", final
+        view = await call(plain, "get_cached_output", task_id=sleeping.task_id)
+        assert view["status"] == "cancelled" and view["error"]["kind"] == "cancelled_by_client"
