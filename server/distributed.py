@@ -100,7 +100,6 @@ class DocketRunner:
         return f"<DocketRunner {self._store.where} queues={sorted(self._dockets)}>"
 
     def run(self, task: Task, handler: Handler) -> None:
-        self._store.hand_off(task)  # from now on the queue holds it: this process's death does not settle it
         self._tg.start_soon(self._enqueue, task, name=f"offload queue {task.id}")
 
     def cancel(self, task: Task) -> None:
@@ -119,6 +118,7 @@ class DocketRunner:
         try:
             docket = await self._docket(queue)
             await docket.add(offload_run, key=task.id)(task.id)
+            self._store.hand_off(task)  # the queue holds it now: this front-end's death no longer settles it
         except (redis.exceptions.RedisError, OSError) as exc:
             message = (
                 f"could not queue the task on {queue!r}: Redis at redis_url={self._store.where} failed "

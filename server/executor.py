@@ -297,8 +297,9 @@ class Executor:
         self._start(task, task.spec.handler)
 
     async def shutdown(self) -> None:
-        """Cancels every task (process groups TERM, then KILL) and waits, bounded, for them."""
-        active = list(self._active.values())
+        """Cancels every task (process groups TERM, then KILL) and waits, bounded, for them. A distributed
+        front-end's tasks run on workers: they go on, and any front-end collects them."""
+        active = list(self._active.values()) if self.runs_here else []
         for task in active:
             task.handle.cancel_reason = ErrorKind.SHUTDOWN
             task.handle.scope.cancel()

@@ -392,8 +392,6 @@ class RedisStore(RedisLeases):
         self._steady_since = None
         self._changes = ChangeWriter(client, namespace, self.where)
         self.unwritten_logs = set()
-        self.hands_off = False
-        """A front-end's store: every task it adds goes to a queue at once (`hand_off` folded into `add`)."""
         self.process_table: ProcessTable | None = None
         """A worker's local table of the commands it runs (`server/process_table.py`): each process it
         records goes there too, first, and leaves when its task ends, for crash cleanup on this machine."""
@@ -448,7 +446,7 @@ class RedisStore(RedisLeases):
             "owner": task.owner,
             "tool": task.tool,
             "arguments": "{}" if task.arguments is None else task.arguments.model_dump_json(by_alias=True),
-            "instance": HANDED_TO_QUEUE if self.hands_off else self.instance,
+            "instance": self.instance,  # until a queue holds it (`hand_off`): this process's death settles it
             "created_at": task.created_at,
             "started_at": task.started_at,
             "ttl_s": task.ttl_s,
@@ -469,11 +467,15 @@ class RedisStore(RedisLeases):
             pipe.execute()
 
     def hand_off(self, task: Task) -> None:
-        """The task waits in a queue from now on: no process's death settles it until a worker takes it."""
-        if self.hands_off:
-            return  # `add` recorded it so
-        with self._reachable():  # not a change anyone waits on: nothing published
-            self.redis.hset(self._key("task", task.id), "instance", json.dumps(HANDED_TO_QUEUE))
+        """The task's job is in its queue: from now on no process's death settles it until a worker takes it.
+        Only while this process still holds it: a worker that took it already keeps it (its death settles
+        it); a failure is only logged (this process holds it on, so its death settles it)."""
+        try:
+            self._claim(
+                keys=[self._key("task", task.id)], args=[json.dumps(self.instance), json.dumps(HANDED_TO_QUEUE)]
+            )
+        except redis.exceptions.RedisError as exc:
+            log.warning("could not mark task %s queued in Redis at %s: %s", task.id, self.where, exc)
 
     def record_running(self, task: Task) -> None:
         self._update(task.id, STATUS_CHANGED, status=task.status.value, started_at=task.started_at)

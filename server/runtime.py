@@ -344,7 +344,6 @@ def _runner_factory(store: TaskStore, settings: Settings, tg: TaskGroup, role: s
     """A distributed front-end's tasks run on workers (`DocketRunner`); everywhere else, here."""
     if not isinstance(store, RedisStore) or role != "serve":
         return None
-    store.hands_off = True  # every task it adds goes to a queue at once
 
     def make_runner(lifecycle: Lifecycle) -> DocketRunner:
         return DocketRunner(tg, settings, store, lifecycle)

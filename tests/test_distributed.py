@@ -49,9 +49,10 @@ async def until_running(client: Client, command: str, **fire: Any) -> tuple[dict
     folder = Path(tempfile.mkdtemp(prefix="offload-dist-"))
     fifo = folder / "ready"
     os.mkfifo(fifo)
+    os.mkfifo(folder / "gate")  # for a command that waits for the test: `read line < $GATE`
     fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        arguments = {"command": command.replace("$READY", str(fifo))}
+        arguments = {"command": command.replace("$READY", str(fifo)).replace("$GATE", str(folder / "gate"))}
         fired = await tool(client, "fire_tool", tool="shell", arguments=arguments, **fire)
         with anyio.fail_after(20):
             await anyio.wait_readable(fd)
@@ -162,6 +163,21 @@ async def test_kill_9_a_front_end_then_a_worker_nothing_is_lost_or_run_twice(nod
     assert settled["status"] == "failed" and settled["error"]["kind"] == "interrupted", settled
     assert side.read_text() == "ran\n"
     assert live_group_members(pgid) == []  # the surviving worker killed what the dead one left
+
+
+async def test_a_front_end_stopped_with_sigterm_leaves_its_tasks_running_for_the_others(nodes: list[Node]) -> None:
+    front_ends = [n for n in nodes if n.role == "front-end"]
+    async with connect(front_ends[0].url) as one:
+        fired, folder = await until_running(one, "echo ready > $READY; read line < $GATE; echo got $line")
+    front_ends[0].process.terminate()
+    with anyio.fail_after(5):  # its tasks run on workers: nothing of its own to stop and wait for
+        await front_ends[0].process.wait()
+    with open(folder / "gate", "w") as gate:  # the command's read is waiting: no block
+        gate.write("on\n")
+    async with connect(front_ends[1].url) as two:
+        polled = await tool(two, "poll_output", task_ids=[fired["task_id"]], timeout_s=20)
+    assert polled["done"][0]["status"] == "completed", polled
+    assert polled["done"][0]["output"]["text"] == "got on\n"
 
 
 async def test_with_every_worker_dead_a_front_end_settles_their_tasks_naming_the_worker(

@@ -192,3 +192,30 @@ def test_a_stalled_redis_fails_a_call_well_inside_a_lease_and_a_refusing_one_at_
         assert retry is not None and retry.get_retries() == 1
     finally:
         store.close()
+
+
+async def test_a_task_is_its_front_ends_until_queued_and_a_worker_that_took_it_keeps_it(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A front-end killed between recording a task and queueing its job leaves no task queued forever: until
+    `hand_off` the task is the front-end's, settled when it dies. And a hand-off that comes after a worker
+    took the task never takes it from that worker (whose death must settle it)."""
+    namespace = f"t{secrets.token_hex(6)}"
+
+    def store(name: str) -> RedisStore:
+        return RedisStore.open(redis_server.url, tmp_path / name, namespace=namespace, lease_s=LEASE_S)
+
+    front, worker, survivor = store("front"), store("worker"), store("survivor")
+    try:
+        never_queued, taken = _task(front), _task(front)
+        front.add(never_queued)
+        front.add(taken)
+        assert worker.take_fence(taken.id, "w-test") == ("ok", "")
+        front.hand_off(taken)  # late: the worker holds it
+        front.close()  # killed before queueing `never_queued`
+        claimed = survivor.claim_orphans(time.time(), _spec_of)
+        assert [t.id for t in claimed] == [never_queued.id]
+        worker.close()
+        assert [t.id for t in survivor.claim_orphans(time.time(), _spec_of)] == [taken.id]
+    finally:
+        survivor.close()
