@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE = "any"
 RECONNECT_S = 1.0
+STOP_S = 5.0
+"""How long a stopping worker's Docket workers have to stop their way before they are cancelled."""
 WORKER_SEEN_LEASES = 3
 """A worker not heard from for this many leases is no longer listed in offload://workers."""
 
@@ -95,18 +97,37 @@ class DocketRunner:
         self._lifecycle = lifecycle
         self._dockets: dict[str, Docket] = {}
         self._ready: dict[str, anyio.Event] = {}
+        self._queueing: set[str] = set()
+        self._all_queued = anyio.Event()
+        self._all_queued.set()
 
     def __repr__(self) -> str:
         return f"<DocketRunner {self._store.where} queues={sorted(self._dockets)}>"
 
     def run(self, task: Task, handler: Handler) -> None:
+        if not self._queueing:
+            self._all_queued = anyio.Event()
+        self._queueing.add(task.id)
         self._tg.start_soon(self._enqueue, task, name=f"offload queue {task.id}")
 
     def cancel(self, task: Task) -> None:
         if self._store.request_cancel(task.id):  # no worker had taken it: it never starts; settled here
             self._lifecycle.finish(task, Status.CANCELLED, cancel_error(task))
 
+    async def drain(self) -> None:
+        """Returns once every task fired here is in its queue (or failed to get there): a front-end that
+        stops never drops a task whose fire it answered."""
+        await self._all_queued.wait()
+
     async def _enqueue(self, task: Task) -> None:
+        try:
+            await self._queue(task)
+        finally:
+            self._queueing.discard(task.id)
+            if not self._queueing:
+                self._all_queued.set()
+
+    async def _queue(self, task: Task) -> None:
         for _ in range(REPLY_HOPS):  # the reply to fire leaves first, as with a local run
             await anyio.lowlevel.checkpoint()
         queue = task.queue or DEFAULT_QUEUE
@@ -139,12 +160,17 @@ class DocketRunner:
         return docket
 
     async def _hold_docket(self, queue: str, ready: anyio.Event) -> None:
-        """Keeps the queue's Docket open for as long as the Runtime lives (opened on first use)."""
+        """Keeps the queue's Docket open for as long as the Runtime lives (opened on first use); then closes
+        it shielded, within STOP_S (cancelled mid-close, it would leave its connections behind)."""
         try:
-            async with Docket(name=docket_name(self._namespace, queue), url=self._url) as docket:
+            docket = await Docket(name=docket_name(self._namespace, queue), url=self._url).__aenter__()
+            try:
                 self._dockets[queue] = docket
                 ready.set()
                 await anyio.sleep_forever()
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_S):
+                    await docket.__aexit__(None, None, None)
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("could not open queue %r in Redis at %s: %s", queue, self._store.where, exc)
         finally:
@@ -214,6 +240,7 @@ class WorkerEngine:
         self.name = name
         self.running = 0
         self.ran = 0
+        self._stopping = anyio.Event()
         self._url = settings.redis_url
 
     def __repr__(self) -> str:
@@ -229,6 +256,10 @@ class WorkerEngine:
                 tg.start_soon(self._tend_left_behind_forever, name="offload worker process table")
                 for queue in self.queues:
                     tg.start_soon(self._work, queue, name=f"offload worker queue {queue}")
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    self._stopping.set()  # the Docket workers stop their way, not cancelled mid-write
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(redis.exceptions.RedisError):
                 await anyio.to_thread.run_sync(self.store.redis.hdel, f"{self.store.ns}:workers", self.name)
@@ -265,7 +296,9 @@ class WorkerEngine:
             self.executor.run_here(task)
             if self.store.cancel_requested(task.id):  # cancelled between the fence and here
                 self.stop(task.id)
-            await task.handle.released.wait()
+            async with anyio.create_task_group() as tg:  # a stopping worker's shutdown ends and records it
+                for event in (task.handle.released, self._stopping):
+                    tg.start_soon(_cancel_on, event, tg.cancel_scope)
         finally:
             self.running -= 1
             self.ran += 1
@@ -333,16 +366,25 @@ class WorkerEngine:
             await self.tend_left_behind()
 
     async def _work(self, queue: str) -> None:
-        async with Docket(name=docket_name(self.settings.redis_namespace, queue), url=self._url) as docket:
-            docket.register(offload_run)
-            async with Worker(
-                docket,
-                name=f"{self.name}/{queue}",
-                concurrency=self.settings.max_concurrency,
-                redelivery_timeout=timedelta(seconds=self.settings.lease_s),
-                schedule_automatic_tasks=False,
-            ) as worker:
-                await worker.run_forever()
+        """A Docket worker on the queue. Shielded: once the engine stops, it stops the way Docket stops a
+        worker (its jobs return, its connections close), within STOP_S, never cancelled mid-write."""
+        with anyio.CancelScope(shield=True) as scope:
+            async with (
+                Docket(name=docket_name(self.settings.redis_namespace, queue), url=self._url) as docket,
+                anyio.create_task_group() as tg,
+            ):
+                docket.register(offload_run)
+                async with Worker(
+                    docket,
+                    name=f"{self.name}/{queue}",
+                    concurrency=self.settings.max_concurrency,
+                    redelivery_timeout=timedelta(seconds=self.settings.lease_s),
+                    schedule_automatic_tasks=False,
+                ) as worker:
+                    tg.start_soon(worker.run_forever)
+                    await anyio.lowlevel.checkpoint()  # it starts (and clears its stop flag) before any stop
+                    await self._stopping.wait()
+                    scope.deadline = anyio.current_time() + STOP_S
 
     async def _follow_cancels(self) -> None:
         while True:
@@ -375,6 +417,11 @@ class WorkerEngine:
             except redis.exceptions.RedisError as exc:
                 log.warning("could not send this worker's heartbeat to Redis at %s: %s", self.store.where, exc)
             await anyio.sleep(self.settings.lease_s / 3)
+
+
+async def _cancel_on(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def worker_name() -> str:

@@ -297,13 +297,13 @@ class Executor:
         self._start(task, task.spec.handler)
 
     async def shutdown(self) -> None:
-        """Cancels every task (process groups TERM, then KILL) and waits, bounded, for them. A distributed
-        front-end's tasks run on workers: they go on, and any front-end collects them."""
+        """Cancels the tasks run here (TERM, grace, KILL), waits for them; a front-end's go on (queued first)."""
         active = list(self._active.values()) if self.runs_here else []
         for task in active:
             task.handle.cancel_reason = ErrorKind.SHUTDOWN
             task.handle.scope.cancel()
         with anyio.move_on_after(self.settings.shutdown_timeout_s):
+            await self._runner.drain()
             for task in active:
                 await task.handle.released.wait()
 

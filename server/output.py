@@ -304,33 +304,52 @@ def _read_once(fd: int, layout: Layout, offset: int, max_bytes: int) -> tuple[Ch
     if gap is not None and gap[0] <= start < gap[1]:
         start = gap[1]
     limit = gap[0] if gap is not None and start < gap[0] else total
-    data = _whole_characters(fd, layout, start, min(start + max_bytes, limit))
+    end = min(start + max_bytes, limit)
+    floor = gap[1] if gap is not None and start >= gap[1] else 0
+    lo = max(start - 3, floor)
+    raw = _pread_fd(fd, layout, lo, max(end, min(start + 3, limit)))
+    start += character_start(raw[: start - lo], raw[start - lo :], known_before=start == 0 or start > floor)
+    data = raw[start - lo : end - lo]
+    if end < layout.total_bytes or not layout.finished:
+        data = cut_to_boundary(data)
     if not data and start < limit:  # a character wider than the read, or cut by the dropped range
         window = _pread_fd(fd, layout, start, min(start + 4, limit))
-        data = first_character(window, live=limit == total and not layout.finished)
+        data = first_character(
+            window, live=limit == total and not layout.finished, cut=gap is not None and limit == gap[0]
+        )
     next_offset = start + len(data)
-    if gap is not None and next_offset == gap[0]:
-        next_offset = gap[1]  # the next read continues after the gap
+    if gap is not None and (next_offset == gap[0] or (not data and start < limit == gap[0])):
+        next_offset = gap[1]  # the next read continues after the gap (with what it cut of a character)
     return Chunk(data, start, next_offset, total, gap), start
 
 
-def _whole_characters(fd: int, layout: Layout, start: int, end: int) -> bytes:
-    """Bytes [start, end), less a character split at the end (unless the log is finished there)."""
-    data = _pread_fd(fd, layout, start, end)
-    if end < layout.total_bytes or not layout.finished:
-        data = cut_to_boundary(data)
-    return data
+def character_start(before: bytes, after: bytes, *, known_before: bool) -> int:
+    """How far a read moves its start to begin on a character: past the rest of a character begun in
+    `before` (the up to 3 bytes just before the start), or, where those are unknown (just past a dropped
+    range), past any continuation bytes (at most 3). 0 on a character's first byte, and in bytes that are
+    not UTF-8 (binary output reads as it is)."""
+    rest = 3 if not known_before else 0
+    for back in range(1, len(before) + 1 if known_before else 0):
+        byte = before[-back]
+        if not is_continuation(byte):
+            rest = max(_width(byte) - back, 0) if 0xC2 <= byte <= 0xF4 else 0  # a lead byte of UTF-8
+            break
+    skip = 0
+    while skip < min(rest, len(after)) and is_continuation(after[skip]):
+        skip += 1
+    return skip
 
 
-def first_character(data: bytes, *, live: bool) -> bytes:
+def first_character(data: bytes, *, live: bool, cut: bool = False) -> bytes:
     """The first character of `data` whole; a byte that starts no valid character goes alone (so a
-    read always moves on), and at the live end an incomplete one waits for its last bytes."""
+    read always moves on). An incomplete one waits for its last bytes at the live end (b""), and where
+    the dropped range `cut` it, goes with that range (b"": the read moves on past the gap)."""
     if not data:
         return b""
     width = _width(data[0])
     if width <= len(data) and all(is_continuation(b) for b in data[1:width]):
         return data[:width]
-    if live and len(data) < width and all(is_continuation(b) for b in data[1:]):
+    if (live or cut) and len(data) < width and all(is_continuation(b) for b in data[1:]):
         return b""
     return data[:1]
 

@@ -52,7 +52,7 @@ from redis.retry import Retry
 from redis.typing import FieldT
 
 from server.errors import StoreUnreachableError
-from server.output import Chunk, Output, cut_to_boundary, first_character, is_continuation
+from server.output import Chunk, Output, character_start, cut_to_boundary, first_character, is_continuation
 from server.process_table import ProcessTable
 from server.redact import mask_url
 from server.store import Expired, SpecOf, make_private
@@ -937,17 +937,23 @@ class RedisLog:
                 start = gap[1]
             limit = gap[0] if gap is not None and start < gap[0] else total
             end = min(start + max_bytes, limit)
-            data, ring_from = self._bytes(start, end)
-            if start >= meta["head"] and start < ring_from and start < total:
+            floor = gap[1] if gap is not None and start >= gap[1] else 0
+            lo = max(start - 3, floor)
+            raw, ring_from = self._bytes(lo, max(end, min(start + 3, limit)))
+            if meta["head"] <= lo < ring_from and lo < total:
                 continue  # the ring moved past what we were reading: read again
+            known = start == 0 or start > floor
+            start += character_start(raw[: start - lo], raw[start - lo :], known_before=known)
+            data = raw[start - lo : end - lo]
             if end < total or not meta["finished"]:
                 data = cut_to_boundary(data)
             if not data and start < limit:
                 window, _ = self._bytes(start, min(start + 4, limit))
-                data = first_character(window, live=limit == total and not meta["finished"])
+                cut = gap is not None and limit == gap[0]
+                data = first_character(window, live=limit == total and not meta["finished"], cut=cut)
             next_offset = start + len(data)
-            if gap is not None and next_offset == gap[0]:
-                next_offset = gap[1]
+            if gap is not None and (next_offset == gap[0] or (not data and start < limit == gap[0])):
+                next_offset = gap[1]  # the next read continues after the gap (with what it cut of a character)
             return Chunk(data, start, next_offset, total, gap)
         return Chunk(b"", offset, offset, self.total_bytes, None)
 

@@ -52,6 +52,9 @@ class Runner(Protocol):
         """Asks whatever runs the task to stop it (TERM the group, grace, KILL); returns at once. The
         final status is written by whoever runs it (or here, when nothing had started it)."""
 
+    async def drain(self) -> None:
+        """Returns once every task `run` was given is in the hands of what runs it (at shutdown)."""
+
 
 class LocalRunner:
     reaches_everywhere = False
@@ -63,6 +66,9 @@ class LocalRunner:
         self._limiter = anyio.CapacityLimiter(settings.max_concurrency)
         self._tool_limiters = _tool_limiters(registry, settings)
         self._owner_limiters: dict[str, anyio.CapacityLimiter | None] = {}
+
+    async def drain(self) -> None:
+        """Nothing to hand over: this process runs its tasks (shutdown stops them)."""
 
     def run(self, task: Task, handler: Handler) -> None:
         self._tg.start_soon(self._run, task, handler, name=f"offload task {task.tool} {task.id}")

@@ -5,10 +5,8 @@ its tasks); they share nothing but Redis."""
 
 from __future__ import annotations
 
-import gc
 import secrets
 import time
-import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -42,9 +40,6 @@ async def worker(gate: Gate, settings: Settings) -> AsyncIterator[WorkerEngine]:
         tg.start_soon(engine.serve)
         yield engine
         tg.cancel_scope.cancel()
-    with warnings.catch_warnings():  # a cancelled Docket worker leaves its Redis connections to the collector
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
 
 
 @asynccontextmanager

@@ -57,12 +57,19 @@ class Engine(RuleBasedStateMachine):
         super().__init__()
         self.stack = ExitStack()
         self.folder = Path(tempfile.mkdtemp(prefix="offload-model-"))
-        self.settings = Settings(kill_grace_s=0.2, data_dir=self.folder / "data")
+        self.settings = self._settings()
         self.clock = FakeClock()
         self.portal = self.stack.enter_context(anyio.from_thread.start_blocking_portal())
+        self._start_others()
         self.primary = self._open()
         self.peer = self.stack.enter_context(self._manager())
         self.model: dict[str, Expected] = {}
+
+    def _settings(self) -> Settings:
+        return Settings(kill_grace_s=0.2, data_dir=self.folder / "data")
+
+    def _start_others(self) -> None:
+        """What runs beside the servers (a variant's worker), stopped after them and before the portal."""
 
     def _manager(self) -> AbstractContextManager[Runtime]:
         return self.portal.wrap_async_context_manager(Runtime.open(self.settings, clock=self.clock, load_plugins=False))
