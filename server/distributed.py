@@ -287,7 +287,7 @@ class WorkerEngine:
             error = TaskError(kind=ErrorKind.INVALID_ARGUMENTS, message=message)
             self.executor.settle(task, Status.FAILED, error, None)
             return False
-        task.output = self.store.new_output(task.id, self.settings.output_file_max_bytes)
+        task.output = self.store.new_output(task.id, self.settings.output_file_max_bytes, writing=True)
         return True
 
     async def _run_prepared(self, task: Task) -> None:

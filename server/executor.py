@@ -81,7 +81,7 @@ class Executor:
         self.settings = settings
         self.store = store
         self.changes = Changes()
-        self._clock = clock
+        self.clock = clock
         self._active = ActiveTasks()
         self._copy_turns = anyio.CapacityLimiter(COPY_TURNS)
         self._admission = Admission(registry, settings)
@@ -140,7 +140,7 @@ class Executor:
             id=task_id,
             tool=admitted.spec.name,
             owner=admitted.owner,
-            created_at=self._clock(),
+            created_at=self.clock(),
             ttl_s=admitted.ttl_s,
             output=self.store.new_output(task_id, self.settings.output_file_max_bytes),
             spec=admitted.spec,
@@ -161,11 +161,17 @@ class Executor:
         task.handle.queued.set()  # waiters learn it is queued
         self.changes.publish(task)  # subscribers hear "queued behind a full limit"
 
-    def running(self, task: Task) -> None:
+    def running(self, task: Task) -> bool:
+        """False when another process settled the task while it waited here (it took this one for dead):
+        then it never starts, and ends here as it was settled."""
         task.status = Status.RUNNING
-        task.started_at = task.started_at or self._clock()
-        self.store.record_running(task)
+        task.started_at = task.started_at or self.clock()
+        if not self.store.record_running(task):
+            self._lookup.take_stored_outcome(task)
+            self._end(task)
+            return False
         self.changes.publish(task)
+        return True
 
     def context(self, task: Task) -> ToolContext:
         return context_for(task, self.store, self.settings, self._copy_turns)
@@ -175,15 +181,15 @@ class Executor:
         if isinstance(task.output, OutputWriter):
             task.output.finish()
         task.status, task.error, task.result = status, error, result
-        task.finished_at = self._clock()
+        task.finished_at = self.clock()
         if not self.store.record_outcome(task):  # another process settled it first: that outcome stands
             self._lookup.take_stored_outcome(task)
-        self.release(task)
-        if task.process is not None:
-            tend_orphans(self._active)  # what its command left outside the group, marked or not
-        self._announce_end(task)
+        self._end(task)
 
-    def _announce_end(self, task: Task) -> None:
+    def _end(self, task: Task, *, tend: bool = True) -> None:
+        self.release(task)
+        if tend and task.process is not None and self.runs_here:
+            tend_orphans(self._active)  # what its command left outside the group, marked or not
         self._reuse.finished(task)
         task.handle.done.set()
         self._announce(task)
@@ -208,7 +214,7 @@ class Executor:
         if not following:
             task.time_left_s = None
         elif task.timeout_s is not None and task.started_at is not None:
-            task.time_left_s = max(task.timeout_s - (self._clock() - task.started_at), 0.0)
+            task.time_left_s = max(task.timeout_s - (self.clock() - task.started_at), 0.0)
         self._start(task, handler)
 
     def settle(self, task: Task, status: Status, error: TaskError | None, result: JSON | None) -> None:
@@ -223,13 +229,6 @@ class Executor:
     def get(self, owner: str, task_id: str) -> Task:
         """The caller's task; another owner's task reads exactly like an unknown id."""
         return self._lookup.get(owner, task_id)
-
-    def now(self) -> float:
-        return self._clock()
-
-    @property
-    def active_count(self) -> int:
-        return len(self._active)
 
     def active_tasks(self) -> list[Task]:
         return list(self._active.values())
@@ -288,8 +287,7 @@ class Executor:
             self._announce(task)
             return
         task.error, task.result, task.finished_at = stored.error, stored.result, stored.finished_at
-        self.release(task)
-        self._announce_end(task)
+        self._end(task, tend=False)  # run elsewhere: nothing of it is this process's to tend
 
     def run_here(self, task: Task) -> None:
         assert task.spec is not None  # a worker runs a queued task with its own limits and bookkeeping
@@ -310,7 +308,7 @@ class Executor:
     async def sweep(self) -> int:
         """Expires old results in both tiers and deletes their files (in a worker thread); returns how many."""
         self._reuse.hot.expire()
-        expired = self.store.sweep(self._clock(), self.settings.tombstones_max)
+        expired = self.store.sweep(self.clock(), self.settings.tombstones_max)
         if expired:
             await anyio.to_thread.run_sync(self.store.remove_files, expired)
         return len(expired)

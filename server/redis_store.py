@@ -114,6 +114,16 @@ return 1
 """
 """The first outcome recorded stays: a later one (from a process taken for dead) is refused."""
 
+_RECORD_CHANGE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= '"queued"' and status ~= '"running"' then return 0 end
+local n = tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, n + 2))
+for i = 2, n + 1 do redis.call('PUBLISH', KEYS[2], ARGV[i]) end
+return 1
+"""
+"""Any other change of a record, the same way: a settled task's record no longer changes."""
+
 _FENCE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'gone', ''} end
 local status = cjson.decode(redis.call('HGET', KEYS[1], 'status'))
@@ -154,9 +164,10 @@ class RedisRecords:
     def _reachable(self) -> AbstractContextManager[None]:
         return reachable(self.where)
 
-    def new_output(self, task_id: str, file_max_bytes: int) -> RedisLog:
+    def new_output(self, task_id: str, file_max_bytes: int, *, writing: bool = False) -> RedisLog:
+        """The task's log; `writing`: this process runs the task and writes it (a worker)."""
         stream, meta = self._key("out", task_id), self._key("outmeta", task_id)
-        return RedisLog(self.redis, stream, meta, file_max_bytes, self.where, self.unwritten_logs)
+        return RedisLog(self.redis, stream, meta, file_max_bytes, self.where, self.unwritten_logs, writing=writing)
 
     def load(self, task_id: str, spec_of: SpecOf) -> Task | None:
         with self._reachable():
@@ -477,8 +488,9 @@ class RedisStore(RedisLeases):
         except redis.exceptions.RedisError as exc:
             log.warning("could not mark task %s queued in Redis at %s: %s", task.id, self.where, exc)
 
-    def record_running(self, task: Task) -> None:
-        self._update(task.id, STATUS_CHANGED, status=task.status.value, started_at=task.started_at)
+    def record_running(self, task: Task) -> bool:
+        """False when another process settled the task first: it must not start then."""
+        return self._update(task.id, STATUS_CHANGED, status=task.status.value, started_at=task.started_at)
 
     def record_process(self, task: Task) -> None:
         if self.process_table is not None and task.process is not None:
@@ -534,13 +546,13 @@ class RedisStore(RedisLeases):
     def restart_output(self, task_id: str, file_max_bytes: int) -> RedisLog:
         """A task run again from the start: what the first run wrote is dropped, offsets start at 0."""
         self.redis.delete(self._key("out", task_id), self._key("outmeta", task_id))
-        return self.new_output(task_id, file_max_bytes)
+        return self.new_output(task_id, file_max_bytes, writing=True)
 
     def cancel_requested(self, task_id: str) -> bool:
         return _decode(self.redis.hget(self._key("task", task_id), "cancel")) is True
 
-    def _update(self, task_id: str, change: str, **values: Any) -> None:
-        self._changes.record(task_id, Change(values, (change,)))
+    def _update(self, task_id: str, change: str, **values: Any) -> bool:
+        return self._changes.record(task_id, Change(values, (change,)))
 
     def flush(self) -> int:
         """Writes what Redis could not take: held output first (so whoever sees a task's outcome finds all of
@@ -602,6 +614,7 @@ class ChangeWriter:
         self._where = where
         self._channel = f"{namespace}:changes"
         self._settle = client.register_script(_RECORD_OUTCOME)
+        self._change = client.register_script(_RECORD_CHANGE)
         self._unwritten: dict[str, Change] = {}
         self._holding = False
         """An outage is under way (warned about once): some change could not be written and is held."""
@@ -639,13 +652,11 @@ class ChangeWriter:
         return written
 
     def _send(self, task_id: str, change: Change) -> bool:
-        if (settled := change.settled) is None:
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.hset(_key(self._ns, "task", task_id), mapping=_encode(change.fields))
-            for what in change.published:
-                pipe.publish(self._channel, f"{task_id} {what}")
-            pipe.execute()
-            return True
+        fields = [part for pair in _encode(change.fields).items() for part in pair]
+        if (settled := change.settled) is None:  # written only while the task is unfinished, as an outcome is
+            published = [f"{task_id} {what}" for what in change.published]
+            keys = [_key(self._ns, "task", task_id), self._channel]
+            return bool(self._change(keys=keys, args=[len(published), *published, *fields]))
         keys = [
             _key(self._ns, "task", task_id),
             f"{self._ns}:unfinished",
@@ -654,7 +665,6 @@ class ChangeWriter:
             self._channel,
             _key(self._ns, "inflight", settled.result_key or ""),
         ]
-        fields = [part for pair in _encode(change.fields).items() for part in pair]
         cached: float | str = settled.finished_at if settled.cache_key is not None else ""
         return bool(self._settle(keys=keys, args=[task_id, settled.expires_at, cached, *fields]))
 
@@ -782,6 +792,8 @@ class RedisLog:
         file_max_bytes: int,
         where: str = "",
         unwritten: set[RedisLog] | None = None,
+        *,
+        writing: bool = False,
     ) -> None:
         self._redis = client
         self._where = where
@@ -799,7 +811,8 @@ class RedisLog:
         self._deletes: list[int] = []
         """Ring entries the ring moved past whose XDEL has not been acknowledged."""
         self._unwritten: set[RedisLog] = set() if unwritten is None else unwritten
-        self._writing = False
+        self._writing = writing
+        """This process writes the log (so knows its total without asking Redis, which may be away)."""
         self._finishing = False
         self._waiting = False
         """A transaction failed: writes only hold until `flush` or `finish` gets one through."""

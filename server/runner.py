@@ -29,11 +29,15 @@ REPLY_HOPS = 6
 session writer's, the HTTP response's) on its way to the socket."""
 
 
+class SettledElsewhere(Exception):
+    """The task was settled by another process while it waited here (this one was taken for dead)."""
+
+
 class Lifecycle(Protocol):
     """What the executor does at each step of a run (each call synchronous, committed at once)."""
 
     def queued(self, task: Task) -> None: ...
-    def running(self, task: Task) -> None: ...
+    def running(self, task: Task) -> bool: ...
     def finish(
         self, task: Task, status: Status, error: TaskError | None = None, result: JSON | None = None
     ) -> None: ...
@@ -77,6 +81,13 @@ class LocalRunner:
         task.handle.scope.cancel()
 
     async def _run(self, task: Task, handler: Handler) -> None:
+        try:
+            await self._run_and_record(task, handler)
+        except Exception:  # recording its end failed (the store away): this task ends, the server goes on
+            log.exception("task %s (%s): its end could not be recorded", task.id, task.tool)
+            self._lifecycle.release(task)
+
+    async def _run_and_record(self, task: Task, handler: Handler) -> None:
         # Let the reply to `fire` leave first: a process spawn ahead of it delays it.
         for _ in range(REPLY_HOPS):
             await anyio.lowlevel.checkpoint()
@@ -97,6 +108,8 @@ class LocalRunner:
         except LeftRunning as left:
             log.info("task %s left running on purpose: %s", task.id, left)
             lifecycle.release(task)
+        except SettledElsewhere:
+            log.warning("task %s was settled by another process while it waited here; it does not start", task.id)
         except Exception as exc:
             log.exception("task %s (%s) raised", task.id, task.tool)
             error = TaskError(kind=ErrorKind.EXCEPTION, message=f"{type(exc).__name__}: {exc}")
@@ -117,7 +130,8 @@ class LocalRunner:
             self._limiter,
             tool_limiter or contextlib.nullcontext(),
         ):
-            self._lifecycle.running(task)
+            if not self._lifecycle.running(task):
+                raise SettledElsewhere(task.id)
             with anyio.fail_after(task.time_left_s):
                 result = await handler(task.arguments, self._lifecycle.context(task))
             if not _is_json_object(result):  # a plugin's slip must fail its task, not the server

@@ -273,7 +273,7 @@ class Runtime:
         return task
 
     def list_tasks(self, *, status: Status | None, tool: str | None, limit: int, owner: str) -> TaskList:
-        return TaskList(tasks=self.executor.store.summaries(owner, self.executor.now(), status, tool, limit))
+        return TaskList(tasks=self.executor.store.summaries(owner, self.executor.clock(), status, tool, limit))
 
     def stats(self, *, owner: str) -> dict[str, Any]:
         """What `offload://stats` shows: the caller's own work; server-wide figures (all owners' work, the
@@ -281,7 +281,7 @@ class Runtime:
         executor = self.executor
         active = [t for t in executor.active_tasks() if t.owner == owner]
         mine: dict[str, Any] = {
-            "tasks_by_status": executor.store.count_by_status(owner, executor.now()),
+            "tasks_by_status": executor.store.count_by_status(owner, executor.clock()),
             "queue_depth": sum(t.status is Status.QUEUED for t in active),
             "running": sum(t.status is Status.RUNNING for t in active),
         }

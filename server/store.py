@@ -117,7 +117,7 @@ class TaskStore(Protocol):
     def exit_path(self, task_id: str) -> Path: ...
     def new_output(self, task_id: str, file_max_bytes: int) -> OutputWriter: ...
     def add(self, task: Task) -> None: ...
-    def record_running(self, task: Task) -> None: ...
+    def record_running(self, task: Task) -> bool: ...
     def record_process(self, task: Task) -> None: ...
     def record_watcher(self, task: Task) -> None: ...
     def record_outcome(self, task: Task) -> bool: ...
@@ -161,7 +161,7 @@ class Store(FileLogs):
         self.output_dir = root / "output"
         self.instance = instance
         self.lease_s = lease_s
-        self._unwritten: dict[str, tuple[bool, dict[str, Any]]] = {}  # per task: (an outcome among them, values)
+        self._unwritten: dict[str, dict[str, Any]] = {}
         self._db = connection
         self._lock_fd = lock_fd
         self._closed = False
@@ -216,45 +216,38 @@ class Store(FileLogs):
         except sqlite3.OperationalError as exc:
             raise StoreFullError(str(self.root), str(exc)) from exc
 
-    def record_running(self, task: Task) -> None:
-        self.update(task.id, status=task.status.value, started_at=task.started_at)
+    def record_running(self, task: Task) -> bool:
+        """False when another server settled the task first: it must not start then."""
+        return self.update(task.id, status=task.status.value, started_at=task.started_at)
 
     def record_process(self, task: Task) -> None:
         process = task.process
         assert process is not None
-        self.update(
-            task.id,
-            pid=process.pid,
-            start_ticks=process.start_ticks,
-            boot_id=process.boot_id,
-            detached=int(task.detached),
-        )
+        fields = {"pid": process.pid, "start_ticks": process.start_ticks, "boot_id": process.boot_id}
+        self.update(task.id, **fields, detached=int(task.detached))
 
     def record_watcher(self, task: Task) -> None:
         watcher = task.watcher
         assert watcher is not None
-        self.update(
-            task.id, watcher_pid=watcher.pid, watcher_ticks=watcher.start_ticks, boot_id=watcher.boot_id, detached=1
-        )
+        fields = {"watcher_pid": watcher.pid, "watcher_ticks": watcher.start_ticks, "boot_id": watcher.boot_id}
+        self.update(task.id, **fields, detached=1)
 
     def record_outcome(self, task: Task) -> bool:
         """False when another server settled the task first (this one was taken for dead): the first
         outcome recorded is the one every reader sees, so a result never flips after it was read."""
-        return self.update(task.id, _final=True, **_outcome(task))
+        return self.update(task.id, **_outcome(task))
 
-    def update(self, task_id: str, _final: bool = False, **values: Any) -> bool:
+    def update(self, task_id: str, **values: Any) -> bool:
         """Never raises: a change the database cannot take now (disk full, locked past the timeout) is
-        kept and written by `flush` later, so a full disk never takes the server or a task down. A
-        `_final` change (an outcome) is written only while the task is unfinished; False when it was not."""
-        final, held = self._unwritten.pop(task_id, (False, {}))
-        final, values = final or _final, {**held, **values}
+        kept and written by `flush` later, so a full disk never takes the server or a task down. Written
+        only while the task is unfinished (a settled record never changes); False when it was not."""
+        values = {**self._unwritten.pop(task_id, {}), **values}
         assignments = ", ".join(f"{name} = :{name}" for name in values)
-        unfinished = " AND status IN ('queued', 'running')" if final else ""
-        sql = f"UPDATE tasks SET {assignments} WHERE id = :id{unfinished}"  # noqa: S608 - our column names
+        sql = f"UPDATE tasks SET {assignments} WHERE id = :id AND status IN ('queued', 'running')"  # noqa: S608
         try:
             cursor = self._db.execute(sql, {**values, "id": task_id})
         except sqlite3.OperationalError as exc:
-            self._unwritten[task_id] = (final, values)
+            self._unwritten[task_id] = values
             log.warning(
                 "the task database cannot be written (%s); holding changes of %d tasks", exc, len(self._unwritten)
             )

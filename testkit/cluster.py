@@ -33,10 +33,22 @@ class Node:
         self.process = process
         self.found = found
         self.log = b""
+        self._grew = anyio.Event()
 
     @property
     def url(self) -> str:
         return self.found
+
+    async def wait_for_log(self, pattern: bytes, timeout_s: float = 20.0) -> None:
+        """Returns once the node's log (stderr) holds `pattern`: an event on each piece the drain reads."""
+        with anyio.fail_after(timeout_s):
+            while pattern not in self.log:
+                await self._grew.wait()
+
+    def grew(self, piece: bytes) -> None:
+        self.log += piece
+        self._grew.set()
+        self._grew = anyio.Event()
 
     async def kill_9(self) -> None:
         self.process.kill()
@@ -91,7 +103,7 @@ async def start_node(
 async def _drain(node: Node) -> None:
     assert node.process.stderr is not None
     async for piece in node.process.stderr:
-        node.log += piece
+        node.grew(piece)
 
 
 @asynccontextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 import threading
 import warnings
@@ -258,6 +259,44 @@ async def test_an_identical_get_on_the_other_front_end_joins_the_one_in_flight(n
         http.shutdown()
         http.server_close()
     assert hits == ["/slow"]
+
+
+async def test_a_task_settled_while_its_paused_worker_held_it_never_starts_there(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A worker paused past its lease holds A (running) and B (taken, waiting for a slot). A front-end
+    settles both `interrupted` and a client reads that. When the worker resumes, B must not start (it was
+    reported as never run) and neither outcome may flip."""
+    side = tmp_path / "side"
+    async with anyio.create_task_group() as tg:
+        flags = ("--queue", "any", "--queue", "q1", "--max-concurrency", "1")
+        worker = await start_node(tg, tmp_path, "worker", redis_server.url, "w0", *flags)
+        front_end = await start_node(tg, tmp_path, "front-end", redis_server.url, "f0")
+        try:
+            async with connect(front_end.url) as client:
+                a, folder = await until_running(client, f"echo A >> {side}; echo > $READY; read line < $GATE")
+                b = await tool(
+                    client, "fire_tool", tool="shell", arguments={"command": f"echo B >> {side}"}, target="q1"
+                )
+                await worker.wait_for_log(b"offload_run")  # Docket handed B to the worker: it waits for a slot
+                worker.process.send_signal(signal.SIGSTOP)
+                settled = await tool(client, "poll_output", task_ids=[a["task_id"], b["task_id"]], timeout_s=20)
+                assert settled["pending"] == [], settled
+                before = {v["task_id"]: (v["status"], v["error"]["kind"]) for v in settled["done"]}
+                assert set(before.values()) == {("failed", "interrupted")}, before
+                worker.process.send_signal(signal.SIGCONT)
+                with open(folder / "gate", "w") as gate:  # A's read waits: no block
+                    gate.write("go\n")
+                await worker.wait_for_log(b"it does not start")
+                after = await tool(client, "poll_output", task_ids=[a["task_id"], b["task_id"]], timeout_s=0)
+            assert {v["task_id"]: (v["status"], v["error"]["kind"]) for v in after["done"]} == before
+            assert side.read_text() == "A\n"  # B never ran
+        finally:
+            worker.process.send_signal(signal.SIGCONT)
+            await stop_nodes([worker, front_end])
+            tg.cancel_scope.cancel()
+            for node in (worker, front_end):
+                await node.process.aclose()
 
 
 def _runs(worker: Node, pgid: int) -> bool:

@@ -175,7 +175,7 @@ async def test_excess_work_is_queued_then_runs(clock: FakeClock, gate: Gate) -> 
         gate.release("3")
         third = await call(client, "fire_tool", tool="test.gate", arguments={"key": "3"}, wait_s=10)
         assert third["status"] == "completed"
-        assert runtime.executor.active_count == 0
+        assert runtime.executor.active_tasks() == []
 
 
 async def test_per_tool_limit_queues_only_that_tool(clock: FakeClock, gate: Gate) -> None:

@@ -26,7 +26,7 @@ from mcp import Client
 from server.errors import StoreUnreachableError
 from server.redis_store import RedisStore
 from server.tasks import Status, Task
-from testkit.cluster import Node, cluster, connect
+from testkit.cluster import Node, cluster, connect, start_node, stop_nodes
 from testkit.redis_server import RedisServer
 from testkit.tcp_proxy import TcpProxy
 from tools.registry import ToolSpec
@@ -219,3 +219,56 @@ async def test_a_task_is_its_front_ends_until_queued_and_a_worker_that_took_it_k
         assert [t.id for t in survivor.claim_orphans(time.time(), _spec_of)] == [taken.id]
     finally:
         survivor.close()
+
+
+@pytest.mark.slow
+async def test_commands_that_end_during_a_short_outage_are_recorded_whole_once_redis_answers(
+    tmp_path: Path, proxy: TcpProxy, redis_server: RedisServer
+) -> None:
+    """Only the worker loses Redis, for less than a lease, while a silent and a loud command end: it holds
+    their outcomes and output, writes them once Redis answers, and lives on (a silent command's end
+    asked Redis for its output's size and took the whole worker down)."""
+    folder = Path(tempfile.mkdtemp(prefix="offload-blip-"))
+    fifos = {name: folder / name for name in ("ready1", "ready2", "gate", "done1", "done2")}
+    for fifo in fifos.values():
+        os.mkfifo(fifo)
+    silent = f"echo > {fifos['ready1']}; read line < {fifos['gate']}; echo > {fifos['done1']}"
+    loud = f"echo one; echo > {fifos['ready2']}; read line < {fifos['gate']}; echo two; echo > {fifos['done2']}"
+    async with anyio.create_task_group() as tg:
+        worker = await start_node(tg, tmp_path, "worker", proxy.url(), "w0", lease_s=10)
+        front_end = await start_node(tg, tmp_path, "front-end", redis_server.url, "f0", lease_s=10)
+        try:
+            async with connect(front_end.url) as client:
+                fired = []
+                for command, ready in ((silent, "ready1"), (loud, "ready2")):
+                    fire = {"tool": "shell", "arguments": {"command": command}}
+                    fired.append(data(await client.call_tool("fire_tool", fire))["task_id"])
+                    await _read_fifo(fifos[ready])
+                proxy.cut()
+                with open(fifos["gate"], "w") as gate:  # both commands wait at their read: no block
+                    gate.write("go\ngo\n")
+                await _read_fifo(fifos["done1"])
+                await _read_fifo(fifos["done2"])
+                await worker.wait_for_log(b"holding task changes")  # they ended while Redis was away
+                proxy.restore()
+                polled = data(await client.call_tool("poll_output", {"task_ids": fired, "timeout_s": 30}))
+            assert polled["pending"] == [], polled
+            views = {view["task_id"]: view for view in polled["done"]}
+            assert [views[t]["status"] for t in fired] == ["completed", "completed"], views
+            assert views[fired[1]]["output"]["text"] == "one\ntwo\n"
+            assert worker.process.returncode is None  # and the worker lives on
+        finally:
+            await stop_nodes([worker, front_end])
+            tg.cancel_scope.cancel()
+            for node in (worker, front_end):
+                await node.process.aclose()
+
+
+async def _read_fifo(path: Path, timeout_s: float = 20.0) -> None:
+    """Waits, bounded, for a command to write a line to the FIFO (opened without blocking the loop)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        with anyio.fail_after(timeout_s):
+            await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)

@@ -7,6 +7,7 @@ in distributed mode) joins the parametrization and must pass the same tests.
 from __future__ import annotations
 
 import secrets
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel
 
 from server.output import OutputWriter
 from server.redis_store import RedisStore
-from server.store import Store, TaskStore
+from server.store import DB_NAME, Store, TaskStore
 from server.tasks import ErrorKind, Status, Task, TaskError
 from testkit.redis_server import RedisServer
 from tools.context import ProcessInfo
@@ -205,14 +206,25 @@ async def test_an_error_kind_this_version_does_not_know_reads_as_written(tmp_pat
         task = new_task(store)
         store.add(task)
         finish(store, task, Status.FAILED, NOW, error=TaskError(kind=ErrorKind.EXCEPTION, message="m"))
-        store.update(task.id, error_kind="from_a_newer_plugin")
+        _write_row(tmp_path / "data", task.id, error_kind="from_a_newer_plugin")
         loaded = store.load(task.id, _spec_of)
         assert loaded is not None and loaded.error is not None and loaded.error.kind == "from_a_newer_plugin"
-        store.update(task.id, status="failed", error_kind="timeout")
+        _write_row(tmp_path / "data", task.id, status="failed", error_kind="timeout")
         again = store.load(task.id, _spec_of)
         assert again is not None and again.error is not None and again.error.kind is ErrorKind.TIMEOUT
     finally:
         store.close()
+
+
+def _write_row(data_dir: Path, task_id: str, **values: str) -> None:
+    """A row as another version wrote it, beside the store (which never changes a settled record)."""
+    db = sqlite3.connect(data_dir / DB_NAME)
+    try:
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        db.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", (*values.values(), task_id))
+        db.commit()
+    finally:
+        db.close()
 
 
 async def test_a_late_write_to_a_record_the_store_lost_leaves_nothing_readable_and_expiry_goes_on(
@@ -247,8 +259,12 @@ async def test_the_first_outcome_recorded_is_final_a_late_one_is_refused(task_st
     settled.status, settled.finished_at, settled.error = Status.FAILED, NOW + 1, error
     assert settler.record_outcome(settled)
 
+    task.started_at = NOW + 1.5  # it waited for a slot there, and would start now: it must not
+    assert not paused.record_running(task)
+    task.process = ProcessInfo(4242, 777, "boot-a")
+    paused.record_process(task)  # nor may any later detail change the settled record
     task.status, task.finished_at, task.result = Status.COMPLETED, NOW + 2, {"exit_code": 0}
     assert not paused.record_outcome(task)
     stored = settler.load(task.id, _spec_of)
     assert stored is not None and stored.status is Status.FAILED and stored.error == error
-    assert stored.result is None and stored.finished_at == NOW + 1
+    assert stored.result is None and stored.finished_at == NOW + 1 and stored.process is None
