@@ -36,6 +36,8 @@ class Admitted:
     """Set when the tool is cacheable for these arguments: identical calls share it."""
     timeout_s: float
     ttl_s: float
+    queue: str | None = None
+    """Distributed mode: the worker queue it goes to (`target`, else its preset's); None: the default."""
 
 
 class Admission:
@@ -44,9 +46,17 @@ class Admission:
         self.settings = settings
 
     def admit(
-        self, owner: str, tool: str, arguments: dict[str, Any], *, timeout_s: float | None, ttl_s: float | None
+        self,
+        owner: str,
+        tool: str,
+        arguments: dict[str, Any],
+        *,
+        timeout_s: float | None,
+        ttl_s: float | None,
+        target: str | None = None,
     ) -> Admitted:
-        """Raises a `RequestError` saying what was wrong and what to call instead."""
+        """Raises a `RequestError` saying what was wrong and what to call instead. The result key names the
+        queue too: a call routed to a queue no worker serves is never joined by one routed elsewhere."""
         spec = self._spec(tool)
         size_bytes = len(json.dumps(arguments, separators=(",", ":"), default=str))
         if size_bytes > self.settings.max_argument_bytes:
@@ -60,9 +70,11 @@ class Admission:
                 spec.check(parsed, owner)  # the owner's policy
             except ValueError as exc:
                 raise RefusedError(tool, str(exc)) from exc
+        queue = target or spec.queue
         key = result_key(owner, tool, parsed) if spec.is_cacheable(parsed) else None
+        key = f"{key}@{queue}" if key is not None and queue is not None else key
         ttl = self.settings.ttl_s if ttl_s is None else ttl_s
-        return Admitted(owner, spec, parsed, key, self._timeout(spec, timeout_s), ttl)
+        return Admitted(owner, spec, parsed, key, self._timeout(spec, timeout_s), ttl, queue)
 
     def check_room(self, owner: str, active: int) -> None:
         """The owner's cap on unfinished tasks: refused above it, never queued without end."""

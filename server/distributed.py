@@ -48,7 +48,7 @@ from server.errors import StoreUnreachableError
 from server.executor import Executor
 from server.process_table import end_left_behind
 from server.recovery import recover
-from server.redis_store import CANCEL_FENCE, STATUS_CHANGED, RedisStore
+from server.redis_store import CANCEL_FENCE, STATUS_CHANGED, UNFINISHED, RedisStore
 from server.runner import REPLY_HOPS, Lifecycle, cancel_error
 from server.tasks import ErrorKind, Status, Task, TaskError
 from tools.process import kill_left_behind
@@ -303,6 +303,14 @@ class WorkerEngine:
             self.running -= 1
             self.ran += 1
 
+    def check_running(self) -> None:
+        """What a lost message or a pause may have hidden from this worker: a cancel, or a task settled
+        elsewhere meanwhile (this worker taken for dead). Either way it stops here (TERM, grace, KILL)."""
+        tasks = self.executor.active_tasks()
+        for task, (cancel, status) in zip(tasks, self.store.run_flags([t.id for t in tasks]), strict=True):
+            if cancel or (status is not None and status not in UNFINISHED):
+                self.stop(task.id)
+
     def stop(self, task_id: str) -> None:
         """Cancels the task if this worker runs it: TERM the group, grace, KILL; the outcome is written here."""
         for task in self.executor.active_tasks():
@@ -392,6 +400,7 @@ class WorkerEngine:
             try:
                 async with client.pubsub() as pubsub:
                     await pubsub.subscribe(self.store.cancel_channel)
+                    self.check_running()  # a cancel sent while this was not subscribed is seen now
                     async for message in pubsub.listen():
                         if message["type"] == "message":
                             self.stop(_text(message["data"]))
@@ -414,6 +423,7 @@ class WorkerEngine:
             }
             try:
                 self.store.redis.hset(f"{self.store.ns}:workers", self.name, json.dumps(record))
+                self.check_running()
             except redis.exceptions.RedisError as exc:
                 log.warning("could not send this worker's heartbeat to Redis at %s: %s", self.store.where, exc)
             await anyio.sleep(self.settings.lease_s / 3)

@@ -120,7 +120,7 @@ class Executor:
         """Admits, commits and schedules; raises RequestError subclasses before anything starts."""
         if target is not None and not self._runner.reaches_everywhere:
             raise RequestError(f"target={target!r} needs distributed mode (redis_url): fire again without target")
-        admitted = self._admission.admit(owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s)
+        admitted = self._admission.admit(owner, tool, arguments, timeout_s=timeout_s, ttl_s=ttl_s, target=target)
         key = admitted.cache_key
         if key is not None:
             self.counters.cache_lookups[tool] += 1
@@ -128,7 +128,7 @@ class Executor:
                 return reused
         self._admission.check_room(owner, self._active.per_owner[owner])
         task = self._new_task(admitted)
-        task.queue = target or admitted.spec.queue
+        task.queue = admitted.queue
         self.store.add(task)  # on disk before the id is returned
         self._start(task, admitted.spec.handler)
         self.counters.fired += 1

@@ -69,7 +69,7 @@ def _no_worker_left(executor: Executor, now: float) -> bool:
 async def _recover_one(executor: Executor, task: Task, report: Recovered) -> None:
     who = "the server running it" if task.holder is None else f"the process running it ({task.holder})"
     if task.status is Status.QUEUED or (task.process is None and task.watcher is None):
-        _interrupted(executor, task, f"{who} stopped before it started; nothing of it runs")
+        _interrupted(executor, task, f"{who} stopped {_how_far(task)}")
         report.interrupted += 1
         return
     if not executor.runs_here:  # a front-end: what the dead worker left runs on another machine
@@ -93,6 +93,17 @@ async def _recover_one(executor: Executor, task: Task, report: Recovered) -> Non
     report.interrupted += 1
     what = "what was left of it was killed" if killed else "nothing of it was still running"
     _interrupted(executor, task, f"{who} stopped before it finished; {what}")
+
+
+def _how_far(task: Task) -> str:
+    """What is known of a task with no process of its own: never started, or a call (HTTP, GitHub, an LLM,
+    another MCP server) that may have reached its service before it stopped: never "nothing ran" then."""
+    if task.status is Status.QUEUED:
+        return "before it started; nothing of it runs"
+    return (
+        "while it ran (a call to a service, or a command just starting: no process of it was recorded); "
+        "whether it had any effect is unknown (check before repeating a write), and it was not run again"
+    )
 
 
 def _as_handler(hook: Recover, task: Task) -> Handler:

@@ -138,24 +138,34 @@ def _mask(length: int) -> bytes:
 
 
 def mask_url(url: str) -> str:
-    """A URL fit for a message: its password (and user name) replaced by `***`."""
-    from urllib.parse import urlsplit, urlunsplit
+    """A URL fit for a message: its password and user name, in the address or in the query (`?password=`,
+    which redis-py reads too), replaced by `***`."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     try:
         parts = urlsplit(url)
-        netloc = parts.netloc
+        query = parse_qsl(parts.query, keep_blank_values=True)
     except ValueError:
         return "***"
-    if "@" not in netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + netloc.rsplit("@", 1)[1]))
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
+    if any(name.lower() in _URL_SECRETS for name, _ in query):
+        masked = [(name, "***" if name.lower() in _URL_SECRETS else value) for name, value in query]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    return urlunsplit(parts)
+
+
+_URL_SECRETS = {"password", "username", "user", "pass", "token"}
 
 
 def url_password(url: str) -> str | None:
-    """The password in a URL (masked in every reply and log line like the other secrets)."""
-    from urllib.parse import urlsplit
+    """The password in a URL, in the address or the query (masked in every reply and log line like the
+    other secrets)."""
+    from urllib.parse import parse_qsl, urlsplit
 
     try:
-        return urlsplit(url).password
+        parts = urlsplit(url)
+        query = {name.lower(): value for name, value in parse_qsl(parts.query)}
+        return parts.password or query.get("password") or None
     except ValueError:
         return None

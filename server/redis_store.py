@@ -548,6 +548,13 @@ class RedisStore(RedisLeases):
         self.redis.delete(self._key("out", task_id), self._key("outmeta", task_id))
         return self.new_output(task_id, file_max_bytes, writing=True)
 
+    def run_flags(self, task_ids: list[str]) -> list[tuple[bool, str | None]]:
+        """For each task: its cancel flag, and its status (None: no record)."""
+        return [
+            (record is not None and record["cancel"] is True, None if record is None else record["status"])
+            for record in (self._records(task_ids, ("status", "cancel")) if task_ids else [])
+        ]
+
     def cancel_requested(self, task_id: str) -> bool:
         return _decode(self.redis.hget(self._key("task", task_id), "cancel")) is True
 

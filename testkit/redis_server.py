@@ -8,7 +8,11 @@ import os
 import shutil
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
+
+import anyio
+import redis.asyncio as aioredis
 
 REDIS_READY = b"Ready to accept connections"
 NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
@@ -58,3 +62,18 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=10)
             self.process = None
+
+
+async def until_redis(check: Callable[[], bool], redis_url: str, timeout_s: float = 20.0) -> None:
+    """Waits, bounded, for a condition on Redis's state (read directly, not through the proxy), checked
+    again at each keyspace event (a key set, written or expired): an event, not a sleep."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.config_set("notify-keyspace-events", "KEA")
+        async with client.pubsub() as pubsub:
+            await pubsub.psubscribe("__keyspace@0__:*")
+            with anyio.fail_after(timeout_s):
+                while not check():
+                    await pubsub.get_message(timeout=1.0)
+    finally:
+        await client.aclose()

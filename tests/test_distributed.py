@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 import pytest
+import redis
 from conftest import ERAS, data, error_text, live_group_members
 from mcp import Client
 from mcp_types import ResourceUpdatedNotification
@@ -25,7 +26,8 @@ from server.config import Settings, load_settings
 from server.errors import ConfigError
 from server.runtime import Runtime
 from testkit.cluster import Node, cluster, connect, start_node, stop_nodes
-from testkit.redis_server import RedisServer, free_port
+from testkit.processes import gone
+from testkit.redis_server import RedisServer, free_port, until_redis
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -112,6 +114,24 @@ async def test_front_ends_share_tasks_workers_run_them_and_cancel_reaches_across
         assert never["status"] == "cancelled" and "never started" in never["error"]["message"], never
         heard = await tool(one, "poll_output", task_ids=[waiting["task_id"]], timeout_s=10)
         assert heard["done"][0]["status"] == "cancelled"
+
+
+async def test_a_cancel_sent_while_the_worker_was_not_subscribed_still_stops_the_command(
+    nodes: list[Node], redis_server: RedisServer
+) -> None:
+    """Redis dropped every subscriber (an output-buffer limit, a failover) just before the cancel: the
+    message is lost, the flag is not; the worker sees it once it subscribes again."""
+    front_end = next(n for n in nodes if n.role == "front-end")
+    async with connect(front_end.url) as client:
+        fired, _ = await until_running(client, "echo > $READY; sleep 300")
+        dropped = redis.Redis.from_url(redis_server.url).client_kill_filter(_type="pubsub")
+        assert dropped >= 2  # the workers' cancel channels at least
+        await client.call_tool("cancel_task", {"task_id": fired["task_id"]})
+        polled = await tool(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=20)
+    assert polled["pending"] == [], polled
+    view = polled["done"][0]
+    assert (view["status"], view["error"]["kind"]) == ("cancelled", "cancelled_by_client"), view
+    assert live_group_members(view["pid"]) == []
 
 
 async def test_a_subscriber_on_one_front_end_hears_of_a_task_fired_on_the_other(nodes: list[Node]) -> None:
@@ -266,7 +286,7 @@ async def test_a_task_settled_while_its_paused_worker_held_it_never_starts_there
 ) -> None:
     """A worker paused past its lease holds A (running) and B (taken, waiting for a slot). A front-end
     settles both `interrupted` and a client reads that. When the worker resumes, B must not start (it was
-    reported as never run) and neither outcome may flip."""
+    reported as never run), what is left of A is stopped, and neither outcome may flip."""
     side = tmp_path / "side"
     async with anyio.create_task_group() as tg:
         flags = ("--queue", "any", "--queue", "q1", "--max-concurrency", "1")
@@ -274,7 +294,7 @@ async def test_a_task_settled_while_its_paused_worker_held_it_never_starts_there
         front_end = await start_node(tg, tmp_path, "front-end", redis_server.url, "f0")
         try:
             async with connect(front_end.url) as client:
-                a, folder = await until_running(client, f"echo A >> {side}; echo > $READY; read line < $GATE")
+                a, _ = await until_running(client, f"echo A >> {side}; echo > $READY; read line < $GATE")
                 b = await tool(
                     client, "fire_tool", tool="shell", arguments={"command": f"echo B >> {side}"}, target="q1"
                 )
@@ -284,10 +304,10 @@ async def test_a_task_settled_while_its_paused_worker_held_it_never_starts_there
                 assert settled["pending"] == [], settled
                 before = {v["task_id"]: (v["status"], v["error"]["kind"]) for v in settled["done"]}
                 assert set(before.values()) == {("failed", "interrupted")}, before
-                worker.process.send_signal(signal.SIGCONT)
-                with open(folder / "gate", "w") as gate:  # A's read waits: no block
-                    gate.write("go\n")
-                await worker.wait_for_log(b"it does not start")
+                worker.process.send_signal(signal.SIGCONT)  # it learns both were settled: stops A, never starts B
+                a_pid = next(v["pid"] for v in settled["done"] if v["task_id"] == a["task_id"])
+                assert await gone(a_pid, timeout_s=20)  # what was left of A is stopped
+                await until_redis(lambda: _running(redis_server, tmp_path) == [0], redis_server.url)  # B is done with
                 after = await tool(client, "poll_output", task_ids=[a["task_id"], b["task_id"]], timeout_s=0)
             assert {v["task_id"]: (v["status"], v["error"]["kind"]) for v in after["done"]} == before
             assert side.read_text() == "A\n"  # B never ran
@@ -299,6 +319,13 @@ async def test_a_task_settled_while_its_paused_worker_held_it_never_starts_there
                 await node.process.aclose()
 
 
+def _running(redis_server: RedisServer, tmp_path: Path) -> list[int]:
+    """What each worker's heartbeat says it runs (their namespace is the test's, see testkit.cluster)."""
+    namespace = tmp_path.name[-60:]
+    raw = redis.Redis.from_url(redis_server.url).hvals(f"{namespace}:workers")
+    return [json.loads(value)["running"] for value in raw]
+
+
 def _runs(worker: Node, pgid: int) -> bool:
     """Is `pgid` a child of this worker's process (the command's shell is the worker's child)?"""
     try:
@@ -308,11 +335,16 @@ def _runs(worker: Node, pgid: int) -> bool:
         return False
 
 
-async def test_redis_down_fire_names_redis_url_with_the_password_masked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["address", "query"])
+async def test_redis_down_fire_names_redis_url_with_the_password_masked(tmp_path: Path, where: str) -> None:
+    """The password of redis_url is masked wherever the URL carries it: `redis://:PW@host` or `?password=PW`
+    (which redis-py reads too, and which leaked into every message)."""
     secret = "s3cret-pa55word"
     server = RedisServer(tmp_path / "redis", extra_args=("--requirepass", secret))
     server.start()
-    url = f"redis://:{secret}@127.0.0.1:{server.port}/0"
+    address = f"127.0.0.1:{server.port}/0"
+    url = f"redis://:{secret}@{address}" if where == "address" else f"redis://{address}?password={secret}"
+    masked = f"redis://***@{address}" if where == "address" else f"redis://{address}?password=***"
     try:
         async with anyio.create_task_group() as tg:
             front_end = await start_node(tg, tmp_path, "front-end", url, "f")
@@ -323,7 +355,7 @@ async def test_redis_down_fire_names_redis_url_with_the_password_masked(tmp_path
                     server.stop()
                     result = await client.call_tool("fire_tool", {"tool": "shell", "arguments": {"command": "true"}})
                     text = error_text(result)
-                    assert f"redis_url=redis://***@127.0.0.1:{server.port}/0" in text, text
+                    assert f"redis_url={masked}" in text, text
                     assert secret not in text
                     server.start()  # back: fire works again
                     again = await tool(client, "fire_tool", tool="shell", arguments={"command": "true"})

@@ -12,11 +12,11 @@ import anyio
 import pytest
 from conftest import FakeClock, Gate, call, error_text, live_group_members, open_client
 
-from server.config import Settings
+from server.config import LOCAL_OWNER, Settings
 from server.errors import ConfigError
 from server.runtime import Runtime
 from server.store import Store
-from server.tasks import ErrorKind, Status, TaskError
+from server.tasks import ErrorKind, Status, Task, TaskError
 from testkit.processes import gone
 from testkit.rawserver import RawServer, start_server
 
@@ -288,6 +288,38 @@ async def test_a_server_taken_for_dead_never_flips_the_outcome_another_recorded(
         again = await call(client, "fire_tool", tool="test.gate", arguments={"key": "late"})
         assert again["task_id"] != fired["task_id"] and not again["cached"]
         gate.release("late")
+
+
+async def test_a_call_whose_server_died_mid_call_is_never_reported_as_not_run(
+    settings: Settings, clock: FakeClock, gate: Gate
+) -> None:
+    """A task with no process of its own (an HTTP call, a GitHub write) that was running when its server
+    died may have reached its service: the message must not say nothing ran (an assistant would repeat
+    a write), and a queued one truly never started."""
+    gone_server = Store.open(settings.data_dir, lease_s=settings.lease_s)
+    running, queued = (
+        Task(
+            id=f"t-{name}",
+            tool="test.gate",
+            owner=LOCAL_OWNER,
+            created_at=clock(),
+            ttl_s=60,
+            output=gone_server.new_output(f"t-{name}", 4096),
+        )
+        for name in ("running", "queued")
+    )
+    for task in (running, queued):
+        gone_server.add(task)
+    running.status, running.started_at = Status.RUNNING, clock()
+    assert gone_server.record_running(running)
+    gone_server.close()  # its server is gone
+    async with open_client(settings, clock, gate) as (_, client):
+        ran = await call(client, "get_cached_output", task_id=running.id)
+        never = await call(client, "get_cached_output", task_id=queued.id)
+    assert (ran["status"], ran["error"]["kind"]) == ("failed", "interrupted")
+    assert "whether it had any effect is unknown" in ran["error"]["message"], ran["error"]
+    assert "nothing of it" not in ran["error"]["message"]
+    assert "before it started; nothing of it runs" in never["error"]["message"], never["error"]
 
 
 @pytest.fixture

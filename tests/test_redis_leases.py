@@ -13,13 +13,12 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 import redis
-import redis.asyncio as aioredis
 from conftest import data
 from mcp import Client
 
@@ -27,7 +26,7 @@ from server.errors import StoreUnreachableError
 from server.redis_store import RedisStore
 from server.tasks import Status, Task
 from testkit.cluster import Node, cluster, connect, start_node, stop_nodes
-from testkit.redis_server import RedisServer
+from testkit.redis_server import RedisServer, until_redis
 from testkit.tcp_proxy import TcpProxy
 from tools.registry import ToolSpec
 
@@ -129,21 +128,6 @@ async def _fire_gated(client: Client, target: str, folder: Path) -> tuple[str, P
     return str(fired["task_id"]), gate
 
 
-async def _until(check: Callable[[], bool], redis_url: str, timeout_s: float = 20.0) -> None:
-    """Waits, bounded, for a condition on Redis's state (read directly, not through the proxy), checked
-    again at each keyspace event (a key set, written or expired): an event, not a sleep."""
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        await client.config_set("notify-keyspace-events", "KEA")
-        async with client.pubsub() as pubsub:
-            await pubsub.psubscribe("__keyspace@0__:*")
-            with anyio.fail_after(timeout_s):
-                while not check():
-                    await pubsub.get_message(timeout=1.0)
-    finally:
-        await client.aclose()
-
-
 @pytest.mark.slow
 async def test_an_outage_longer_than_the_lease_kills_nothing_and_every_command_ends_as_it_really_did(
     nodes: list[Node], proxy: TcpProxy, redis_server: RedisServer, tmp_path: Path
@@ -156,7 +140,7 @@ async def test_an_outage_longer_than_the_lease_kills_nothing_and_every_command_e
         fired = [await _fire_gated(client, target, folder) for target in ("w0", "w1")]
 
     proxy.cut()  # until every process's lease has lapsed in Redis
-    await _until(lambda: not direct.keys(f"{namespace}:instance:*"), redis_server.url)  # every lease lapsed
+    await until_redis(lambda: not direct.keys(f"{namespace}:instance:*"), redis_server.url)  # every lease lapsed
     restored_at = time.time()
     proxy.restore()
 
@@ -164,7 +148,7 @@ async def test_an_outage_longer_than_the_lease_kills_nothing_and_every_command_e
         beats = [json.loads(raw)["heartbeat_at"] for raw in direct.hvals(f"{namespace}:workers")]
         return len(beats) == 2 and min(beats) >= restored_at + LEASE_S
 
-    await _until(steady, redis_server.url)
+    await until_redis(steady, redis_server.url)
     for _, gate in fired:
         with open(gate, "w") as f:  # a FIFO whose reader waits: no block
             f.write("ok\n")

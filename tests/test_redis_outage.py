@@ -246,11 +246,11 @@ async def test_an_older_held_change_never_overwrites_a_newer_one(pair: Pair, res
     task = new_task(pair.through)
     pair.proxy.cut()
     run(pair.through, task)  # held: status running
+    task.process = ProcessInfo(4242, 7, "boot")
+    pair.through.record_process(task)  # held too, merged after it
     if restored_before_the_outcome:
         pair.proxy.restore()
-    complete(pair.through, task)  # written (or held) together with the held running change, after it
-    task.process = ProcessInfo(4242, 7, "boot")
-    pair.through.record_process(task)  # a later detail keeps the outcome
+    complete(pair.through, task)  # written (or held) together with the held changes, after them
     pair.proxy.restore()
     pair.through.heartbeat(NOW + 2)
     assert pair.through.flush() == 0
