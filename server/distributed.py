@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import time
+from collections import Counter
 from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
@@ -97,6 +98,10 @@ class DocketRunner:
         self._lifecycle = lifecycle
         self._dockets: dict[str, Docket] = {}
         self._ready: dict[str, anyio.Event] = {}
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._busy: Counter[str] = Counter()
+        """Tasks being queued on each queue now: a busy queue is never closed to make room."""
+        self._an_idle_queue = anyio.Event()
         self._queueing: set[str] = set()
         self._all_queued = anyio.Event()
         self._all_queued.set()
@@ -131,11 +136,14 @@ class DocketRunner:
         for _ in range(REPLY_HOPS):  # the reply to fire leaves first, as with a local run
             await anyio.lowlevel.checkpoint()
         queue = task.queue or DEFAULT_QUEUE
-        if queue not in self._ready and len(self._ready) >= MAX_QUEUES:  # each queue holds Redis connections
-            known = ", ".join(sorted(self._ready))
-            message = f"this front-end already serves {MAX_QUEUES} queues; target one of them: {known}"
+        if queue not in self._ready and len(self._ready) >= MAX_QUEUES and not await self._make_room():
+            message = (  # never another owner's queue names
+                f"this front-end holds {MAX_QUEUES} queues open, every one of them busy queueing; fire again "
+                "in a moment, or without target"
+            )
             self._lifecycle.finish(task, Status.FAILED, TaskError(kind=ErrorKind.REFUSED, message=message))
             return
+        self._busy[queue] += 1
         try:
             docket = await self._docket(queue)
             await docket.add(offload_run, key=task.id)(task.id)
@@ -147,12 +155,36 @@ class DocketRunner:
             )
             log.warning("%s", message)
             self._lifecycle.finish(task, Status.FAILED, TaskError(kind=ErrorKind.CONNECTION, message=message))
+        finally:
+            self._busy[queue] -= 1
+            if not self._busy[queue]:
+                self._an_idle_queue.set()
+                self._an_idle_queue = anyio.Event()
+
+    async def _make_room(self) -> bool:
+        """Room for one more queue: an idle one closed, waiting (bounded) for one to become idle."""
+        with anyio.move_on_after(STOP_S):
+            while not self._close_idle_queue():
+                await self._an_idle_queue.wait()
+            return True
+        return False
+
+    def _close_idle_queue(self) -> bool:
+        """Closes the least recently used queue that is not queueing anything now: room for a new one."""
+        for queue in self._ready:  # oldest use first
+            scope = self._scopes.get(queue)
+            if scope is not None and not self._busy[queue]:
+                del self._ready[queue]
+                scope.cancel()
+                return True
+        return False
 
     async def _docket(self, queue: str) -> Docket:
-        ready = self._ready.get(queue)
+        ready = self._ready.pop(queue, None)  # back in at the end: the most recently used
         if ready is None:
-            ready = self._ready[queue] = anyio.Event()
+            ready = anyio.Event()
             self._tg.start_soon(self._hold_docket, queue, ready, name=f"offload docket {queue}")
+        self._ready[queue] = ready
         await ready.wait()
         docket = self._dockets.get(queue)
         if docket is None:
@@ -167,15 +199,18 @@ class DocketRunner:
             try:
                 self._dockets[queue] = docket
                 ready.set()
-                await anyio.sleep_forever()
+                with anyio.CancelScope() as self._scopes[queue]:  # cancelled to make room (`_close_idle_queue`)
+                    await anyio.sleep_forever()
             finally:
+                if self._dockets.get(queue) is docket:
+                    del self._dockets[queue], self._scopes[queue]
                 with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_S):
                     await docket.__aexit__(None, None, None)
         except (redis.exceptions.RedisError, OSError) as exc:
             log.warning("could not open queue %r in Redis at %s: %s", queue, self._store.where, exc)
         finally:
-            self._dockets.pop(queue, None)
-            self._ready.pop(queue, None)
+            if self._ready.get(queue) is ready:  # not a newer opening of the same queue
+                del self._ready[queue]
             ready.set()
 
 

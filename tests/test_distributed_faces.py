@@ -19,11 +19,11 @@ from fastmcp import Client as FastMCPClient
 from fastmcp_tasks.client import call_tool_task
 from test_http import connect, web_server
 
-from server.config import Settings
-from server.distributed import WorkerEngine
+from server.config import LOCAL_OWNER, Settings
+from server.distributed import MAX_QUEUES, WorkerEngine
 from server.redis_store import RedisStore
 from server.runtime import Runtime
-from testkit.redis_server import RedisServer
+from testkit.redis_server import RedisServer, until_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -104,3 +104,37 @@ async def test_the_tasks_extension_on_a_distributed_front_end_follows_a_worker_r
         assert final.status == "cancelled", final
         view = await call(plain, "get_cached_output", task_id=sleeping.task_id)
         assert view["status"] == "cancelled" and view["error"]["kind"] == "cancelled_by_client"
+
+
+async def test_a_front_end_past_its_queue_cap_closes_idle_queues_instead_of_refusing_new_ones(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """One owner firing to many fresh `target` names must not lock everyone out of new queues on that
+    front-end (nor learn other owners' queue names from a refusal): idle queues are closed to make room."""
+    settings = Settings(
+        redis_url=redis_server.url, redis_namespace=f"t{secrets.token_hex(6)}", data_dir=tmp_path / "front"
+    )
+    async with Runtime.open(settings, load_plugins=False) as runtime:
+        store = runtime.executor.store
+        assert isinstance(store, RedisStore)
+        fired = []
+        for index in range(MAX_QUEUES + 8):  # no worker: every task just waits in its queue
+            reply = await runtime.fire(
+                "shell",
+                {"command": "true"},
+                timeout_s=None,
+                ttl_s=None,
+                use_cache=True,
+                wait_s=0,
+                owner=LOCAL_OWNER,
+                target=f"junk{index}",
+            )
+            fired.append(reply.task_id)
+
+        def all_queued() -> bool:
+            records = [store.load(task_id, lambda _name: None) for task_id in fired]
+            return all(r is not None and r.status.value == "queued" for r in records) and not any(
+                store.redis.hget(store.key("task", task_id), "instance") != b'""' for task_id in fired
+            )
+
+        await until_redis(all_queued, redis_server.url)  # every one handed to its queue: none refused
