@@ -228,7 +228,7 @@ async def follow_changes(executor: Executor, store: RedisStore, url: str) -> Non
                     if message["type"] == "message":
                         task_id, _, what = _text(message["data"]).partition(" ")
                         executor.remote_change(task_id, status_changed=what == STATUS_CHANGED)
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (redis.exceptions.RedisError, OSError, StoreUnreachableError) as exc:
             log.warning("lost the change stream of Redis at %s (%s); reconnecting", store.where, exc)
         finally:
             await client.aclose()

@@ -12,6 +12,7 @@ import logging
 import secrets
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import anyio
@@ -43,6 +44,14 @@ RunnerFactory = Callable[[Lifecycle], Runner]
 COPY_TURNS = 1
 """Output chunks stored at once across all tasks (see ToolContext.copy_turns); a pump holds a turn
 only with a chunk in hand, never while it waits for one."""
+
+
+def _lost(task: Task, now: float) -> Task:
+    """A task whose record is gone from the store (Redis restarted without persistence): what it became
+    cannot be known, and it must not count as running here for ever."""
+    message = "its record is gone from Redis (restarted without persistence?): how it ended cannot be known"
+    error = TaskError(kind=ErrorKind.INTERRUPTED, message=message)
+    return replace(task, status=Status.FAILED, error=error, result=None, finished_at=now)
 
 
 class ActiveTasks(dict[str, Task]):
@@ -269,9 +278,7 @@ class Executor:
         finished there); another's is published when its status changed; waiters wake."""
         task = self._active.get(task_id)
         if task is not None and self._runner.reaches_everywhere:
-            stored = self._lookup.load(task_id)
-            if stored is not None:
-                self._take_state(task, stored)
+            self._take_state(task, self._lookup.load(task_id) or _lost(task, self.clock()))
         elif status_changed and self._runner.reaches_everywhere:
             stored = self._lookup.load(task_id)
             if stored is not None:

@@ -23,6 +23,7 @@ from server.config import LOCAL_OWNER, Settings
 from server.distributed import MAX_QUEUES, WorkerEngine
 from server.redis_store import RedisStore
 from server.runtime import Runtime
+from server.tasks import ErrorKind, Status
 from testkit.redis_server import RedisServer, until_redis
 
 pytestmark = pytest.mark.anyio
@@ -138,3 +139,28 @@ async def test_a_front_end_past_its_queue_cap_closes_idle_queues_instead_of_refu
             )
 
         await until_redis(all_queued, redis_server.url)  # every one handed to its queue: none refused
+
+
+async def test_tasks_whose_records_a_redis_restart_lost_end_instead_of_running_for_ever(tmp_path: Path) -> None:
+    """Redis restarted without persistence forgets every task: a front-end that fired some must not show
+    them `running` for ever (nor count them against the owner's cap); they end `interrupted`, saying why."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        settings = Settings(
+            redis_url=server.url, redis_namespace="restart", data_dir=tmp_path / "front", max_active_per_owner=2
+        )
+        async with Runtime.open(settings, load_plugins=False) as runtime:
+            fire = {"timeout_s": None, "ttl_s": None, "use_cache": True, "wait_s": 0, "owner": LOCAL_OWNER}
+            fired = [(await runtime.fire("shell", {"command": "true"}, **fire)).task_id for _ in range(2)]
+            server.stop()
+            server.start()  # the same port, empty
+            polled = await runtime.poll(fired, timeout_s=20, return_when="all", max_bytes=0, owner=LOCAL_OWNER)
+            assert polled.pending == [], polled
+            for view in polled.done:
+                assert view.status is Status.FAILED and view.error is not None
+                assert view.error.kind == ErrorKind.INTERRUPTED and "record is gone" in view.error.message
+            again = await runtime.fire("shell", {"command": "true"}, **fire)  # the cap counts them no more
+            assert again.task_id not in fired
+    finally:
+        server.stop()
