@@ -68,7 +68,8 @@ _ENGINE: ContextVar[WorkerEngine] = ContextVar("offload_worker_engine")
 
 
 def docket_name(namespace: str, queue: str) -> str:
-    return f"{namespace}-queue-{queue}"
+    """`:` is in neither name (both are `[A-Za-z0-9_.-]`), so two namespaces never share a Docket."""
+    return f"{namespace}:queue:{queue}"
 
 
 async def offload_run(task_id: str) -> None:

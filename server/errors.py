@@ -125,9 +125,9 @@ class StoreUnreachableError(RequestError):
     def __init__(self, where: str, reason: str) -> None:
         self.where, self.reason = where, reason
         super().__init__(
-            f"The task store (Redis at redis_url={where}) is unreachable ({reason}); nothing was started. "
-            "Ask the operator to start Redis or fix redis_url (OFFLOAD_REDIS_URL), then fire again; "
-            "tasks already acknowledged are kept in Redis."
+            f"The task store (Redis at redis_url={where}) is unreachable ({reason}): this call did nothing "
+            "(a fire started nothing). Ask the operator to start Redis or fix redis_url (OFFLOAD_REDIS_URL), "
+            "then call again; tasks already acknowledged run on and are kept in Redis."
         )
 
 

@@ -23,6 +23,7 @@ from mcp import Client
 from mcp_types import ResourceUpdatedNotification
 
 from server.config import Settings, load_settings
+from server.distributed import docket_name
 from server.errors import ConfigError
 from server.runtime import Runtime
 from testkit.cluster import Node, cluster, connect, start_node, stop_nodes
@@ -385,3 +386,9 @@ def test_distributed_settings_are_checked_and_never_echo_the_password() -> None:
         load_settings(overrides={"presets": {"pinned": {"command": "make", "queue": "w1"}}})
     with pytest.raises(ConfigError, match="detach"):
         load_settings(environ={"OFFLOAD_REDIS_URL": "redis://h/0", "OFFLOAD_DETACH": "true"})
+
+
+def test_two_namespaces_never_share_a_docket_queue() -> None:
+    """`tenA` + queue `x-queue-build` and `tenA-queue-x` + queue `build` were one Docket (its jobs run by
+    the other deployment's workers, the sender's task queued for ever)."""
+    assert docket_name("tenA", "x-queue-build") != docket_name("tenA-queue-x", "build")
