@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from server.cache import result_key
-from server.config import Settings
+from server.config import DEFAULT_QUEUE, Settings
 from server.errors import (
     InvalidArgumentsError,
     RefusedError,
@@ -70,7 +70,7 @@ class Admission:
                 spec.check(parsed, owner)  # the owner's policy
             except ValueError as exc:
                 raise RefusedError(tool, str(exc)) from exc
-        queue = target or spec.queue
+        queue = None if (target or spec.queue) == DEFAULT_QUEUE else target or spec.queue
         key = result_key(owner, tool, parsed) if spec.is_cacheable(parsed) else None
         key = f"{key}@{queue}" if key is not None and queue is not None else key
         ttl = self.settings.ttl_s if ttl_s is None else ttl_s

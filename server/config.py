@@ -30,6 +30,8 @@ from tools.shell import SECRET_MARKERS, ShellConfig
 ENV_PREFIX = "OFFLOAD_"
 APP_NAME = "offload"
 LOCAL_OWNER = "local"
+DEFAULT_QUEUE = "any"
+"""Distributed mode: the worker queue of a task fired without `target` (every worker takes from it)."""
 """The one owner of a server without bearer tokens (stdio, or HTTP on loopback without auth)."""
 
 PositiveSeconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]

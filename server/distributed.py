@@ -44,7 +44,7 @@ import redis.exceptions
 from anyio.abc import TaskGroup
 from docket import Docket, Worker
 
-from server.config import Settings
+from server.config import DEFAULT_QUEUE, Settings
 from server.errors import StoreUnreachableError
 from server.executor import Executor
 from server.process_table import end_left_behind
@@ -57,7 +57,6 @@ from tools.registry import Handler
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUEUE = "any"
 RECONNECT_S = 1.0
 STOP_S = 5.0
 """How long a stopping worker's Docket workers have to stop their way before they are cancelled."""
@@ -340,11 +339,11 @@ class WorkerEngine:
             self.ran += 1
 
     def check_running(self) -> None:
-        """What a lost message or a pause may have hidden from this worker: a cancel, or a task settled
-        elsewhere meanwhile (this worker taken for dead). Either way it stops here (TERM, grace, KILL)."""
+        """What a lost message or a pause may have hidden from this worker: a cancel, a task settled elsewhere
+        meanwhile (this worker taken for dead), or one whose record is gone. It stops here (TERM, grace, KILL)."""
         tasks = self.executor.active_tasks()
         for task, (cancel, status) in zip(tasks, self.store.run_flags([t.id for t in tasks]), strict=True):
-            if cancel or (status is not None and status not in UNFINISHED):
+            if cancel or status not in UNFINISHED:  # None: its record is gone (a Redis restart): nobody collects it
                 self.stop(task.id)
 
     def stop(self, task_id: str) -> None:

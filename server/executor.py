@@ -46,6 +46,9 @@ COPY_TURNS = 1
 only with a chunk in hand, never while it waits for one."""
 
 
+NOT_STARTED = "its start could not be recorded (the task store did not answer); nothing of it ran: fire it again"
+
+
 def _lost(task: Task, now: float) -> Task:
     """A task whose record is gone from the store (Redis restarted without persistence): what it became
     cannot be known, and it must not count as running here for ever."""
@@ -171,13 +174,12 @@ class Executor:
         self.changes.publish(task)  # subscribers hear "queued behind a full limit"
 
     def running(self, task: Task) -> bool:
-        """False when another process settled the task while it waited here (it took this one for dead):
-        then it never starts, and ends here as it was settled."""
+        """False when it must not start: another process settled it while it waited here (it took this one
+        for dead), or its start could not be recorded (Redis away: it might be settled meanwhile)."""
         task.status = Status.RUNNING
         task.started_at = task.started_at or self.clock()
-        if not self.store.record_running(task):
-            self._lookup.take_stored_outcome(task)
-            self._end(task)
+        if not self.store.record_running(task):  # settled elsewhere (that outcome stands), or not recorded
+            self.finish(task, Status.FAILED, TaskError(kind=ErrorKind.CONNECTION, message=NOT_STARTED))
             return False
         self.changes.publish(task)
         return True
@@ -278,7 +280,7 @@ class Executor:
         finished there); another's is published when its status changed; waiters wake."""
         task = self._active.get(task_id)
         if task is not None and self._runner.reaches_everywhere:
-            self._take_state(task, self._lookup.load(task_id) or _lost(task, self.clock()))
+            self._take_state(task, self.store.load(task_id, self.registry.get) or _lost(task, self.clock()))
         elif status_changed and self._runner.reaches_everywhere:
             stored = self._lookup.load(task_id)
             if stored is not None:

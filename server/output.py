@@ -308,7 +308,7 @@ def _read_once(fd: int, layout: Layout, offset: int, max_bytes: int) -> tuple[Ch
     floor = gap[1] if gap is not None and start >= gap[1] else 0
     lo = max(start - 3, floor)
     raw = _pread_fd(fd, layout, lo, max(end, min(start + 3, limit)))
-    start += character_start(raw[: start - lo], raw[start - lo :], known_before=start == 0 or start > floor)
+    start += character_start(raw[: start - lo], raw[start - lo :], cut=floor > 0 and lo == floor)
     data = raw[start - lo : end - lo]
     if end < layout.total_bytes or not layout.finished:
         data = cut_to_boundary(data)
@@ -323,13 +323,14 @@ def _read_once(fd: int, layout: Layout, offset: int, max_bytes: int) -> tuple[Ch
     return Chunk(data, start, next_offset, total, gap), start
 
 
-def character_start(before: bytes, after: bytes, *, known_before: bool) -> int:
+def character_start(before: bytes, after: bytes, *, cut: bool) -> int:
     """How far a read moves its start to begin on a character: past the rest of a character begun in
-    `before` (the up to 3 bytes just before the start), or, where those are unknown (just past a dropped
-    range), past any continuation bytes (at most 3). 0 on a character's first byte, and in bytes that are
-    not UTF-8 (binary output reads as it is)."""
-    rest = 3 if not known_before else 0
-    for back in range(1, len(before) + 1 if known_before else 0):
+    `before` (the up to 3 bytes stored just before the start). Where those are all continuation bytes and
+    fewer than 3 because the dropped range `cut` them, the character's start is unknown: its continuation
+    bytes are skipped (at most 3 in all). 0 on a character's first byte, and in bytes that are not UTF-8
+    (binary output reads as it is)."""
+    rest = 3 - len(before) if cut else 0
+    for back in range(1, len(before) + 1):
         byte = before[-back]
         if not is_continuation(byte):
             rest = max(_width(byte) - back, 0) if 0xC2 <= byte <= 0xF4 else 0  # a lead byte of UTF-8

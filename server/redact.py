@@ -138,34 +138,36 @@ def _mask(length: int) -> bytes:
 
 
 def mask_url(url: str) -> str:
-    """A URL fit for a message: its password and user name, in the address or in the query (`?password=`,
-    which redis-py reads too), replaced by `***`."""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+    """A URL fit for a message: its user name and password (everything between `://` and the last `@`,
+    as typed: a `#`, `/` or `?` in an unencoded password included) and any secret in its query
+    (`?password=`, `ssl_password=`, which redis-py reads too) replaced by `***`."""
+    from urllib.parse import parse_qsl, urlencode
 
-    try:
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-    except ValueError:
-        return "***"
-    if "@" in parts.netloc:
-        parts = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
-    if any(name.lower() in _URL_SECRETS for name, _ in query):
-        masked = [(name, "***" if name.lower() in _URL_SECRETS else value) for name, value in query]
-        parts = parts._replace(query=urlencode(masked, safe="*"))
-    return urlunsplit(parts)
-
-
-_URL_SECRETS = {"password", "username", "user", "pass", "token"}
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    _, at, rest = rest.rpartition("@")
+    address, mark, query = rest.partition("?")
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(_is_url_secret(name) for name, _ in pairs):
+        query = urlencode([(name, "***" if _is_url_secret(name) else value) for name, value in pairs], safe="*")
+    return f"{scheme}://{'***@' if at else ''}{address}{mark}{query}"
 
 
-def url_password(url: str) -> str | None:
-    """The password in a URL, in the address or the query (masked in every reply and log line like the
-    other secrets)."""
-    from urllib.parse import parse_qsl, urlsplit
+def url_secrets(url: str) -> list[str]:
+    """The secrets a URL carries, as typed and decoded (each masked in every reply and log line like the
+    other secrets): its password, and its query's secret values."""
+    from urllib.parse import parse_qsl, unquote
 
-    try:
-        parts = urlsplit(url)
-        query = {name.lower(): value for name, value in parse_qsl(parts.query)}
-        return parts.password or query.get("password") or None
-    except ValueError:
-        return None
+    _, sep, rest = url.partition("://")
+    userinfo, _, address = rest.rpartition("@") if sep else ("", "", "")
+    found = [userinfo.partition(":")[2]] if ":" in userinfo else []  # the password (a user name is no secret)
+    found += [value for name, value in parse_qsl(address.partition("?")[2]) if _is_url_secret(name)]
+    return [secret for raw in found for secret in dict.fromkeys((raw, unquote(raw))) if len(secret) >= 4]
+
+
+def _is_url_secret(name: str) -> bool:
+    return name.lower() in _URL_SECRETS
+
+
+_URL_SECRETS = {"password", "pass", "token", "ssl_password"}

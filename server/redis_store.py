@@ -489,8 +489,12 @@ class RedisStore(RedisLeases):
             log.warning("could not mark task %s queued in Redis at %s: %s", task.id, self.where, exc)
 
     def record_running(self, task: Task) -> bool:
-        """False when another process settled the task first: it must not start then."""
-        return self._update(task.id, STATUS_CHANGED, status=task.status.value, started_at=task.started_at)
+        """False when another process settled the task first, or Redis did not take the change now: it must
+        not start then."""
+        written = self._changes.record(
+            task.id, Change({"status": task.status.value, "started_at": task.started_at}, (STATUS_CHANGED,))
+        )
+        return written is True  # held (Redis away) is no start: it may be settled meanwhile
 
     def record_process(self, task: Task) -> None:
         if self.process_table is not None and task.process is not None:
@@ -519,7 +523,7 @@ class RedisStore(RedisLeases):
         outcome = _outcome(task, output_total=_known_total(task.output))
         if self.process_table is not None and task.status.finished:
             self.process_table.remove(task.id)  # its command ended here, whoever settled it
-        return self._changes.record(task.id, Change(outcome, (STATUS_CHANGED,), settled))
+        return self._changes.record(task.id, Change(outcome, (STATUS_CHANGED,), settled)) is not False
 
     def request_cancel(self, task_id: str) -> bool:
         """Flags the task cancelled for whoever runs it; True when nobody took it yet (the fence is now
@@ -558,8 +562,8 @@ class RedisStore(RedisLeases):
     def cancel_requested(self, task_id: str) -> bool:
         return _decode(self.redis.hget(self._key("task", task_id), "cancel")) is True
 
-    def _update(self, task_id: str, change: str, **values: Any) -> bool:
-        return self._changes.record(task_id, Change(values, (change,)))
+    def _update(self, task_id: str, change: str, **values: Any) -> None:
+        self._changes.record(task_id, Change(values, (change,)))
 
     def flush(self) -> int:
         """Writes what Redis could not take: held output first (so whoever sees a task's outcome finds all of
@@ -634,12 +638,12 @@ class ChangeWriter:
         """How many tasks have changes Redis has not taken yet."""
         return len(self._unwritten)
 
-    def record(self, task_id: str, change: Change) -> bool:
+    def record(self, task_id: str, change: Change) -> bool | None:
         """Never raises: a change Redis cannot take now is held, with what the task held before it, and
-        written whole later (the task goes on, as with the SQLite store's `update`). False only when Redis
-        refused an outcome: another process had settled the task first."""
+        written whole later (the task goes on, as with the SQLite store's `update`). True: written; False:
+        refused (another process had settled the task); None: held."""
         held = self._unwritten.pop(task_id, None)
-        return self._write(task_id, change if held is None else held.then(change)) is not False
+        return self._write(task_id, change if held is None else held.then(change))
 
     def _write(self, task_id: str, change: Change) -> bool | None:
         """True: written; False: an outcome refused (the task was settled already); None: held."""
@@ -962,8 +966,7 @@ class RedisLog:
             raw, ring_from = self._bytes(lo, max(end, min(start + 3, limit)))
             if meta["head"] <= lo < ring_from and lo < total:
                 continue  # the ring moved past what we were reading: read again
-            known = start == 0 or start > floor
-            start += character_start(raw[: start - lo], raw[start - lo :], known_before=known)
+            start += character_start(raw[: start - lo], raw[start - lo :], cut=floor > 0 and lo == floor)
             data = raw[start - lo : end - lo]
             if end < total or not meta["finished"]:
                 data = cut_to_boundary(data)

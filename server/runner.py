@@ -30,7 +30,8 @@ session writer's, the HTTP response's) on its way to the socket."""
 
 
 class SettledElsewhere(Exception):
-    """The task was settled by another process while it waited here (this one was taken for dead)."""
+    """The task must not start here: settled by another process while it waited (this one was taken for
+    dead), or its start could not be recorded."""
 
 
 class Lifecycle(Protocol):
@@ -109,7 +110,7 @@ class LocalRunner:
             log.info("task %s left running on purpose: %s", task.id, left)
             lifecycle.release(task)
         except SettledElsewhere:
-            log.warning("task %s was settled by another process while it waited here; it does not start", task.id)
+            log.warning("task %s does not start: settled elsewhere meanwhile, or its start went unrecorded", task.id)
         except Exception as exc:
             log.exception("task %s (%s) raised", task.id, task.tool)
             error = TaskError(kind=ErrorKind.EXCEPTION, message=f"{type(exc).__name__}: {exc}")

@@ -30,7 +30,7 @@ from server.distributed import DocketRunner, follow_changes, live_workers, queue
 from server.errors import ConfigError, ForeignTaskError, RequestError, StoreUnreachableError
 from server.executor import Executor, RunnerFactory, upkeep_forever
 from server.recovery import recover, watch_peers
-from server.redact import Redactor, known_secrets, url_password
+from server.redact import Redactor, known_secrets, url_secrets
 from server.redis_store import RedisStore
 from server.runner import Lifecycle
 from server.store import Store, TaskStore
@@ -442,8 +442,7 @@ def secret_variables(settings: Settings) -> list[str]:
 
 def secret_values(settings: Settings) -> list[str]:
     """Secrets the settings hold themselves (a password in redis_url): masked like the others."""
-    password = None if settings.redis_url is None else url_password(settings.redis_url)
-    return [] if password is None else [password]
+    return [] if settings.redis_url is None else url_secrets(settings.redis_url)
 
 
 def _use_pidfd_child_watcher() -> None:

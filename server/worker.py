@@ -11,8 +11,8 @@ from contextlib import asynccontextmanager
 import anyio
 
 from server import __version__
-from server.config import Settings
-from server.distributed import DEFAULT_QUEUE, WorkerEngine, worker_name
+from server.config import DEFAULT_QUEUE, Settings
+from server.distributed import WorkerEngine, worker_name
 from server.errors import ConfigError
 from server.process_table import ProcessTable
 from server.redis_store import RedisStore
@@ -36,16 +36,19 @@ async def worker_beside(settings: Settings, queues: list[str] | None) -> AsyncIt
         return
     if settings.redis_url is None:
         raise ConfigError("--worker runs a worker beside the front-end: it needs redis_url (--redis-url)")
-    async with Runtime.open(settings, role="worker") as runtime, anyio.create_task_group() as tg:
-        store = runtime.executor.store
-        assert isinstance(store, RedisStore)
-        engine = WorkerEngine(runtime.executor, store, settings, queues, worker_name())
-        tg.start_soon(engine.serve, name="offload worker beside the front-end")
-        log.info("worker %s on queues %s beside the front-end (Redis at %s)", engine.name, queues, store.where)
-        try:
-            yield
-        finally:
-            tg.cancel_scope.cancel()
+    with contextlib.ExitStack() as held:  # as `serve_worker`: its process table, and what dead ones left
+        async with Runtime.open(settings, role="worker") as runtime, anyio.create_task_group() as tg:
+            store = runtime.executor.store
+            assert isinstance(store, RedisStore)
+            store.process_table = held.enter_context(ProcessTable.open(store.root, store.instance))
+            engine = WorkerEngine(runtime.executor, store, settings, queues, worker_name())
+            await engine.tend_left_behind()
+            tg.start_soon(engine.serve, name="offload worker beside the front-end")
+            log.info("worker %s on queues %s beside the front-end (Redis at %s)", engine.name, queues, store.where)
+            try:
+                yield
+            finally:
+                tg.cancel_scope.cancel()
 
 
 async def serve_worker(settings: Settings, queues: list[str]) -> None:

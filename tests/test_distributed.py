@@ -270,6 +270,8 @@ async def test_an_identical_get_on_the_other_front_end_joins_the_one_in_flight(n
             assert await anyio.to_thread.run_sync(reached.wait, 20)  # the worker's request is at the server
             joined = await tool(two, "fire_tool", **fire)
             assert (joined["task_id"], joined["deduplicated"]) == (first["task_id"], True)
+            to_any = await tool(two, "fire_tool", **fire, target="any")  # the queue it went to anyway
+            assert (to_any["task_id"], to_any["deduplicated"]) == (first["task_id"], True)
             release.set()
             polled = await tool(two, "poll_output", task_ids=[joined["task_id"]], timeout_s=20)
             assert polled["done"][0]["status"] == "completed", polled
@@ -318,6 +320,50 @@ async def test_a_task_settled_while_its_paused_worker_held_it_never_starts_there
             tg.cancel_scope.cancel()
             for node in (worker, front_end):
                 await node.process.aclose()
+
+
+async def test_a_worker_front_end_killed_mid_command_ends_it_when_it_starts_again(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """A front-end with `--worker` keeps its process table as a worker does: killed -9 mid-command and
+    started again on its data directory, it ends what it left running (its commands outlived it)."""
+    async with anyio.create_task_group() as tg:
+        both = await start_node(tg, tmp_path, "front-end", redis_server.url, "f0", "--worker")
+        async with connect(both.url) as client:
+            fired, _ = await until_running(client, "sleep 300 & echo > $READY; wait")
+            pid = (await tool(client, "get_cached_output", task_id=fired["task_id"]))["pid"]
+        await both.kill_9()
+        await both.process.aclose()
+        assert live_group_members(pid), "kill -9 leaves its command running"
+        again = await start_node(tg, tmp_path, "front-end", redis_server.url, "f0", "--worker")
+        try:
+            assert await gone(pid, timeout_s=20)
+            async with connect(again.url) as client:
+                polled = await tool(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=20)
+            assert (polled["done"][0]["status"], polled["done"][0]["error"]["kind"]) == ("failed", "interrupted")
+            assert live_group_members(pid) == []
+        finally:
+            await stop_nodes([again])
+            tg.cancel_scope.cancel()
+            await again.process.aclose()
+
+
+async def test_a_command_whose_record_a_redis_restart_lost_is_stopped_by_its_worker(tmp_path: Path) -> None:
+    """Nobody can collect a task whose record Redis forgot (restarted without persistence): its worker
+    stops the command instead of letting it run out its course unseen."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        async with cluster(tmp_path, server.url, front_ends=1, workers=1) as (_, front_end):
+            async with connect(front_end.url) as client:
+                fired, _ = await until_running(client, "sleep 300 & echo > $READY; wait")
+                pid = (await tool(client, "get_cached_output", task_id=fired["task_id"]))["pid"]
+            server.stop()
+            server.start()  # the same port, empty
+            assert await gone(pid, timeout_s=20)
+            assert live_group_members(pid) == []
+    finally:
+        server.stop()
 
 
 def _running(redis_server: RedisServer, tmp_path: Path) -> list[int]:

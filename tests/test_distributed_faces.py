@@ -14,11 +14,12 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import Gate, call
+from conftest import FakeClock, Gate, call
 from fastmcp import Client as FastMCPClient
 from fastmcp_tasks.client import call_tool_task
 from test_http import connect, web_server
 
+from server.cache import Clock
 from server.config import LOCAL_OWNER, Settings
 from server.distributed import MAX_QUEUES, WorkerEngine
 from server.redis_store import RedisStore
@@ -45,7 +46,7 @@ async def worker(gate: Gate, settings: Settings) -> AsyncIterator[WorkerEngine]:
 
 @asynccontextmanager
 async def distributed(
-    gate: Gate, redis_server: RedisServer, tmp_path: Path, transport: str, **extra: Any
+    gate: Gate, redis_server: RedisServer, tmp_path: Path, transport: str, clock: Clock = time.time, **extra: Any
 ) -> AsyncIterator[str]:
     shared: dict[str, Any] = {
         "redis_url": redis_server.url,
@@ -55,7 +56,7 @@ async def distributed(
     worker_settings = Settings(data_dir=tmp_path / "worker", kill_grace_s=0.5, **shared)
     async with (
         worker(gate, worker_settings),
-        web_server(gate, transport, clock=time.time, data_dir=tmp_path / "front", **shared, **extra) as url,
+        web_server(gate, transport, clock=clock, data_dir=tmp_path / "front", **shared, **extra) as url,
     ):
         yield url
 
@@ -164,3 +165,16 @@ async def test_tasks_whose_records_a_redis_restart_lost_end_instead_of_running_f
             assert again.task_id not in fired
     finally:
         server.stop()
+
+
+async def test_a_task_that_expired_before_its_front_end_heard_it_ended_reads_as_it_ended(
+    gate: Gate, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """A front-end that hears of a finished task only after its TTL ran out (a short `ttl_s`, a pause, a
+    dropped subscription; here its clock runs ahead) reads it as expired, not as lost to a Redis restart."""
+    async with distributed(gate, redis_server, tmp_path, "http", clock=FakeClock()) as url, connect(url) as client:
+        fired = await call(client, "fire_tool", tool="test.gate", arguments={"key": "late"})
+        await gate.wait_entered("late")
+        gate.release("late")
+        polled = await call(client, "poll_output", task_ids=[fired["task_id"]], timeout_s=10)
+    assert polled["done"] == [] and "expired at" in polled["unknown"][0]["message"], polled  # not "gone"

@@ -13,7 +13,7 @@ from conftest import FakeClock, Gate, call, finish, open_client
 
 from server.config import Settings
 from server.output import OutputLog
-from server.redact import Redactor
+from server.redact import Redactor, mask_url, url_secrets
 
 pytestmark = pytest.mark.anyio
 
@@ -84,3 +84,23 @@ async def test_a_running_commands_half_written_secret_never_reaches_the_client(
             release.write("go\n")
         done = await finish(client, task)
         assert SECRET[:4] not in done["output"]["text"] and "[redacted" in done["output"]["text"]
+
+
+@pytest.mark.parametrize(
+    ("url", "masked", "secrets"),
+    [
+        ("redis://:s3cret@h:6379/0", "redis://***@h:6379/0", ["s3cret"]),
+        ("redis://h:6379/0?password=S3cret&db=1", "redis://h:6379/0?password=***&db=1", ["S3cret"]),
+        ("redis://:s3cr#et@h:6379/0", "redis://***@h:6379/0", ["s3cr#et"]),  # unencoded: urlsplit stops at #
+        ("redis://:a/b?c1@h:1/0?ssl_password=KEYPASS", "redis://***@h:1/0?ssl_password=***", ["a/b?c1", "KEYPASS"]),
+        ("redis://:p%40ss@h/0", "redis://***@h/0", ["p%40ss", "p@ss"]),
+        ("redis://h/0", "redis://h/0", []),
+    ],
+)
+def test_a_redis_url_never_shows_its_secrets_however_they_are_written(
+    url: str, masked: str, secrets: list[str]
+) -> None:
+    """Found by review: `?password=`, an unencoded `#`, `/` or `?` in the password, and `ssl_password=`
+    (all read by redis-py) went into messages and logs as typed."""
+    assert mask_url(url) == masked
+    assert url_secrets(url) == secrets

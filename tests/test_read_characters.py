@@ -76,3 +76,7 @@ def test_a_read_just_past_the_dropped_range_skips_what_the_gap_left_of_a_charact
         at = chunk.next_offset
     assert all(text.decode() == "€" * (len(text) // 3) for text in texts)
     assert len(texts[-1]) >= 500 - 3 and len(texts[-1]) % 3 == 0
+    for past in range(4):  # a start just past the gap: the bytes before it are gone too
+        chunk = log.read(head.dropped[1] + past, 10)
+        assert chunk.data == data[chunk.offset : chunk.next_offset] and chunk.offset % 3 == 0, (past, chunk)
+        chunk.data.decode()

@@ -256,3 +256,43 @@ async def _read_fifo(path: Path, timeout_s: float = 20.0) -> None:
             await anyio.wait_readable(fd)
     finally:
         os.close(fd)
+
+
+@pytest.mark.slow
+async def test_a_task_whose_start_redis_cannot_take_never_starts(
+    tmp_path: Path, proxy: TcpProxy, redis_server: RedisServer
+) -> None:
+    """A worker cut from Redis would start a task the cluster may already report as never started (its
+    lease lapsing meanwhile): a start Redis did not take is no start. The task fails saying nothing ran."""
+    folder = Path(tempfile.mkdtemp(prefix="offload-start-"))
+    side, ready, gate = folder / "side", folder / "ready", folder / "gate"
+    os.mkfifo(ready)
+    os.mkfifo(gate)
+    async with anyio.create_task_group() as tg:
+        flags = ("--queue", "any", "--queue", "q1", "--max-concurrency", "1")
+        worker = await start_node(tg, tmp_path, "worker", proxy.url(), "w0", *flags, lease_s=10)
+        front_end = await start_node(tg, tmp_path, "front-end", redis_server.url, "f0", lease_s=10)
+        try:
+            async with connect(front_end.url) as client:
+                a_command = f"echo A >> {side}; echo > {ready}; read line < {gate}"
+                fire = {"tool": "shell", "arguments": {"command": a_command}}
+                a = data(await client.call_tool("fire_tool", fire))["task_id"]
+                await _read_fifo(ready)
+                fire = {"tool": "shell", "arguments": {"command": f"echo B >> {side}"}, "target": "q1"}
+                b = data(await client.call_tool("fire_tool", fire))["task_id"]
+                await worker.wait_for_log(f"{{{b}}}".encode())  # Docket handed B over: it waits for A's slot
+                proxy.cut()
+                with open(gate, "w") as opened:  # A's read waits: no block
+                    opened.write("go\n")
+                await worker.wait_for_log(b"does not start")  # A ended; B's start was not recorded
+                proxy.restore()
+                polled = data(await client.call_tool("poll_output", {"task_ids": [a, b], "timeout_s": 30}))
+            views = {view["task_id"]: view for view in polled["done"]}
+            assert views[a]["status"] == "completed", views
+            assert views[b]["status"] == "failed" and "nothing of it ran" in views[b]["error"]["message"], views
+            assert side.read_text() == "A\n"  # B never ran
+        finally:
+            await stop_nodes([worker, front_end])
+            tg.cancel_scope.cancel()
+            for node in (worker, front_end):
+                await node.process.aclose()
