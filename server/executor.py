@@ -138,7 +138,8 @@ class Executor:
             self.counters.cache_lookups[tool] += 1
             if use_cache and (reused := self._reuse.find(key, self._active, self._lookup.reusable)) is not None:
                 return reused
-        self._admission.check_room(owner, self._active.per_owner[owner])
+        across = self.store.unfinished(owner)  # distributed mode: counted across front-ends
+        self._admission.check_room(owner, self._active.per_owner[owner] if across is None else across)
         task = self._new_task(admitted)
         task.queue = admitted.queue
         self.store.add(task)  # on disk before the id is returned

@@ -9,6 +9,7 @@ Keys, under one namespace (`offload` unless a test picks its own):
     {ns}:inflight:{key}  the unfinished task of a result key (what an identical call joins), until its outcome
     {ns}:expiring        zset: finished task ids by expires_at (what `sweep` walks)
     {ns}:unfinished      set: queued and running task ids (what `claim_orphans` walks)
+    {ns}:active:{owner}  set: the owner's unfinished task ids (its `max_active_per_owner`, cluster-wide)
     {ns}:tomb:{id}, {ns}:tombs   tombstones (bounded, newest kept)
     {ns}:instance:{id}   a live process's lease: a key that expires after lease_s unless renewed
     {ns}:fence:{id}      the run fence: who runs the task (set once; a redelivery finds it taken)
@@ -106,6 +107,7 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if status and status ~= '"queued"' and status ~= '"running"' then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 4))
 if redis.call('GET', KEYS[6]) == ARGV[1] then redis.call('DEL', KEYS[6]) end
+redis.call('SREM', KEYS[7], ARGV[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 if ARGV[3] ~= '' then redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1]) end
@@ -473,6 +475,7 @@ class RedisStore(RedisLeases):
             pipe.hset(self._key("task", task.id), mapping=_encode(record))
             pipe.zadd(self._key("owner", task.owner), {task.id: task.created_at})
             pipe.sadd(f"{self.ns}:unfinished", task.id)
+            pipe.sadd(self._key("active", task.owner), task.id)
             if task.cache_key is not None:  # joined by an identical call on any front-end while it runs
                 pipe.set(self._key("inflight", task.cache_key), task.id)
             pipe.execute()
@@ -519,7 +522,7 @@ class RedisStore(RedisLeases):
         settled = None
         if task.status.finished and task.expires_at is not None:
             cache_key = task.cache_key if task.status is Status.COMPLETED else None
-            settled = Settled(task.expires_at, task.finished_at or 0.0, cache_key, task.cache_key)
+            settled = Settled(task.expires_at, task.finished_at or 0.0, cache_key, task.cache_key, task.owner)
         outcome = _outcome(task, output_total=_known_total(task.output))
         if self.process_table is not None and task.status.finished:
             self.process_table.remove(task.id)  # its command ended here, whoever settled it
@@ -551,6 +554,11 @@ class RedisStore(RedisLeases):
         """A task run again from the start: what the first run wrote is dropped, offsets start at 0."""
         self.redis.delete(self._key("out", task_id), self._key("outmeta", task_id))
         return self.new_output(task_id, file_max_bytes, writing=True)
+
+    def unfinished(self, owner: str) -> int | None:
+        """The owner's unfinished tasks across every front-end (what `max_active_per_owner` counts)."""
+        with self._reachable():
+            return int(self.redis.scard(self._key("active", owner)))
 
     def run_flags(self, task_ids: list[str]) -> list[tuple[bool, str | None]]:
         """For each task: its cancel flag, and its status (None: no record)."""
@@ -675,6 +683,7 @@ class ChangeWriter:
             _key(self._ns, "cache", settled.cache_key or ""),
             self._channel,
             _key(self._ns, "inflight", settled.result_key or ""),
+            _key(self._ns, "active", settled.owner),
         ]
         cached: float | str = settled.finished_at if settled.cache_key is not None else ""
         return bool(self._settle(keys=keys, args=[task_id, settled.expires_at, cached, *fields]))
@@ -701,6 +710,8 @@ class Settled:
     """The result key it is reused by (completed tasks only)."""
     result_key: str | None = None
     """The result key it held while running (what identical calls joined), freed now."""
+    owner: str = ""
+    """Whose unfinished tasks it no longer counts among (`max_active_per_owner`, across front-ends)."""
 
 
 @dataclass(frozen=True, slots=True)

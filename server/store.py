@@ -128,6 +128,9 @@ class TaskStore(Protocol):
     def reusable(self, cache_key: str, now: float) -> str | None:
         """A task to reuse for this result key: completed and unexpired, else unfinished (to join)."""
 
+    def unfinished(self, owner: str) -> int | None:
+        """The owner's unfinished tasks wherever they run; None: this process counts its own."""
+
     def count_by_status(self, owner: str, now: float) -> dict[str, int]: ...
     def tombstone(self, task_id: str) -> Expired | None: ...
     def heartbeat(self, now: float) -> None: ...
@@ -291,6 +294,9 @@ class Store(FileLogs):
             (cache_key, now),
         ).fetchone()
         return None if found is None else str(found[0])
+
+    def unfinished(self, owner: str) -> int | None:
+        return None  # each server counts its own (as before distributed mode)
 
     def count_by_status(self, owner: str, now: float) -> dict[str, int]:
         rows = self._db.execute(

@@ -366,6 +366,29 @@ async def test_a_command_whose_record_a_redis_restart_lost_is_stopped_by_its_wor
         server.stop()
 
 
+async def test_an_owners_cap_on_unfinished_tasks_holds_across_front_ends(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """`max_active_per_owner` was counted per front-end: an owner behind a load balancer had twice its
+    cap. No worker runs here, so every fired task stays queued (unfinished)."""
+    cap = {"OFFLOAD_MAX_ACTIVE_PER_OWNER": "2"}
+    async with anyio.create_task_group() as tg:
+        one = await start_node(tg, tmp_path, "front-end", redis_server.url, "f0", extra_env=cap)
+        two = await start_node(tg, tmp_path, "front-end", redis_server.url, "f1", extra_env=cap)
+        try:
+            async with connect(one.url) as first, connect(two.url) as second:
+                fired = [await tool(first, "fire_tool", tool="shell", arguments={"command": "true"}) for _ in "ab"]
+                refused = await second.call_tool("fire_tool", {"tool": "shell", "arguments": {"command": "true"}})
+                assert "You already have 2 tasks queued or running" in error_text(refused), error_text(refused)
+                await tool(second, "cancel_task", task_id=fired[0]["task_id"])  # room again, on any front-end
+                assert (await tool(second, "fire_tool", tool="shell", arguments={"command": "true"}))["task_id"]
+        finally:
+            await stop_nodes([one, two])
+            tg.cancel_scope.cancel()
+            for node in (one, two):
+                await node.process.aclose()
+
+
 def _running(redis_server: RedisServer, tmp_path: Path) -> list[int]:
     """What each worker's heartbeat says it runs (their namespace is the test's, see testkit.cluster)."""
     namespace = tmp_path.name[-60:]
