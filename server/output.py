@@ -298,29 +298,54 @@ def tail_offset(path: Path, tail_bytes: int, known: Layout | None = None) -> int
 
 
 def _read_once(fd: int, layout: Layout, offset: int, max_bytes: int) -> tuple[Chunk, int]:
-    total = layout.total_bytes
+    """The chunk, and where the bytes it was cut from begin (what the writer must not have overwritten)."""
+    plan = plan_read(offset, max_bytes, layout.total_bytes, layout.dropped)
+    raw = _pread_fd(fd, layout, plan.lo, plan.hi)
+    return chunk_of(plan, raw, total=layout.total_bytes, finished=layout.finished, gap=layout.dropped), plan.lo
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPlan:
+    """What a read from an offset fetches, in one go, from either log (file or Redis): bytes [lo, hi). `lo`
+    reaches up to 3 bytes back (a start inside a character moves past it), `hi` far enough past `end` for
+    the first whole character when no whole one fits the read."""
+
+    start: int
+    end: int
+    limit: int
+    """Where readable bytes stop: the total, or the dropped range's start."""
+    lo: int
+    hi: int
+    cut: bool
+    """The bytes before `start` were cut by the dropped range: a character's start there is unknown."""
+
+
+def plan_read(offset: int, max_bytes: int, total: int, gap: tuple[int, int] | None) -> ReadPlan:
     start = min(max(offset, 0), total)
-    gap = layout.dropped
     if gap is not None and gap[0] <= start < gap[1]:
         start = gap[1]
     limit = gap[0] if gap is not None and start < gap[0] else total
-    end = min(start + max_bytes, limit)
     floor = gap[1] if gap is not None and start >= gap[1] else 0
     lo = max(start - 3, floor)
-    raw = _pread_fd(fd, layout, lo, max(end, min(start + 3, limit)))
-    start += character_start(raw[: start - lo], raw[start - lo :], cut=floor > 0 and lo == floor)
-    data = raw[start - lo : end - lo]
-    if end < layout.total_bytes or not layout.finished:
+    end = min(start + max_bytes, limit)
+    return ReadPlan(start, end, limit, lo, max(end, min(start + 7, limit)), floor > 0 and lo == floor)
+
+
+def chunk_of(plan: ReadPlan, raw: bytes, *, total: int, finished: bool, gap: tuple[int, int] | None) -> Chunk:
+    """The read `plan` asked for, out of its bytes `raw` ([lo, hi)): never ending inside a UTF-8 character
+    unless that character is wider than the read or the log is finished and it will never be whole."""
+    start = plan.start + character_start(raw[: plan.start - plan.lo], raw[plan.start - plan.lo :], cut=plan.cut)
+    data = raw[start - plan.lo : plan.end - plan.lo]
+    if plan.end < total or not finished:
         data = cut_to_boundary(data)
-    if not data and start < limit:  # a character wider than the read, or cut by the dropped range
-        window = _pread_fd(fd, layout, start, min(start + 4, limit))
-        data = first_character(
-            window, live=limit == total and not layout.finished, cut=gap is not None and limit == gap[0]
-        )
+    if not data and start < plan.limit:  # a character wider than the read, or cut by the dropped range
+        window = raw[start - plan.lo : min(start + 4, plan.limit) - plan.lo]
+        live, cut = plan.limit == total and not finished, gap is not None and plan.limit == gap[0]
+        data = first_character(window, live=live, cut=cut)
     next_offset = start + len(data)
-    if gap is not None and (next_offset == gap[0] or (not data and start < limit == gap[0])):
+    if gap is not None and (next_offset == gap[0] or (not data and start < plan.limit == gap[0])):
         next_offset = gap[1]  # the next read continues after the gap (with what it cut of a character)
-    return Chunk(data, start, next_offset, total, gap), start
+    return Chunk(data, start, next_offset, total, gap)
 
 
 def character_start(before: bytes, after: bytes, *, cut: bool) -> int:

@@ -53,11 +53,11 @@ from redis.retry import Retry
 from redis.typing import FieldT
 
 from server.errors import StoreUnreachableError
-from server.output import Chunk, Output, character_start, cut_to_boundary, first_character, is_continuation
+from server.output import Chunk, Output, chunk_of, is_continuation, plan_read
 from server.process_table import ProcessTable
 from server.redact import mask_url
-from server.store import Expired, SpecOf, make_private
-from server.tasks import Status, Task, TaskError, TaskSummary, error_kind, iso
+from server.store import Expired, SpecOf, make_private, summary_of
+from server.tasks import Status, Task, TaskError, TaskSummary, error_kind
 from tools.context import ProcessInfo
 
 log = logging.getLogger(__name__)
@@ -220,16 +220,7 @@ class RedisRecords:
                 continue
             if tool is not None and record["tool"] != tool:
                 continue
-            found.append(
-                TaskSummary(
-                    task_id=record["id"],
-                    tool=record["tool"],
-                    status=Status(record["status"]),
-                    error_kind=None if record["error_kind"] is None else error_kind(record["error_kind"]),
-                    created_at=iso(record["created_at"]) or "",
-                    finished_at=iso(record["finished_at"]),
-                )
-            )
+            found.append(summary_of(record))
             if len(found) >= limit:
                 break
         return found
@@ -967,28 +958,11 @@ class RedisLog:
         for _ in range(READ_RETRIES):
             meta = self._layout()
             total, gap = meta["total"], _gap(meta)
-            start = min(max(offset, 0), total)
-            if gap is not None and gap[0] <= start < gap[1]:
-                start = gap[1]
-            limit = gap[0] if gap is not None and start < gap[0] else total
-            end = min(start + max_bytes, limit)
-            floor = gap[1] if gap is not None and start >= gap[1] else 0
-            lo = max(start - 3, floor)
-            raw, ring_from = self._bytes(lo, max(end, min(start + 3, limit)))
-            if meta["head"] <= lo < ring_from and lo < total:
+            plan = plan_read(offset, max_bytes, total, gap)
+            raw, ring_from = self._bytes(plan.lo, plan.hi)
+            if meta["head"] <= plan.lo < ring_from and plan.lo < total:
                 continue  # the ring moved past what we were reading: read again
-            start += character_start(raw[: start - lo], raw[start - lo :], cut=floor > 0 and lo == floor)
-            data = raw[start - lo : end - lo]
-            if end < total or not meta["finished"]:
-                data = cut_to_boundary(data)
-            if not data and start < limit:
-                window, _ = self._bytes(start, min(start + 4, limit))
-                cut = gap is not None and limit == gap[0]
-                data = first_character(window, live=limit == total and not meta["finished"], cut=cut)
-            next_offset = start + len(data)
-            if gap is not None and (next_offset == gap[0] or (not data and start < limit == gap[0])):
-                next_offset = gap[1]  # the next read continues after the gap (with what it cut of a character)
-            return Chunk(data, start, next_offset, total, gap)
+            return chunk_of(plan, raw, total=total, finished=bool(meta["finished"]), gap=gap)
         return Chunk(b"", offset, offset, self.total_bytes, None)
 
     def tail(self, tail_bytes: int) -> int:

@@ -283,7 +283,7 @@ class Store(FileLogs):
             query += " AND tool = ?"
             params.append(tool)
         query += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
-        return [_summary(row) for row in self._db.execute(query, [*params, limit])]
+        return [summary_of(row) for row in self._db.execute(query, [*params, limit])]
 
     def reusable(self, cache_key: str, now: float) -> str | None:
         """The newest completed, unexpired task with this result key; else a running one (any server's) to join."""
@@ -476,7 +476,8 @@ def _task(row: Row, output_path: Path, spec: ToolSpec | None, holder: str | None
     )
 
 
-def _summary(row: Row) -> TaskSummary:
+def summary_of(row: Row | Mapping[str, Any]) -> TaskSummary:
+    """A task's line in `list_tasks`, from a row of either store (the same field names)."""
     return TaskSummary(
         task_id=row["id"],
         tool=row["tool"],

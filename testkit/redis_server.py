@@ -68,6 +68,7 @@ async def until_redis(check: Callable[[], bool], redis_url: str, timeout_s: floa
     """Waits, bounded, for a condition on Redis's state (read directly, not through the proxy), checked
     again at each keyspace event (a key set, written or expired): an event, not a sleep."""
     client = aioredis.Redis.from_url(redis_url)
+    before = (await client.config_get("notify-keyspace-events"))["notify-keyspace-events"]
     try:
         await client.config_set("notify-keyspace-events", "KEA")
         async with client.pubsub() as pubsub:
@@ -76,4 +77,5 @@ async def until_redis(check: Callable[[], bool], redis_url: str, timeout_s: floa
                 while not check():
                     await pubsub.get_message(timeout=1.0)
     finally:
+        await client.config_set("notify-keyspace-events", before)  # the other tests on this Redis pay nothing
         await client.aclose()
