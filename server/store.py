@@ -195,10 +195,12 @@ class Store(FileLogs):
         return store
 
     def close(self) -> None:
-        """Gives up this server's lease: its unfinished tasks become claimable at once. Idempotent."""
+        """Writes what a full disk made `update` hold, then gives up this server's lease: its unfinished
+        tasks become claimable at once. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        _report_unwritten(self.flush(), self.root)
         with contextlib.suppress(sqlite3.Error):
             self._db.execute("DELETE FROM instances WHERE id = ?", (self.instance,))
             self._db.execute("PRAGMA optimize")
@@ -550,6 +552,16 @@ def lock_is_free(path: Path) -> bool:
     with contextlib.suppress(OSError):
         path.unlink()
     return True
+
+
+def _report_unwritten(held: int, root: Path) -> None:
+    if held:
+        log.error(
+            "could not write the changes of %d tasks before shutting down (the task database in %s still "
+            "cannot be written): they will read as interrupted; free some space there",
+            held,
+            root,
+        )
 
 
 def _remove_task_files(log_path: Path, exit_path: Path) -> None:

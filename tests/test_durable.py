@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import FakeClock, Gate, call, error_text, live_group_members, open_client
+from conftest import FakeClock, Gate, call, error_text, finish, live_group_members, open_client
 
 from server.config import LOCAL_OWNER, Settings
 from server.errors import ConfigError
@@ -481,3 +482,64 @@ async def test_a_detached_command_never_runs_on_unwatched(tmp_path: Path, clock:
         for view in reply["done"]:
             assert view["pid"] is not None
             assert live_group_members(view["pid"]) == []
+
+
+def fill(disk: Path) -> Path:
+    """Fills a small filesystem to the last byte; removing the file returned frees it again."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (64 * 1024, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_a_result_held_through_a_full_disk_is_written_at_a_clean_shutdown(
+    small_disk: Path, clock: FakeClock, gate: Gate
+) -> None:
+    """Found by review (issue 22, item 8): `close` did not flush the outcome the full disk made it hold,
+    so after a restart the task read `interrupted`. No heartbeat comes first here (lease_s is long)."""
+    settings = Settings(kill_grace_s=0.5, data_dir=small_disk / "data", lease_s=600)
+    db_path = small_disk / "data" / "offload.db"
+    async with open_client(settings, clock, gate) as (_, client):
+        fired = await call(client, "fire_tool", tool="test.gate", arguments={"key": "held"})
+        await gate.wait_entered("held")
+        filler = fill(small_disk)
+        gate.release("held")
+        assert (await finish(client, fired["task_id"]))["status"] == "completed"
+        peer = sqlite3.connect(db_path)
+        held = peer.execute("SELECT status FROM tasks WHERE id = ?", (fired["task_id"],)).fetchone()[0]
+        peer.close()
+        assert held == "running", "the disk is full: the outcome is held, not written"
+        filler.unlink()  # room again, but nothing writes before the shutdown
+    async with open_client(settings, clock, gate) as (_, client):
+        view = await call(client, "get_cached_output", task_id=fired["task_id"])
+        assert (view["status"], view["result"]) == ("completed", {"key": "held", "call": 1})
+
+
+async def test_a_change_still_unwritable_at_shutdown_is_named_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store.open(tmp_path / "data")
+    task = Task(
+        id="t-held",
+        tool="test.gate",
+        owner=LOCAL_OWNER,
+        created_at=1.0,
+        ttl_s=60,
+        output=store.new_output("t-held", 4096),
+    )
+    store.add(task)
+    store._db.execute("PRAGMA busy_timeout = 50")  # the lock below is held past it at once, not after 5 s
+    peer = sqlite3.connect(tmp_path / "data" / "offload.db", isolation_level=None)
+    peer.execute("BEGIN IMMEDIATE")  # another writer holds the database past the timeout
+    task.status, task.finished_at = Status.COMPLETED, 2.0
+    assert store.record_outcome(task)  # held, not lost
+    store.close()
+    peer.execute("ROLLBACK")
+    peer.close()
+    assert "could not write the changes of 1 tasks before shutting down" in caplog.text
