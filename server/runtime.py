@@ -242,20 +242,26 @@ class Runtime:
         on_progress: ProgressFn | None = None,
         owner: str,
     ) -> PollReply:
-        tasks, unknown = [], []
-        for task_id in dict.fromkeys(task_ids):
-            try:
-                tasks.append(self.executor.get(owner, task_id))
-            except RequestError as exc:  # an unknown or expired id never fails the others
-                unknown.append(UnknownTask(task_id=task_id, message=self.redactor.text(str(exc))))
+        tasks, unknown = self._known(task_ids, owner)
         if on_progress is not None:
             await on_progress(sum(t.status.finished for t in tasks), len(tasks))
         tasks, timed_out = await self.executor.wait(tasks, timeout_s, return_when, on_progress)
-        done = [t for t in tasks if t.status.finished]
+        done, gone = self._known([t.id for t in tasks if t.status.finished], owner)  # read as a read would:
+        unknown += gone  # a TTL that ended while the poll waited lists the task as expired
         share = max_bytes // max(len(done), 1)
         views = [self.output_view(t, 0, share, share) for t in done]
         pending = [t.id for t in tasks if not t.status.finished]
         return PollReply(done=views, pending=pending, unknown=unknown, timed_out=timed_out)
+
+    def _known(self, task_ids: Iterable[str], owner: str) -> tuple[list[Task], list[UnknownTask]]:
+        """The caller's tasks by id, and the ids that are unknown or expired (they never fail the others)."""
+        tasks, unknown = [], []
+        for task_id in dict.fromkeys(task_ids):
+            try:
+                tasks.append(self.executor.get(owner, task_id))
+            except RequestError as exc:
+                unknown.append(UnknownTask(task_id=task_id, message=self.redactor.text(str(exc))))
+        return tasks, unknown
 
     def task(self, task_id: str, *, owner: str) -> Task:
         """The task itself, for a face that shapes its own reply (the tasks extension)."""

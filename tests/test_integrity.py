@@ -18,11 +18,13 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import FakeClock, Gate, call, error_text, finish, needs_subreaper, open_client
+from conftest import FakeClock, Gate, call, data, error_text, finish, needs_subreaper, open_client
 from mcp import Client
 
 from server.config import Settings
 from server.logs import RepeatFilter
+from server.runtime import Runtime
+from server.tasks import Task
 from testkit.processes import gone
 
 pytestmark = pytest.mark.anyio
@@ -307,3 +309,33 @@ async def test_a_cwd_outside_the_roots_reads_alike_whether_it_exists(
             message = error_text(await client.call_tool("run_shell_background", {"command": "true", "cwd": path}))
             answers.append(message.replace(path, "PATH"))
         assert answers[0] == answers[1] and "outside the allowed roots" in answers[0]
+
+
+async def test_a_ttl_ending_during_a_poll_lists_the_task_as_expired(
+    runtime: Runtime, client: Client, clock: FakeClock, gate: Gate
+) -> None:
+    """Found by review (issue 22, item 10): a result whose TTL ended between the wait and the read came
+    back in `done` as `completed` with no text; it is listed with the ids that are gone, as a read says."""
+    fired = await call(client, "fire_tool", tool="test.gate", arguments={"key": "brief"}, ttl_s=10)
+    await gate.wait_entered("brief")
+
+    def past_ttl(task: Task) -> None:
+        if task.id == fired["task_id"] and task.status.finished:
+            clock.advance(11)  # the TTL ends after the task finished, before the poll reads it
+
+    async def release_once_polling(done: float, total: float | None, message: str | None) -> None:
+        gate.release("brief")  # the poll has read the task (unfinished) and waits on it now
+
+    unsubscribe = runtime.subscribe(past_ttl)
+    try:
+        result = await client.call_tool(
+            "poll_output", {"task_ids": [fired["task_id"]], "timeout_s": 20}, progress_callback=release_once_polling
+        )
+    finally:
+        unsubscribe()
+    reply = data(result)
+    assert reply["done"] == [] and reply["pending"] == [], reply
+    assert [u["task_id"] for u in reply["unknown"]] == [fired["task_id"]]
+    assert "expired at" in reply["unknown"][0]["message"]
+    read = error_text(await client.call_tool("get_cached_output", {"task_id": fired["task_id"]}))
+    assert "expired at" in read
