@@ -10,6 +10,7 @@
         ├── UnavailableToolError  the tool cannot run here (a credential is missing)
         ├── TooManyTasksError   the caller has the most queued + running tasks allowed
         ├── StoreFullError      the data directory cannot take a new task (disk full)
+        ├── DataDirGoneError    the data directory was removed or replaced while the server ran
         ├── StoreUnreachableError  Redis (distributed mode's store, `redis_url`) does not answer
         ├── ForeignTaskError    cancelling a task another server process (same data dir) runs
         ├── RefusedError        the owner's policy forbids these arguments (shell allow/deny lists, roots)
@@ -115,6 +116,19 @@ class StoreFullError(RequestError):
         super().__init__(
             f"The task could not be recorded in the data directory {root!r} ({reason}); nothing was started. "
             "Free some disk space there (list_tasks shows what is kept; results expire after ttl_s), then fire again."
+        )
+
+
+class DataDirGoneError(RequestError):
+    """Raised by fires and reads once the data directory (or its database) was removed or replaced under a
+    running server: what it holds is gone, and a write would land in a file nobody can open again."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        super().__init__(
+            f"The data directory {root!r} was removed or replaced while this server ran: its tasks, results "
+            "and output are gone from it, and this call did nothing (a fire started nothing). Restart the "
+            "Offload server (quit and reopen the MCP client); it makes the data directory afresh."
         )
 
 

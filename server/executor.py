@@ -23,7 +23,7 @@ from server.admission import Admission, Admitted
 from server.cache import Clock
 from server.changes import Changes
 from server.config import Settings
-from server.errors import ForeignTaskError, RequestError
+from server.errors import DataDirGoneError, ForeignTaskError, RequestError
 from server.lookup import Lookup
 from server.output import OutputWriter
 from server.reuse import Counters, Fired, Reuse
@@ -331,5 +331,7 @@ async def upkeep_forever(executor: Executor) -> None:
         try:
             await executor.sweep()
             await anyio.to_thread.run_sync(executor.store.checkpoint)
+        except DataDirGoneError:
+            pass  # said once, by the store
         except Exception:
             log.exception("store upkeep failed; will try again")

@@ -26,6 +26,7 @@ class Lookup:
         self._hot = hot
 
     def get(self, owner: str, task_id: str) -> Task:
+        self._store.ensure_present()  # a task held here reads nothing once its data directory is gone
         task = self._active.get(task_id) or self._hot.get(task_id)
         if task is None:
             stored = self._store.load(task_id, self._registry.get)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from server.errors import DataDirGoneError
 from server.executor import Executor
 from server.redis_store import RedisStore
 from server.tasks import ErrorKind, Status, Task, TaskError
@@ -128,5 +129,7 @@ async def watch_peers(executor: Executor, interval_s: float, wall_clock: Callabl
             await recover(executor, wall_clock)
             if executor.runs_here:  # a front-end's: a worker beside it (`--worker`) tends its own
                 tend_orphans([task.id for task in executor.active_tasks()])
+        except DataDirGoneError:
+            pass  # said once, by the store: nothing is left to tend until a restart
         except Exception:
             log.exception("checking on other servers failed; will try again")

@@ -580,6 +580,9 @@ class RedisStore(RedisLeases):
     def checkpoint(self) -> None:
         """Nothing to do: Redis persists as its operator configured it."""
 
+    def ensure_present(self) -> None:
+        """Nothing to check: records and output live in Redis, whose absence reads raise on their own."""
+
     def sweep(self, now: float, tombstones_max: int) -> list[str]:
         with self._reachable():
             ids = [_text(i) for i in self.redis.zrangebyscore(f"{self.ns}:expiring", "-inf", now)]

@@ -27,7 +27,7 @@ from server.cache import Clock
 from server.changes import Subscriber
 from server.config import Settings, clients_config, data_dir
 from server.distributed import DocketRunner, follow_changes, live_workers, queue_depths
-from server.errors import ConfigError, ForeignTaskError, RequestError, StoreUnreachableError
+from server.errors import ConfigError, DataDirGoneError, ForeignTaskError, RequestError, StoreUnreachableError
 from server.executor import Executor, RunnerFactory, upkeep_forever
 from server.recovery import recover, watch_peers
 from server.redact import Redactor, known_secrets, url_secrets
@@ -242,26 +242,16 @@ class Runtime:
         on_progress: ProgressFn | None = None,
         owner: str,
     ) -> PollReply:
-        tasks, unknown = self._known(task_ids, owner)
+        tasks, unknown = _known(self, task_ids, owner)
         if on_progress is not None:
             await on_progress(sum(t.status.finished for t in tasks), len(tasks))
         tasks, timed_out = await self.executor.wait(tasks, timeout_s, return_when, on_progress)
-        done, gone = self._known([t.id for t in tasks if t.status.finished], owner)  # read as a read would:
+        done, gone = _known(self, [t.id for t in tasks if t.status.finished], owner)  # read as a read would:
         unknown += gone  # a TTL that ended while the poll waited lists the task as expired
         share = max_bytes // max(len(done), 1)
         views = [self.output_view(t, 0, share, share) for t in done]
         pending = [t.id for t in tasks if not t.status.finished]
         return PollReply(done=views, pending=pending, unknown=unknown, timed_out=timed_out)
-
-    def _known(self, task_ids: Iterable[str], owner: str) -> tuple[list[Task], list[UnknownTask]]:
-        """The caller's tasks by id, and the ids that are unknown or expired (they never fail the others)."""
-        tasks, unknown = [], []
-        for task_id in dict.fromkeys(task_ids):
-            try:
-                tasks.append(self.executor.get(owner, task_id))
-            except RequestError as exc:
-                unknown.append(UnknownTask(task_id=task_id, message=self.redactor.text(str(exc))))
-        return tasks, unknown
 
     def task(self, task_id: str, *, owner: str) -> Task:
         """The task itself, for a face that shapes its own reply (the tasks extension)."""
@@ -319,6 +309,19 @@ class Runtime:
         """Distributed mode's live workers (offload://workers); empty in single-process mode."""
         store = self.executor.store
         return live_workers(store, time.time()) if isinstance(store, RedisStore) else []
+
+
+def _known(runtime: Runtime, task_ids: Iterable[str], owner: str) -> tuple[list[Task], list[UnknownTask]]:
+    """The caller's tasks by id, and the ids that are unknown or expired (they never fail the others)."""
+    tasks, unknown = [], []
+    for task_id in dict.fromkeys(task_ids):
+        try:
+            tasks.append(runtime.executor.get(owner, task_id))
+        except DataDirGoneError:
+            raise  # no id can be read: the whole call is refused
+        except RequestError as exc:
+            unknown.append(UnknownTask(task_id=task_id, message=runtime.redactor.text(str(exc))))
+    return tasks, unknown
 
 
 def _server_wide(executor: Executor) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from server.errors import ConfigError, StoreFullError
+from server.errors import ConfigError, DataDirGoneError, StoreFullError
 from server.output import OutputLog, OutputWriter, StoredLog
 from server.tasks import Status, Task, TaskError, TaskSummary, error_kind, iso
 from tools.context import ProcessInfo
@@ -138,6 +138,9 @@ class TaskStore(Protocol):
     def sweep(self, now: float, tombstones_max: int) -> list[str]: ...
     def remove_files(self, task_ids: list[str]) -> None: ...
     def checkpoint(self) -> None: ...
+    def ensure_present(self) -> None:
+        """Raises `DataDirGoneError` once the data directory this store opened was removed or replaced."""
+
     def close(self) -> None: ...
 
 
@@ -168,6 +171,7 @@ class Store(FileLogs):
         self._db = connection
         self._lock_fd = lock_fd
         self._closed = False
+        self._dir = DataDirWatch(root)
 
     def __repr__(self) -> str:
         return f"<Store {self.root} instance={self.instance}>"
@@ -213,6 +217,7 @@ class Store(FileLogs):
 
     def add(self, task: Task) -> None:
         """Raises `StoreFullError` when the data directory cannot take the row: nothing is started then."""
+        self.ensure_present()
         row = _row(task, self.instance)
         columns = ", ".join(row)
         marks = ", ".join(f":{name}" for name in row)
@@ -246,6 +251,8 @@ class Store(FileLogs):
         """Never raises: a change the database cannot take now (disk full, locked past the timeout) is
         kept and written by `flush` later, so a full disk never takes the server or a task down. Written
         only while the task is unfinished (a settled record never changes); False when it was not."""
+        if self._dir.gone:
+            return True  # a database nobody can open again: nothing to write it to (see `ensure_present`)
         values = {**self._unwritten.pop(task_id, {}), **values}
         assignments = ", ".join(f"{name} = :{name}" for name in values)
         sql = f"UPDATE tasks SET {assignments} WHERE id = :id AND status IN ('queued', 'running')"  # noqa: S608
@@ -269,6 +276,7 @@ class Store(FileLogs):
 
     def load(self, task_id: str, spec_of: SpecOf) -> Task | None:
         """The task as stored, expired or not (the caller decides); `local` False: no handle of ours runs it."""
+        self.ensure_present()
         row = self._db.execute("SELECT * FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return None if row is None else _task(row, self.output_path(task_id), spec_of(row["tool"]))
 
@@ -276,6 +284,7 @@ class Store(FileLogs):
         self, owner: str, now: float, status: Status | None, tool: str | None, limit: int
     ) -> list[TaskSummary]:
         """The owner's unexpired tasks, newest first."""
+        self.ensure_present()
         query = "SELECT * FROM tasks WHERE owner = ? AND (expires_at IS NULL OR expires_at > ?)"
         params: list[Any] = [owner, now]
         if status is not None:
@@ -316,6 +325,7 @@ class Store(FileLogs):
 
     def heartbeat(self, now: float) -> None:
         """Renews this server's lease (a row, re-inserted if a peer took it for dead and removed it)."""
+        self.ensure_present()
         self.flush()
         self._db.execute(
             "INSERT INTO instances (id, pid, host, started_at, heartbeat_at) VALUES (?, ?, ?, ?, ?) "
@@ -333,7 +343,7 @@ class Store(FileLogs):
         dead: dict[str, bool] = {}
         for row in rows:
             if row["instance"] not in dead:
-                dead[row["instance"]] = self._instance_is_dead(row["instance"], now)
+                dead[row["instance"]] = _instance_is_dead(self._db, self.root, row["instance"], now - self.lease_s)
         return [
             _task(row, self.output_path(row["id"]), spec_of(row["tool"]), names.get(row["instance"]))
             for row in rows
@@ -347,32 +357,26 @@ class Store(FileLogs):
         )
         return cursor.rowcount == 1
 
-    def _instance_is_dead(self, instance: str, now: float) -> bool:
-        """On this host the lock says it at once (and a busy loop is no death); elsewhere the lease."""
-        lease = self._db.execute("SELECT heartbeat_at, host FROM instances WHERE id = ?", (instance,)).fetchone()
-        if lease is not None and lease["host"] != socket.gethostname():
-            stale = bool(lease["heartbeat_at"] < now - self.lease_s)
-            if stale:
-                self._db.execute("DELETE FROM instances WHERE id = ?", (instance,))
-            return stale
-        dead = lock_is_free(self.root / "instances" / f"{instance}.lock")
-        if dead:
-            self._db.execute("DELETE FROM instances WHERE id = ?", (instance,))
-        return dead
-
     def checkpoint(self) -> None:
         """Copies the WAL into the database file; blocking I/O with fsyncs, so it runs in a worker
-        thread on a connection of its own, never on the event loop's commits."""
+        thread on a connection of its own, never on the event loop's commits. Not once the data directory
+        is gone: a connection would make a fresh database in its place."""
+        if self._dir.gone_now():
+            return
         db = sqlite3.connect(self.root / DB_NAME, timeout=5.0)
         try:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             db.close()
 
+    def ensure_present(self) -> None:
+        self._dir.check()
+
     # ---- expiry ----
 
     def sweep(self, now: float, tombstones_max: int) -> list[str]:
         """Deletes expired task rows, leaving bounded tombstones; returns their ids (see `remove_files`)."""
+        self.ensure_present()
         expired = self._db.execute(
             "SELECT id, owner, expires_at FROM tasks WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,)
         ).fetchall()
@@ -404,6 +408,54 @@ class Store(FileLogs):
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+
+def _instance_is_dead(db: sqlite3.Connection, root: Path, instance: str, stale_before: float) -> bool:
+    """On this host the lock says it at once (and a busy loop is no death); elsewhere the lease."""
+    lease = db.execute("SELECT heartbeat_at, host FROM instances WHERE id = ?", (instance,)).fetchone()
+    if lease is not None and lease["host"] != socket.gethostname():
+        stale = bool(lease["heartbeat_at"] < stale_before)
+        if stale:
+            db.execute("DELETE FROM instances WHERE id = ?", (instance,))
+        return stale
+    dead = lock_is_free(root / "instances" / f"{instance}.lock")
+    if dead:
+        db.execute("DELETE FROM instances WHERE id = ?", (instance,))
+    return dead
+
+
+class DataDirWatch:
+    """Notices the data directory (or its database) removed or replaced under a running server, by the
+    database file's device and inode: one stat a call. From then on the store refuses fires and reads,
+    and writes nothing: an open connection would go on writing into an unlinked file."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._db_path = root / DB_NAME
+        self._identity = _identity(self._db_path)
+        self.gone = False
+
+    def check(self) -> None:
+        if self.gone_now():
+            raise DataDirGoneError(str(self.root))
+
+    def gone_now(self) -> bool:
+        if not self.gone and _identity(self._db_path) != self._identity:
+            self.gone = True
+            log.error(
+                "the data directory %s (or its database) was removed or replaced while this server ran; "
+                "fires and reads are refused from now on: restart the server",
+                self.root,
+            )
+        return self.gone
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 # ---- row mapping ----

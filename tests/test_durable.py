@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -543,3 +544,34 @@ async def test_a_change_still_unwritable_at_shutdown_is_named_in_the_log(
     peer.execute("ROLLBACK")
     peer.close()
     assert "could not write the changes of 1 tasks before shutting down" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_data_dir_removed_under_a_running_server_is_refused_plainly(
+    tmp_path: Path, clock: FakeClock, gate: Gate, how: str
+) -> None:
+    """Found by review (issue 22, item 11): with its data directory deleted, reads looped at
+    `next_offset 0` and new fires "succeeded" into a database nobody could open again."""
+    settings = Settings(kill_grace_s=0.5, data_dir=tmp_path / "data")
+    async with open_client(settings, clock, gate) as (_, client):
+        running = await call(client, "fire_tool", tool="test.gate", arguments={"key": "on"})
+        await gate.wait_entered("on")
+        finished = await call(client, "fire_tool", tool="shell", arguments={"command": "echo kept"}, wait_s=10)
+        shutil.rmtree(tmp_path / "data")
+        if how == "replaced":  # another server (or the user) made a fresh one in its place
+            Store.open(tmp_path / "data").close()
+        for tool, arguments in [
+            ("fire_tool", {"tool": "shell", "arguments": {"command": "echo lost"}}),
+            ("run_shell_background", {"command": "echo lost"}),
+            ("get_cached_output", {"task_id": running["task_id"]}),
+            ("get_cached_output", {"task_id": finished["task_id"]}),
+            ("poll_output", {"task_ids": [running["task_id"]], "timeout_s": 1}),
+            ("list_tasks", {}),
+        ]:
+            message = error_text(await client.call_tool(tool, arguments))
+            assert "data directory" in message and "Restart the Offload server" in message, (tool, message)
+        assert gate.calls == {"on": 1}
+        if how == "replaced":
+            fresh = Store.open(tmp_path / "data")
+            assert fresh.summaries(LOCAL_OWNER, clock(), None, None, 10) == []  # nothing written into it
+            fresh.close()
