@@ -17,7 +17,7 @@ from conftest import FakeClock, Gate, call, error_text, finish, live_group_membe
 from server.config import LOCAL_OWNER, Settings
 from server.errors import ConfigError
 from server.runtime import Runtime
-from server.store import Store
+from server.store import WAL_KEEP_BYTES, Store
 from server.tasks import ErrorKind, Status, Task, TaskError
 from testkit.processes import gone
 from testkit.rawserver import RawServer, start_server
@@ -575,3 +575,25 @@ async def test_a_data_dir_removed_under_a_running_server_is_refused_plainly(
             fresh = Store.open(tmp_path / "data")
             assert fresh.summaries(LOCAL_OWNER, clock(), None, None, 10) == []  # nothing written into it
             fresh.close()
+
+
+async def test_the_wal_shrinks_back_after_a_burst_of_tasks(tmp_path: Path, clock: FakeClock, gate: Gate) -> None:
+    """Found by review (issue 22, item 12): the WAL kept the size of the largest burst for as long as the
+    server ran (274 MB after 6,000 tasks). Checkpoints every few seconds cut it back to WAL_KEEP_BYTES."""
+    settings = Settings(kill_grace_s=0.5, data_dir=tmp_path / "data", lease_s=1.5)
+    wal = tmp_path / "data" / "offload.db-wal"
+    async with open_client(settings, clock, gate) as (_, client):
+        peak = 0
+        for batch in range(6):
+            ids = []
+            for i in range(50):
+                gate.release(f"k{batch}-{i}")
+                fired = await call(client, "fire_tool", tool="test.gate", arguments={"key": f"k{batch}-{i}"})
+                ids.append(fired["task_id"])
+            assert (await call(client, "poll_output", task_ids=ids, timeout_s=20, max_bytes=0))["pending"] == []
+            peak = max(peak, wal.stat().st_size)
+        assert peak > 2 * WAL_KEEP_BYTES  # the burst grew it well past what is kept
+        deadline = anyio.current_time() + 15  # the upkeep loop's next checkpoints, and the next write
+        while (size := wal.stat().st_size) > WAL_KEEP_BYTES:
+            assert anyio.current_time() < deadline, f"the WAL is still {size} bytes"
+            await call(client, "list_tasks", limit=1)
