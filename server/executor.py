@@ -288,6 +288,13 @@ class Executor:
                 self.changes.publish(stored)
         self._waiters.poke(task_id)
 
+    def peer_changed(self, task_id: str) -> None:
+        """A task another server on the shared data directory runs changed (`PeerFeed`): published here, so
+        this server's subscribers hear of it as of a task run here; waiters wake."""
+        if task_id not in self._active and (stored := self._lookup.load(task_id)) is not None:
+            self.changes.publish(stored)
+        self._waiters.poke(task_id)
+
     def _take_state(self, task: Task, stored: Task) -> None:
         task.status, task.started_at, task.process = stored.status, stored.started_at, stored.process
         task.output = stored.output

@@ -23,6 +23,7 @@ import anyio
 from server.errors import DataDirGoneError
 from server.executor import Executor
 from server.redis_store import RedisStore
+from server.store import Store
 from server.tasks import ErrorKind, Status, Task, TaskError
 from tools.context import JSON, ToolContext
 from tools.process import carries_marker, end_marked, is_same_process, kill_left_behind, tend_orphans
@@ -118,6 +119,23 @@ def _as_handler(hook: Recover, task: Task) -> Handler:
 
 def _interrupted(executor: Executor, task: Task, message: str) -> None:
     executor.settle(task, Status.FAILED, TaskError(kind=ErrorKind.INTERRUPTED, message=message), None)
+
+
+PEER_NEWS_S = 0.5
+"""How often the data directory is asked what other servers changed (one PRAGMA when nothing did)."""
+
+
+async def follow_peers(executor: Executor, store: Store, interval_s: float = PEER_NEWS_S) -> None:
+    """Hears what the other servers on the data directory change (see `PeerFeed`) and tells it here."""
+    while True:
+        await anyio.sleep(interval_s)
+        try:
+            for task_id in store.peers.changed():
+                executor.peer_changed(task_id)
+        except DataDirGoneError:
+            pass  # said once, by the store
+        except Exception:
+            log.exception("reading what other servers changed failed; will try again")
 
 
 async def watch_peers(executor: Executor, interval_s: float, wall_clock: Callable[[], float] = time.time) -> None:

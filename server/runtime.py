@@ -29,7 +29,7 @@ from server.config import Settings, clients_config, data_dir
 from server.distributed import DocketRunner, follow_changes, live_workers, queue_depths
 from server.errors import ConfigError, DataDirGoneError, ForeignTaskError, RequestError, StoreUnreachableError
 from server.executor import Executor, RunnerFactory, upkeep_forever
-from server.recovery import recover, watch_peers
+from server.recovery import follow_peers, recover, watch_peers
 from server.redact import Redactor, known_secrets, url_secrets
 from server.redis_store import RedisStore
 from server.runner import Lifecycle
@@ -421,6 +421,8 @@ async def _start_engine(executor: Executor, tg: TaskGroup) -> None:
         log.exception("settling earlier tasks or expiring old ones failed; will try again")
     tg.start_soon(upkeep_forever, executor, name="offload store upkeep")
     tg.start_soon(watch_peers, executor, executor.settings.lease_s / 3, name="offload lease and peers")
+    if isinstance(executor.store, Store):  # Redis has a change stream of its own (`follow_changes`)
+        tg.start_soon(follow_peers, executor, executor.store, name="offload news of other servers")
 
 
 def catalog_of(specs: Iterable[ToolSpec]) -> Catalog:

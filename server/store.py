@@ -175,6 +175,7 @@ class Store(FileLogs):
         self._lock_fd = lock_fd
         self._closed = False
         self._dir = DataDirWatch(root)
+        self.peers = PeerFeed(connection, instance)
 
     def __repr__(self) -> str:
         return f"<Store {self.root} instance={self.instance}>"
@@ -446,6 +447,39 @@ class DataDirWatch:
                 self.root,
             )
         return self.gone
+
+
+class PeerFeed:
+    """What other servers on the data directory changed: the ids of their tasks that appeared or changed
+    status since the last call. SQLite sends no events across processes; `PRAGMA data_version` (no I/O)
+    says whether any other connection committed, and only then are two indexed queries run: new rows
+    (by rowid) and the others' unfinished tasks (compared with the last look)."""
+
+    def __init__(self, db: sqlite3.Connection, instance: str) -> None:
+        self._db = db
+        self._instance = instance
+        self._version: int | None = None
+        self._last_rowid = int(db.execute("SELECT coalesce(max(rowid), 0) FROM tasks").fetchone()[0])
+        self._unfinished: dict[str, str] = {}
+
+    def changed(self) -> list[str]:
+        version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        if version == self._version:
+            return []
+        self._version = version
+        fresh = self._db.execute(
+            "SELECT rowid, id FROM tasks WHERE rowid > ? AND instance != ?", (self._last_rowid, self._instance)
+        ).fetchall()
+        self._last_rowid = max([self._last_rowid, *(row[0] for row in fresh)])
+        now = dict(
+            self._db.execute(
+                "SELECT id, status FROM tasks WHERE status IN ('queued', 'running') AND instance != ?",
+                (self._instance,),
+            ).fetchall()
+        )
+        moved = [task_id for task_id, status in self._unfinished.items() if now.get(task_id) != status]
+        self._unfinished = now
+        return list(dict.fromkeys([*(row[1] for row in fresh), *moved]))
 
 
 def _checkpoint(path: Path) -> None:

@@ -265,3 +265,46 @@ async def test_a_closed_connection_leaves_no_subscriptions_behind(tmp_path: Path
             assert server.notifier.stats()["subscribed_resources"] == 2
         assert server.notifier.stats()["subscribed_connections"] == 0
         gate.release("k")
+
+
+@pytest.mark.parametrize("era", list(ERAS))
+async def test_a_task_run_by_another_server_on_the_data_dir_notifies_here(tmp_path: Path, era: str) -> None:
+    """Found by review (issue 22, item 13): a task server A ran never produced a resource notification on
+    server B, though B's poll_output woke. Subscriptions ride the same news of the shared store."""
+    settings = Settings(data_dir=tmp_path / "data")
+    updates: list[str] = []
+    heard = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, ResourceUpdatedNotification):
+            updates.append(message.params.uri)
+            heard.set()
+
+    held = Held(tmp_path)
+    async with (
+        open_client(settings, FakeClock(), Gate()) as (_, a),
+        open_client(settings, FakeClock(), Gate()) as (b_runtime, _),
+        Client(build_server(b_runtime), mode=ERAS[era], message_handler=on_message) as b,
+    ):
+        fired = await call(a, "run_shell_background", command=held.command)
+        uri = fired["resource"]
+        assert json_of(await b.read_resource(uri))["status"] == "running"
+        if era == "legacy":
+            with warnings.catch_warnings():  # resources/subscribe is deprecated in 2026-07-28, not in this era
+                warnings.simplefilter("ignore")
+                await b.subscribe_resource(uri)
+            await held.release()
+            with anyio.fail_after(10):  # the news of its start may come first: read again on each one
+                while json_of(await b.read_resource(uri))["status"] != "completed":
+                    await heard.wait()
+                    heard = anyio.Event()
+            assert set(updates) == {uri}
+        else:
+            async with b.listen(resource_subscriptions=[uri]) as subscription:
+                await held.release()
+                with anyio.fail_after(10):
+                    async for _event in subscription:
+                        if json_of(await b.read_resource(uri))["status"] == "completed":
+                            break
+        view = json_of(await b.read_resource(uri))
+        assert view["status"] == "completed" and view["output"]["text"] == "released\n"
