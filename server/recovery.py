@@ -89,8 +89,9 @@ async def _recover_one(executor: Executor, task: Task, report: Recovered) -> Non
                 await task.handle.done.wait()
         return
     grace_s = executor.settings.kill_grace_s
-    killed = task.process is not None and await kill_left_behind(task.process, grace_s)
-    killed = await end_marked(task.id, grace_s) > 0 or killed
+    with anyio.CancelScope(shield=True):  # bounded by the grace; never stopped between TERM and KILL
+        killed = task.process is not None and await kill_left_behind(task.process, grace_s)
+        killed = await end_marked(task.id, grace_s) > 0 or killed
     report.groups_killed += killed
     report.interrupted += 1
     what = "what was left of it was killed" if killed else "nothing of it was still running"

@@ -597,3 +597,50 @@ async def test_the_wal_shrinks_back_after_a_burst_of_tasks(tmp_path: Path, clock
         while (size := wal.stat().st_size) > WAL_KEEP_BYTES:
             assert anyio.current_time() < deadline, f"the WAL is still {size} bytes"
             await call(client, "list_tasks", limit=1)
+
+
+async def test_cancels_from_two_servers_of_a_dead_ones_tasks_leave_nothing_running(tmp_path: Path) -> None:
+    """Found by review (issue 22, item 7): three servers on a data dir, one killed -9; the other two cancel
+    its tasks at once. A cancel that reached a task while a live server was settling it (TERM sent, the
+    grace running) cancelled the settling itself: the KILL never came, and a command that outlives TERM
+    ran on for good though its cancel answered `cancelled`. Every one is dead within the grace now.
+    Real server processes: the dead one's commands go to init, not to a subreaper that would tend them."""
+    data = tmp_path / "data"
+    env = {"OFFLOAD_KILL_GRACE_S": "2", "OFFLOAD_LEASE_S": "1.5"}
+    crashing = await start_server(tmp_path, data_dir=data, env=env)
+    fired = [
+        await crashing.call("run_shell_background", command=f"trap '' TERM; echo {i}; sleep 300") for i in range(3)
+    ]
+    one = await start_server(tmp_path, data_dir=data, env=env)
+    two = await start_server(tmp_path, data_dir=data, env=env)
+    async with one.process, two.process:
+        await kill_9(crashing)
+        db = sqlite3.connect(data / "offload.db")
+        dead = {row[0] for row in db.execute("SELECT instance FROM tasks")}
+        with anyio.fail_after(10):  # a live server claims them (its lease loop) and starts ending them
+            while {row[0] for row in db.execute("SELECT instance FROM tasks")} & dead:
+                await one.call("list_tasks", limit=1)
+        db.close()
+        async with anyio.create_task_group() as tg:  # while they are being settled: TERM sent, grace running
+            for server in (one, two):
+                tg.start_soon(cancel_all, server, [f["task_id"] for f in fired])
+        for f in fired:
+            assert await gone(f["pid"], timeout_s=10), f"the command of {f['task_id']} is still running"
+            assert live_group_members(f["pid"]) == []
+            view = await one.call("get_cached_output", task_id=f["task_id"])
+            assert view["status"] in ("failed", "cancelled"), view
+        for server in (one, two):
+            await server.process.stdin.aclose()  # type: ignore[union-attr]
+
+
+async def cancel_all(server: RawServer, task_ids: list[str]) -> None:
+    """Sends every cancel at once, then reads the answers (whatever they are)."""
+    for n, task_id in enumerate(task_ids):
+        call_ = {"name": "cancel_task", "arguments": {"task_id": task_id}}
+        await server.send({"jsonrpc": "2.0", "id": f"cancel-{n}", "method": "tools/call", "params": call_})
+    answered: set[str] = set()
+    with anyio.fail_after(20):
+        while len(answered) < len(task_ids):
+            message = await server.receive()
+            if str(message.get("id", "")).startswith("cancel-"):
+                answered.add(message["id"])

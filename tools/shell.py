@@ -379,8 +379,9 @@ async def recover(orphan: Orphan, ctx: ToolContext, *, config: ShellConfig) -> J
     ):
         return await _follow(watcher, orphan, ctx, config)
     record = exit_record.read(ctx.exit_path)
-    killed = orphan.process is not None and await kill_left_behind(orphan.process, config.kill_grace_s)
-    killed = await end_marked(ctx.task_id, config.kill_grace_s) > 0 or killed
+    with anyio.CancelScope(shield=True):  # a cancel_task meanwhile must not stop it between TERM and KILL
+        killed = orphan.process is not None and await kill_left_behind(orphan.process, config.kill_grace_s)
+        killed = await end_marked(ctx.task_id, config.kill_grace_s) > 0 or killed
     if record is not None:
         return exit_record.outcome_from(ctx.exit_path, orphan.started_wall_s)
     what = "what was left of it was killed" if killed else "nothing of it was still running"
