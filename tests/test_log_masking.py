@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -17,7 +18,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 from test_http import ALICE, connect, tool
 
-from server.redact import RedactingFilter, Redactor
+from server.redact import RedactingFilter, Redactor, mask_log_text
 from testkit.fakes import serve
 from testkit.rawserver import served_log, server_env
 
@@ -103,3 +104,11 @@ def test_ordinary_lines_stay_readable() -> None:
         record = logging.LogRecord("x", logging.INFO, __file__, 1, "%s", (said,), None)
         assert RedactingFilter(Redactor()).filter(record)
         assert record.getMessage() == said
+
+
+@pytest.mark.parametrize("line", ["a." * 32768, "a-" * 32768, '"k":"' * 13000, "x:" * 32768, "a://" * 16384])
+def test_masking_stays_linear_on_long_lines(line: str) -> None:
+    """A backtracking name pattern took minutes on 64 KiB of `a.a.a.` (DEBUG logs carry whole bodies)."""
+    started = time.perf_counter()
+    mask_log_text(line)
+    assert time.perf_counter() - started < 2
