@@ -73,6 +73,17 @@ async def test_plain_targets_run(clock: FakeClock, gate: Gate, tmp_path: Path, r
         assert ran["task"]["output"]["text"] == "made test\nmade build/all\nmade v1.2.3\n", ran
 
 
+@pytest.mark.parametrize("rule", ["words", "any"])
+async def test_plain_words_reach_the_program_as_given(clock: FakeClock, gate: Gate, tmp_path: Path, rule: str) -> None:
+    """Without make too: a program that prints its arguments, one a line."""
+    table = {"command": "printf '%s\\n'", "args": rule}
+    settings = Settings.model_validate({"data_dir": tmp_path / "data", "presets": {"argv": table}})
+    words = ["test", "build/all", "v1.2.3", "tests/test_x.py::test_a", "c++", "50%"]
+    async with open_client(settings, clock, gate) as (_, client):
+        ran = await call(client, "fire_tool", tool="argv", arguments={"args": words}, wait_s=10)
+        assert ran["task"]["output"]["text"] == "".join(f"{word}\n" for word in words), ran
+
+
 @needs_make
 async def test_a_refusal_names_the_argument_the_reason_and_what_the_preset_takes(
     clock: FakeClock, gate: Gate, tmp_path: Path
