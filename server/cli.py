@@ -16,6 +16,7 @@ from server import __version__
 from server.app import build_server
 from server.config import Settings, load_settings
 from server.errors import ConfigError
+from server.limits import raise_descriptor_limit
 from server.logs import RepeatFilter
 from server.redact import RedactingFilter, Redactor
 from server.runtime import Runtime, secret_values, secret_variables
@@ -107,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _log_to_stderr(settings.log_level, Redactor.from_environ(secret_variables(settings), secret_values(settings)))
     os.umask(PRIVATE_UMASK)  # the store's files and the commands' exit records: private to this user
+    raise_descriptor_limit()  # before the HTTP connection cap is fitted to it
     if args.command == "demo":
         from server.demo import run_demo
 

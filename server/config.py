@@ -23,7 +23,7 @@ from server.redact import mask_url
 from server.upstreams import McpServerSettings, ServerName
 from tools.clients import ClientsConfig
 from tools.policy import Mode, ShellPolicy
-from tools.presets import Preset, validate_rule
+from tools.presets import Preset, check_preset, validate_rule
 from tools.sandbox import Kind, OwnerShell, Sandbox
 from tools.shell import SECRET_MARKERS, ShellConfig
 
@@ -47,9 +47,9 @@ class PresetSettings(BaseModel):
     env: dict[str, str] = {}
     description: str | None = None
     args: str = "none"
-    """What a caller may append: "none" (the default), "any", or a regex each argument must match."""
+    """What a caller may append: "none" (the default), "words", "any", or a regex each argument must match."""
     allow_options: bool = False
-    """Allow appended arguments that start with "-" (options can make a program run other commands)."""
+    """Allow appended arguments that start with "-" or "+" (options can make a program run other commands)."""
     queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     """Distributed mode: the worker queue this preset runs on (e.g. the one build host that can run it)."""
 
@@ -57,6 +57,11 @@ class PresetSettings(BaseModel):
     @classmethod
     def _args_rule(cls, value: str) -> str:
         return validate_rule(value)
+
+    @model_validator(mode="after")
+    def _args_reach_a_value(self) -> PresetSettings:
+        check_preset(self.command, self.args)
+        return self
 
 
 class OwnerSettings(BaseModel):

@@ -22,6 +22,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
 
+MACOS_OPEN_MAX = 10240
 DESCRIPTORS_KEPT_FREE = 64
 """For the store, output files and the commands' pipes, whatever the connections do."""
 _BUSY_BODY = (
@@ -32,6 +33,25 @@ _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"content-length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY
 )
+
+
+def raise_descriptor_limit() -> None:
+    """Raises this process's soft RLIMIT_NOFILE to its hard limit, so connections, output files and the
+    commands' pipes have every descriptor the system allows (the soft default of 1,024 let 1,100
+    half-open connections lock everyone out, issue 22). Commands inherit the raised limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    targets = [hard] if hard != resource.RLIM_INFINITY else []
+    targets.append(MACOS_OPEN_MAX)  # macOS refuses more than OPEN_MAX for an unlimited hard limit
+    for target in targets:
+        if soft != resource.RLIM_INFINITY and target <= soft:
+            return
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            continue
+        log.info("descriptor limit (RLIMIT_NOFILE) raised from %d to %d, the hard limit", soft, target)
+        return
+    log.warning("descriptor limit (RLIMIT_NOFILE) stays at %d: raising it to %d was refused", soft, hard)
 
 
 def connection_cap(asked: int) -> int:
@@ -56,22 +76,24 @@ def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11P
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._opened_at = time.monotonic()
-            if len(self.connections) > max_connections and not self._displace_a_waiting_one():
+            live = [c for c in self.connections if isinstance(c, GuardedH11) and not c.transport.is_closing()]
+            if len(live) > max_connections and not self._displace_a_waiting_one(live):
                 transport.write(_BUSY)
                 transport.close()
                 return
             self._arm()
 
-        def _displace_a_waiting_one(self) -> bool:
-            """Closes the oldest connection still waiting for its request headers; False if none is."""
-            waiting = [
-                c
-                for c in self.connections
-                if c is not self and isinstance(c, GuardedH11) and c._header_timer is not None
-            ]
+        def _displace_a_waiting_one(self, live: list[GuardedH11]) -> bool:
+            """Closes the oldest connection still waiting for its request headers; False if none is. Only
+            open ones count: in a burst of accepts, connections closed a moment ago are still in the set
+            (their `connection_lost` comes on a later turn of the loop), and closing one of them again
+            would shed nothing (issue 22: 320 half-open sockets grew past a 96-connection cap)."""
+            waiting = [c for c in live if c is not self and c._header_timer is not None]
             if not waiting:
                 return False
-            min(waiting, key=lambda c: c._opened_at).transport.close()
+            oldest = min(waiting, key=lambda c: c._opened_at)
+            oldest._disarm()
+            oldest.transport.close()
             return True
 
         def data_received(self, data: bytes) -> None:

@@ -36,6 +36,9 @@ WRAPPERS = [
     "sudo -u root",
     "xargs -n 1",
     "/usr/bin/env",
+    "runuser -u bob --",
+    "watch -x",
+    "flock /tmp/x",
 ]
 PREFIXES = ["", "X=1 ", "</dev/null ", "2>/dev/null ", "X=1 Y=2 </dev/null "]
 ARGS = ["", " -a", " --help", " > /dev/null", " 2>&1"]
@@ -64,7 +67,10 @@ CONTEXTS = [
     "x=$({})",
     "echo hi > $({})",
 ]
-SHELLS = ["sh -c {}", "bash -c {}", "bash -lc {}", "sh -xc {}", "sh -c -- {}", "dash -ec {}", "busybox sh -c {}"]
+SHELLS = ["sh -c {}", "bash -c {}", "bash -lc {}", "sh -xc {}", "sh -c -- {}", "dash -ec {}", "busybox sh -c {}",
+          "script -qc {} /dev/null", "script --command={}", "su -c {}", "runuser bob -c {}", "flock -w 1 /tmp/x -c {}",
+          "watch -n 1 {}"]  # fmt: skip
+"""Programs that hand a string to a shell (issue 22 added script, su, runuser and watch)."""
 
 
 @st.composite
@@ -177,3 +183,36 @@ def test_abbreviated_long_options_match_their_rule(line: str) -> None:
 def test_ordinary_quoting_still_runs(line: str) -> None:
     policy = ShellPolicy.build(mode="deny-list", allow=(), deny=("whoami",), roots=())
     assert policy.command_to_run(line, None)
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("script -qc whoami /dev/null", "denies"),
+        ("script -c 'id; whoami'", "denies"),
+        ("script -q -e --com whoami", "denies"),
+        ("script -qcwhoami", "denies"),
+        ("script -T /tmp/t -c whoami", "denies"),
+        ("script -q /tmp/typescript", "stdin"),
+        ("su -c whoami", "denies"),
+        ("su bob --session-command=whoami", "denies"),
+        ("su -s /usr/bin/whoami bob", "not a shell"),
+        ("su -", "stdin"),
+        ("runuser -u bob -- whoami", "denies"),
+        ("runuser bob -c 'echo; whoami'", "denies"),
+        ("watch -n 1 whoami", "denies"),
+        ("watch -d -n1 'date; whoami'", "denies"),
+        ("watch -x whoami", "denies"),
+    ],
+)
+def test_programs_that_run_a_command_string_are_read_like_sh_c(line: str, reason: str) -> None:
+    with pytest.raises(PolicyError, match=reason):
+        POLICY.command_to_run(line, None)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["script -qc 'echo whoami' /dev/null", "su -c 'ls -r' bob", "watch -n 1 echo whoami", "runuser -u bob -- id"],
+)
+def test_their_harmless_strings_run(line: str) -> None:
+    assert POLICY.command_to_run(line, None) == line

@@ -257,7 +257,7 @@ async def test_presets_are_fireable_by_name(clock: FakeClock, gate: Gate, tmp_pa
         catalog = {t["name"]: t for t in (await call(client, "list_fireable_tools"))["tools"]}
         assert catalog["build"]["description"] == "Build the project"
         assert catalog["build"]["default_timeout_s"] == 30
-        reply = await call(client, "fire_tool", tool="build", arguments={"args": ["--fast", "a b"]}, wait_s=10)
-        assert reply["task"]["output"]["text"] == f"{tmp_path}\nbuilding --fast a b\n"
+        reply = await call(client, "fire_tool", tool="build", arguments={"args": ["--fast", "a:b"]}, wait_s=10)
+        assert reply["task"]["output"]["text"] == f"{tmp_path}\nbuilding --fast a:b\n"
         echo = await call(client, "fire_tool", tool="build", arguments={}, wait_s=10)
         assert echo["status"] == "completed"

@@ -5,15 +5,17 @@ rule is found wherever bash would run it *by a literal name* — in any list, pi
 subshell, `if`/`while`/`for`/`until` body, function body, `$(…)`, backquotes, `<(…)`, after assignments
 and redirections, behind a full path or quotes or backslashes or line continuations, behind the wrappers
 in WRAPPERS (with their options), and inside the string of `sh/bash/… -c` (any option cluster holding
-`c`, `--` included), to any depth up to MAX_DEPTH. And it refuses outright what it cannot read that way:
-a line bashlex cannot parse (`case`, `[[ ]]`, `$(( ))`, arrays, `time`), a command word computed at run
-time (`$x`, `$(…)`, backquotes, globs `?*[`, braces `{a,b}`), `eval`, `source`/`.`, and a shell that
-reads its commands from a script file or from stdin (`… | bash`, `bash <<EOF`).
+`c`, `--` included) or of the programs in COMMAND_STRINGS and `watch`, to any depth up to MAX_DEPTH.
+And it refuses outright what it cannot read that way: a line bashlex cannot parse (`case`, `[[ ]]`,
+`$(( ))`, arrays, `time`), a command word computed at run time (`$x`, `$(…)`, backquotes, globs `?*[`,
+braces `{a,b}`), `eval`, `source`/`.`, and a shell that reads its commands from a script file or from
+stdin (`… | bash`, `bash <<EOF`, `script`/`su` without `-c`).
 
 What it cannot see, and so never claims: programs started by another program's arguments or files
 (`find -exec`, `xargs` input, `git -c core.pager=…`, `make`, `npm run`, a script that is not a shell
-reading it directly, `python -c`), aliases and functions from outside the line, and anything a program
-does once it runs. A deny-list is a guard-rail; the allow-list and the sandbox are the protections.
+reading it directly, `python -c`), commands run elsewhere (`ssh host CMD`, `systemd-run`), aliases and
+functions from outside the line, and anything a program does once it runs. A deny-list is a guard-rail;
+the allow-list and the sandbox are the protections.
 """
 
 from __future__ import annotations
@@ -62,10 +64,22 @@ WRAPPERS: dict[str, frozenset[str]] = {
     "xargs": frozenset({"-I", "-n", "-P", "-L", "-s", "-d", "-E", "-a", "--max-args", "--max-procs"}),
     "unbuffer": frozenset(),
     "flock": frozenset({"-w", "--timeout", "-E", "--conflict-exit-code"}),
+    "runuser": frozenset({"-u", "--user", "-w", "--whitelist-environment", "-g", "--group", "-G", "--supp-group"}),
+    "watch": frozenset({"-n", "--interval", "-q", "--equexit"}),
 }
 """Programs that run the command after them: the check looks through them."""
 TAKES_POSITIONAL = {"timeout": 1, "chrt": 1, "taskset": 1, "flock": 1}
 """Wrappers with leading positional arguments before the command (a duration, a priority, a lock file)."""
+COMMAND_STRINGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "flock": ("wE", ("--command",)),
+    "script": ("IOBTEom", ("--command",)),
+    "su": ("wgGs", ("--command", "--session-command")),
+    "runuser": ("wgGsu", ("--command", "--session-command")),
+}
+"""Programs that hand the string of their `-c` (or long option) to a shell: program -> (its short options
+taking a value, its long options carrying the string). The string is read like `sh -c`'s."""
+STDIN_SHELLS = frozenset({"script", "su"})
+"""Programs that start a shell reading stdin when they are given no command string: refused then."""
 
 SHORT_ALIASES: dict[str, dict[str, str]] = {
     "rm": {"R": "r", "--recursive": "r", "--force": "f", "--dir": "d"},
@@ -205,8 +219,8 @@ def _unwrap(words: Sequence[tuple[str, str]], depth: int) -> list[Invocation]:
         if program in SHELLS:
             found.extend(_shell(program, args, depth))
             return found
-        if program == "flock" and (command := _flock_command(args)) is not None:
-            found.extend(invocations(command, depth + 1))
+        if (inner := _string_run_by(program, rest[1:], depth)) is not None:
+            found.extend(inner)
             return found
         if program not in WRAPPERS:
             return found
@@ -214,11 +228,46 @@ def _unwrap(words: Sequence[tuple[str, str]], depth: int) -> list[Invocation]:
     return found
 
 
-def _flock_command(args: list[str]) -> str | None:
-    """The shell string `flock FILE -c STRING` runs, if it has one."""
-    for index, arg in enumerate(args[:-1]):
-        if arg in ("-c", "--command") or (arg.startswith("--com") and "--command".startswith(arg)):
-            return args[index + 1]
+def _string_run_by(program: str, rest: list[tuple[str, str]], depth: int) -> list[Invocation] | None:
+    """What `flock -c`, `script -c`, `su -c`, `runuser -c` and `watch` (without -x) hand a shell, read
+    like `sh -c`'s string; None for a program that runs no such string (a wrapper's command is read
+    after it)."""
+    args = [word for word, _ in rest]
+    if program in ("su", "runuser"):
+        shell = _option_value(args, program, "s", ("--shell",))
+        if shell is not None and os.path.basename(shell) not in SHELLS:
+            raise Unreadable(f"{program} -s {shell!r} runs a program that is not a shell")
+    if program in COMMAND_STRINGS:
+        command = _option_value(args, program, "c", COMMAND_STRINGS[program][1])
+        if command is not None:
+            return invocations(command, depth + 1)
+    if program in STDIN_SHELLS or (program == "runuser" and not {"-u", "--user"} & set(args)):
+        raise Unreadable(f"{program} without -c starts a shell reading stdin, which this policy cannot see")
+    if program == "watch" and not {"-x", "--exec"} & set(args):
+        return invocations(" ".join(word for word, _ in _after_wrapper(program, rest)), depth + 1)
+    return None
+
+
+def _option_value(args: list[str], program: str, letter: str, long_names: tuple[str, ...]) -> str | None:
+    """The value of option `-LETTER` (or a long name) of `program`: the shell string of `flock FILE -c STRING`,
+    `script -qc STRING`, `su -c STRING`; options read as getopt does (clusters, `-cSTRING`,
+    `--command=STRING`, `--com` abbreviated)."""
+    with_value = COMMAND_STRINGS[program][0]
+    index = 0
+    while index < len(args) and args[index] != "--":
+        arg, following = args[index], args[index + 1] if index + 1 < len(args) else ""
+        if arg.startswith("--"):
+            name, equals, value = arg.partition("=")
+            if len(name) > 3 and any(long.startswith(name) for long in long_names):
+                return value if equals else following
+        elif arg.startswith("-"):
+            for position, given in enumerate(arg[1:], 2):
+                if given == letter:
+                    return arg[position:] or following
+                if given in with_value:
+                    index += position == len(arg)  # its value is the next word
+                    break
+        index += 1
     return None
 
 
