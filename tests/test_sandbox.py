@@ -360,7 +360,8 @@ async def test_a_root_owned_root_is_refused_at_start_on_a_root_server(tmp_path: 
     work.mkdir(mode=0o700)
     env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "OFFLOAD_DATA_DIR": str(tmp_path / "d")}
     env.update(OFFLOAD_SHELL_SANDBOX="bwrap", OFFLOAD_SHELL_ROOTS=str(work))
-    done = await anyio.run_process([sys.executable, "-m", "server"], env=env, check=False, stdin=subprocess.DEVNULL)
+    with anyio.fail_after(30):  # a server that starts instead would serve stdio until killed
+        done = await anyio.run_process([sys.executable, "-m", "server"], env=env, check=False, stdin=subprocess.DEVNULL)
     said = done.stderr.decode()
     assert done.returncode == 2, said
     uid, gid = unprivileged_ids()
