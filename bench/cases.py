@@ -27,6 +27,7 @@ from server.runtime import Runtime
 from server.tasks import Task
 from tools.context import JSON, ToolContext
 from tools.registry import ToolSpec
+from tools.sandbox import as_root, unprivileged_ids
 
 
 @dataclass
@@ -668,6 +669,8 @@ async def sandbox(quick: bool) -> CaseResult:
     result = CaseResult("sandbox: bwrap against none (stdio)")
     figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="offload-bench-root-") as root:
+        if as_root():  # a root server's sandboxed commands run as nobody, who must be able to write the root
+            os.chown(root, *unprivileged_ids())
         for kind in ("none", "bwrap"):
             env = {"OFFLOAD_SHELL_SANDBOX": kind, "OFFLOAD_SHELL_ROOTS": root}
             async with stdio_client("legacy", env_extra=env) as client:

@@ -26,6 +26,8 @@ from test_http import ALICE, BOB, TOKENS, connect, tool, web_server
 from server.config import Settings
 from server.errors import ConfigError
 from testkit.rawserver import start_server
+from testkit.redis_server import NO_PERSISTENCE
+from tools.sandbox import as_root, unprivileged_ids
 
 pytestmark = [
     pytest.mark.anyio,
@@ -38,6 +40,13 @@ pytestmark = [
 SECRETS = {"GITHUB_TOKEN": "ghp_" + "g" * 36, "ANTHROPIC_API_KEY": "sk-ant-" + "k" * 40}
 
 
+def sandbox_may_write(*paths: Path) -> None:
+    """A root server's sandboxed commands run as nobody: the roots (and fifos) they write are given to it."""
+    if as_root():
+        for path in paths:
+            os.chown(path, *unprivileged_ids())
+
+
 @pytest.fixture
 def roots(tmp_path: Path) -> dict[str, Path]:
     found = {}
@@ -45,6 +54,7 @@ def roots(tmp_path: Path) -> dict[str, Path]:
         root = tmp_path / "roots" / owner
         root.mkdir(parents=True)
         (root / "secret.txt").write_text(f"{owner}'s private file\n")
+        sandbox_may_write(root)
         found[owner] = root
     return found
 
@@ -53,6 +63,7 @@ def roots(tmp_path: Path) -> dict[str, Path]:
 def outside_tmp() -> Iterator[Path]:
     """A directory outside /tmp (which every sandbox replaces), to see the sandbox hide it by itself."""
     folder = Path(tempfile.mkdtemp(prefix="offload-test-", dir="/var/tmp"))
+    folder.chmod(0o755)  # so what hides a path inside it is the sandbox's mount, not the folder's mode
     try:
         yield folder
     finally:
@@ -153,6 +164,7 @@ async def test_a_sandboxed_command_keeps_group_exit_status_and_cancel(
         runtime_dir = settings_with_sandbox.shell_roots[0]
         fifo = Path(runtime_dir) / "ready"
         os.mkfifo(fifo)
+        sandbox_may_write(fifo)
         fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
         try:
             reply = await call(
@@ -175,6 +187,7 @@ async def test_a_sandboxed_command_keeps_group_exit_status_and_cancel(
 def settings_with_sandbox(tmp_path: Path) -> Settings:
     work = tmp_path / "work"
     work.mkdir()
+    sandbox_may_write(work)
     return Settings(kill_grace_s=0.5, data_dir=tmp_path / "data", shell_sandbox="bwrap", shell_roots=(str(work),))
 
 
@@ -229,6 +242,7 @@ def sandboxed_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Server subprocesses started by `start_server` sandbox their commands; returns the owner's root."""
     work = tmp_path / "work"
     work.mkdir()
+    sandbox_may_write(work)
     monkeypatch.setenv("OFFLOAD_SHELL_SANDBOX", "bwrap")
     monkeypatch.setenv("OFFLOAD_SHELL_ROOTS", str(work))
     return work
@@ -240,6 +254,7 @@ async def test_crash_recovery_leaves_nothing_of_a_sandboxed_command(tmp_path: Pa
     server = await start_server(tmp_path)
     ready = sandboxed_env / "ready"
     os.mkfifo(ready)
+    sandbox_may_write(ready)
     fd = os.open(ready, os.O_RDONLY | os.O_NONBLOCK)  # held open first, so the writer never blocks
     try:
         command = f"sleep 300 & sleep 300 & echo up > {ready}; wait"
@@ -266,6 +281,7 @@ async def test_a_detached_sandboxed_command_outlives_the_server(tmp_path: Path, 
     server = await start_server(tmp_path, "--detach")
     gate = sandboxed_env / "gate"
     os.mkfifo(gate)
+    sandbox_may_write(gate)
     slow = await server.call("run_shell_background", command=f"echo waiting; read line < {gate}; echo $line; exit 4")
     assert server.process.stdin is not None
     await server.process.stdin.aclose()
@@ -293,6 +309,7 @@ async def test_operator_listed_paths_are_hidden(
     (private / "id_ed25519").write_text("PRIVATE KEY\n")
     work = tmp_path / "work"
     work.mkdir()
+    sandbox_may_write(work)
     settings = Settings(
         data_dir=tmp_path / "data",
         shell_sandbox="bwrap",
@@ -304,3 +321,95 @@ async def test_operator_listed_paths_are_hidden(
             client, (await call(client, "run_shell_background", command=f"ls -A {private}; echo end"))["task_id"]
         )
         assert view["output"]["text"] == "end\n"
+
+
+KNOB = Path("/proc/sys/kernel/printk_ratelimit_burst")
+"""A harmless global /proc/sys knob (how many kernel messages pass before rate limiting), never namespaced."""
+
+
+async def test_a_sandboxed_command_has_no_root_powers(
+    settings_with_sandbox: Settings, clock: FakeClock, gate: Gate
+) -> None:
+    """Issue 22: a root server's command could write /proc/sys (core_pattern: a script run as host root).
+    Inside, the uid is not 0, no capability is left, and a /proc/sys knob refuses the write; the owner's
+    root is still writable."""
+    before = KNOB.read_text()
+    other = str(int(before) + 1)
+    probe = (
+        f"id -u; grep CapEff /proc/self/status; echo {other} > {KNOB} && echo knob-written; "
+        "[ -w /proc/sys/kernel/core_pattern ] && echo core-pattern-writable; echo mine > note; cat note"
+    )
+    try:
+        async with open_client(settings_with_sandbox, clock, gate) as (_, client):
+            view = await finish(client, (await call(client, "run_shell_background", command=probe))["task_id"])
+    finally:
+        if KNOB.read_text() != before:  # the old sandbox wrote it: put it back before failing
+            KNOB.write_text(before)
+    lines = view["output"]["text"].split("\n")
+    assert lines[0] != "0", view["output"]["text"]
+    assert lines[1].split() == ["CapEff:", "0000000000000000"]
+    assert "knob-written" not in lines and "core-pattern-writable" not in lines
+    assert lines[-2] == "mine" and KNOB.read_text() == before
+
+
+@pytest.mark.skipif(not as_root(), reason="a root-owned root is writable by a server that is not root")
+async def test_a_root_owned_root_is_refused_at_start_on_a_root_server(tmp_path: Path) -> None:
+    """A root server's commands run as nobody, which cannot write a root-owned root: refused at start,
+    saying what to change, rather than failing each command."""
+    work = tmp_path / "work"
+    work.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "OFFLOAD_DATA_DIR": str(tmp_path / "d")}
+    env.update(OFFLOAD_SHELL_SANDBOX="bwrap", OFFLOAD_SHELL_ROOTS=str(work))
+    with anyio.fail_after(30):  # a server that starts instead would serve stdio until killed
+        done = await anyio.run_process([sys.executable, "-m", "server"], env=env, check=False, stdin=subprocess.DEVNULL)
+    said = done.stderr.decode()
+    assert done.returncode == 2, said
+    uid, gid = unprivileged_ids()
+    assert f"by uid {uid}, which sandboxed commands run as" in said and f"chown -R {uid}:{gid} {work}" in said, said
+
+
+@pytest.fixture
+def unix_redis(outside_tmp: Path) -> Iterator[Path]:
+    """A socket-only redis-server (no TCP port) whose socket anyone may connect to (0777), in a folder a
+    sandbox can see: only the sandbox can keep a command away from it. Ready when it says so on stdout."""
+    path = outside_tmp / "redis.sock"
+    argv = ["redis-server", "--port", "0", *NO_PERSISTENCE, "--dir", str(outside_tmp)]
+    argv += ["--unixsocket", str(path), "--unixsocketperm", "777"]
+    server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert server.stdout is not None
+        for line in server.stdout:  # blocks until a line: the server writes one as it becomes ready
+            if b"ready to accept connections at" in line:
+                break
+        server.stdout.close()
+        with socket.socket(socket.AF_UNIX) as s:  # it answers from outside
+            s.connect(str(path))
+            s.sendall(b"PING\r\n")
+            assert s.recv(16) == b"+PONG\r\n"
+        yield path
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
+UNIX_PROBE = """python3 -c '
+import socket, sys
+try:
+    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"PING\\r\\n"); print(s.recv(16))
+except OSError as e:
+    print("refused:", e.strerror)
+' """
+
+
+async def test_without_network_host_unix_sockets_are_unreachable(
+    gate: Gate, roots: dict[str, Path], tmp_path: Path, secrets_in_environ: dict[str, str], unix_redis: Path
+) -> None:
+    """Issue 22: `network = false` still reached a socket-only Redis. Bob (no network) cannot make a unix
+    socket at all; alice (network on) still reaches it (the README says so). A stream socket pair (asyncio's
+    wake-up channel) still works without network."""
+    extra = {"bob": {"network": False}}
+    async with alice_and_bob(gate, roots, tmp_path / "data", secrets_in_environ, **extra) as (alice, bob):
+        assert output(await run(alice, UNIX_PROBE + str(unix_redis))).strip() == "b'+PONG\\r\\n'"
+        assert output(await run(bob, UNIX_PROBE + str(unix_redis))).strip() == "refused: Operation not permitted"
+        pair = await run(bob, "python3 -c 'import asyncio; asyncio.run(asyncio.sleep(0)); print(\"ok\")'")
+        assert output(pair) == "ok\n"

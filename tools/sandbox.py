@@ -5,8 +5,14 @@ What a sandboxed command sees:
 - a private `/tmp` and `/dev`, its own `/proc` in its own PID namespace: the server, its environment
   and every other owner's processes are not there to read;
 - the data directory and the other owners' roots replaced by empty directories;
-- no capabilities (`--cap-drop ALL`), so even root inside cannot unmount what hides them;
-- the network, or (`network = false`) only a loopback of its own.
+- no capabilities (`--cap-drop ALL`), so it cannot unmount what hides them;
+- never root: a server running as root has bwrap drop the command to an unprivileged uid (nobody's) with
+  `setpriv` once the mounts are made (a user namespace would not do: bwrap run by root maps the uid inside
+  to host root, which may still write /proc/sys, connect to root's sockets and write root's files); and
+  /proc's writable knobs (`/proc/sys`, `/proc/sysrq-trigger`, ...) bound read-only over its own /proc;
+- the network, or (`network = false`) only a loopback of its own and no unix sockets: a seccomp filter
+  (built by libseccomp) refuses `socket(AF_UNIX)`, datagram socket pairs and io_uring, so the host's
+  pathname sockets (which a network namespace does not hide) cannot be reached.
 
 The sandbox is a prefix of the command line: `bwrap` leads the command's process group (a detached
 command's capture process, which writes to the data directory, stays outside it), without a new session
@@ -14,17 +20,26 @@ inside, so signalling the group reaches every process in the sandbox, and `--die
 sandbox with its parent (the server, or the capture process).
 A command that kills itself with a signal reports exit code 128+N from inside the sandbox (bwrap passes
 a status on, not a signal).
-Where bwrap is missing or refused, `check` fails at start: there is never a silent fallback.
+Where bwrap is missing or refused, `check` fails at start: there is never a silent fallback. It also checks,
+inside a sandbox, that the command is not root, has no capabilities, cannot write /proc/sys, and can write
+each of its owner's roots (a root-owned root is not writable by nobody: the message says what to change).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import errno
 import functools
 import os
+import pwd
 import shutil
+import socket
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import PurePath
+from typing import Any, Literal
 
 import anyio
 
@@ -39,6 +54,20 @@ as that reaper reports the command's status, leaving it a zombie in the command'
 system's init reaps it, and every group check after the command then reads all of /proc (4-16 ms measured
 here). This one is reaped by bwrap itself. As PID 1 it ignores the group's SIGTERM (the kernel shields a
 namespace's init), so it just ends when the command does; its own end takes the namespace along."""
+
+
+PID_1_IN = ("/bin/sh", "-c", 'cd -- "$1" || exit 125; shift; "$@"; exit $?', "sh")
+"""PID_1 with a working directory first: a command dropped to nobody enters it as nobody (bwrap's `--chdir`
+runs as root without capabilities, which may not enter a directory only nobody may)."""
+PROC_KNOBS = ("sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "scsi")
+"""/proc's entries a root process could write (the list runc and Docker make read-only), bound read-only over
+the sandbox's own /proc. bwrap 0.8 covers irq and bus only: it asks whether /proc/sys itself is writable,
+which a directory there never is, though the knobs in it are."""
+DROP_ROOT = ("--reuid={uid}", "--regid={gid}", "--clear-groups", "--bounding-set=-all", "--inh-caps=-all")
+"""`setpriv` options: the ids, no groups, no capabilities to regain, and `--no-new-privs` after them."""
+WITH_FILTER = ("/bin/sh", "-c", 'exec "$@" 3<"$0"')
+"""bwrap reads its seccomp filter from fd 3: this opens the filter's file there and becomes bwrap (same pid,
+so bwrap still leads the command's process group)."""
 
 
 class SandboxError(RuntimeError):
@@ -66,6 +95,75 @@ def bwrap_path() -> str | None:
     return shutil.which("bwrap")
 
 
+@functools.cache
+def setpriv_path() -> str | None:
+    return shutil.which("setpriv")
+
+
+def as_root() -> bool:
+    """Does this server run as root? Then its sandboxed commands run as `unprivileged_ids()`."""
+    return os.geteuid() == 0
+
+
+@functools.cache
+def unprivileged_ids() -> tuple[int, int]:
+    """The uid and gid a root server's sandboxed commands run as: nobody's (65534 where there is no nobody)."""
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        return 65534, 65534
+    return nobody.pw_uid, nobody.pw_gid
+
+
+_filter_file: list[str] = []
+
+
+def filter_path() -> str:
+    """The seccomp filter of a sandbox without network, as BPF in a private file of this server (0600 in its
+    own /tmp, which no sandbox sees); written once, again if something removed it."""
+    if _filter_file and os.path.exists(_filter_file[0]):
+        return _filter_file[0]
+    fd, path = tempfile.mkstemp(prefix="offload-seccomp-", suffix=".bpf")
+    with os.fdopen(fd, "wb") as f:
+        _no_unix_sockets().export_bpf(f)
+    if not _filter_file:
+        atexit.register(_remove_filter)
+    _filter_file[:] = [path]
+    return path
+
+
+def _remove_filter() -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(_filter_file[0])
+
+
+def _no_unix_sockets() -> Any:
+    """Refuses `socket(AF_UNIX, ...)` (EPERM), `socketpair(AF_UNIX, SOCK_DGRAM)` (a datagram socket may be
+    sent to any path), and io_uring (which makes sockets without the socket call); everything else is allowed.
+    A stream socket pair (asyncio's wake-up channel, for one) still works. Other architectures' calls (a
+    32-bit program's `socketcall`) are killed, libseccomp's default."""
+    try:
+        import pyseccomp as seccomp  # type: ignore[import-untyped]  # loaded only where a sandbox has no network
+    except (ImportError, OSError) as exc:
+        raise SandboxError(
+            f"network = false needs libseccomp ({exc}); install it (`apt-get install libseccomp2`) or give "
+            "the owner the network (network = true)"
+        ) from exc
+    refuse = seccomp.ERRNO(errno.EPERM)
+    rules = seccomp.SyscallFilter(seccomp.ALLOW)
+    rules.add_rule(refuse, "socket", seccomp.Arg(0, seccomp.EQ, socket.AF_UNIX))
+    type_mask = 0xF  # the socket type without SOCK_NONBLOCK / SOCK_CLOEXEC
+    rules.add_rule(
+        refuse,
+        "socketpair",
+        seccomp.Arg(0, seccomp.EQ, socket.AF_UNIX),
+        seccomp.Arg(1, seccomp.MASKED_EQ, type_mask, socket.SOCK_DGRAM),
+    )
+    for call in ("io_uring_setup", "io_uring_enter", "io_uring_register"):
+        rules.add_rule(seccomp.ERRNO(errno.ENOSYS), call)
+    return rules
+
+
 def prefix(sandbox: Sandbox, cwd: str | None) -> list[str]:
     """The words that put a command inside `sandbox`; empty when it is off."""
     if not sandbox.on:
@@ -73,6 +171,7 @@ def prefix(sandbox: Sandbox, cwd: str | None) -> list[str]:
     binary = bwrap_path()
     if binary is None:
         raise SandboxError(_missing())
+    root = as_root()
     argv = [
         binary,
         "--ro-bind",
@@ -82,6 +181,7 @@ def prefix(sandbox: Sandbox, cwd: str | None) -> list[str]:
         "/dev",
         "--proc",
         "/proc",
+        *(word for knob in PROC_KNOBS for word in ("--ro-bind-try", f"/proc/{knob}", f"/proc/{knob}")),
         "--tmpfs",
         "/tmp",  # noqa: S108 - a private, empty /tmp inside the sandbox
         "--unshare-pid",
@@ -90,38 +190,92 @@ def prefix(sandbox: Sandbox, cwd: str | None) -> list[str]:
         "--unshare-cgroup-try",
         "--cap-drop",
         "ALL",
+        *(("--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP") if root else ()),
         "--die-with-parent",
     ]
     if not sandbox.network:
-        argv.append("--unshare-net")
+        argv += ["--unshare-net", "--seccomp", "3"]
     # Hidden paths outside the owner's roots first (a root inside one is bound over the empty directory),
     # then the roots, then hidden paths inside a root. Under the private /tmp only the roots exist.
     outside = [p for p in sandbox.hidden if not any(_within(p, root) for root in sandbox.writable)]
     argv += [word for p in outside if not _within(p, "/tmp") and os.path.exists(p) for word in ("--tmpfs", p)]  # noqa: S108
+    # Under the private /tmp bwrap makes a root's parents with the host's modes (pytest's 0700, say): searchable
+    # instead, or nobody could not reach the root.
+    parents = dict.fromkeys(str(up) for path in sandbox.writable if _within(path, "/tmp") for up in _tmp_parents(path))  # noqa: S108
+    argv += [word for up in parents for word in ("--perms", "0755", "--dir", up)]
     for path in sandbox.writable:
         argv += ["--bind", path, path]
     argv += [word for p in sandbox.hidden if p not in outside and os.path.exists(p) for word in ("--tmpfs", p)]
-    if cwd is not None:
+    if cwd is not None and not root:
         argv += ["--chdir", cwd]
-    return [*argv, "--as-pid-1", "--", *PID_1]
+    argv += ["--as-pid-1", "--"]
+    if root:  # setpriv as PID 1 drops to nobody (the capabilities added above are for this), then PID_1 runs
+        uid, gid = unprivileged_ids()
+        argv += [_setpriv(), *(o.format(uid=uid, gid=gid) for o in DROP_ROOT), "--no-new-privs", "--"]
+        argv += [*PID_1] if cwd is None else [*PID_1_IN, cwd]
+    else:
+        argv += PID_1
+    return argv if sandbox.network else [*WITH_FILTER, filter_path(), *argv]
+
+
+def _setpriv() -> str:
+    found = setpriv_path()
+    if found is None:
+        raise SandboxError(
+            "shell_sandbox = 'bwrap' on a server running as root needs setpriv (util-linux) to drop commands to "
+            "an unprivileged uid, and it is not on PATH; install util-linux, or run the server as an "
+            "unprivileged user"
+        )
+    return found
+
+
+def _tmp_parents(path: str) -> list[PurePath]:
+    """The folders between /tmp and `path`, top first."""
+    return [up for up in reversed(PurePath(path).parents) if len(up.parts) > 2]
 
 
 def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+CHECK_SCRIPT = """
+[ "$(id -u)" != 0 ] || { echo "a sandboxed command still runs as root (uid 0)" >&2; exit 1; }
+grep -Eq '^CapEff:[[:space:]]*0+$' /proc/self/status || { grep CapEff /proc/self/status >&2; exit 1; }
+! [ -w /proc/sys/kernel/core_pattern ] || { echo "a sandboxed command may write /proc/sys" >&2; exit 1; }
+for root; do [ -w "$root" ] && [ -x "$root" ] || { printf %s "$root" >&2; exit 3; }; done
+"""
+"""Inside each sandbox at start: not root, no capabilities, /proc/sys read-only (`-w` asks, never opens), and
+every writable root writable (exit 3 names the one that is not)."""
+ROOT_NOT_WRITABLE = 3
+
+
 async def check(sandboxes: Sequence[Sandbox]) -> None:
-    """Runs a trivial command under each distinct sandbox once, at start; SandboxError if one cannot run."""
+    """Runs `CHECK_SCRIPT` under each distinct sandbox once, at start; SandboxError if one cannot run or
+    would leave its command root powers (one bwrap start per sandbox, a few ms)."""
     for sandbox in dict.fromkeys(s for s in sandboxes if s.on):
-        argv = [*prefix(sandbox, None), "/bin/sh", "-c", "exit 0"]
+        argv = [*prefix(sandbox, None), "/bin/sh", "-c", CHECK_SCRIPT, "sh", *sandbox.writable]
         try:
             with anyio.fail_after(CHECK_TIMEOUT_S):
                 done = await anyio.run_process(argv, check=False)
         except (OSError, TimeoutError) as exc:
             raise SandboxError(f"shell_sandbox = 'bwrap' cannot start ({exc}); {_fix()}") from exc
+        said = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
+        if done.returncode == ROOT_NOT_WRITABLE:
+            raise SandboxError(_root_not_writable(said))
         if done.returncode != 0:
-            said = done.stderr.decode(errors="replace").strip() or f"exit status {done.returncode}"
             raise SandboxError(f"shell_sandbox = 'bwrap' cannot start a sandbox here: {said}; {_fix()}")
+
+
+def _root_not_writable(root: str) -> str:
+    if not as_root():
+        return f"the shell root {root!r} is not writable by this server's user; make it writable or list another"
+    uid, gid = unprivileged_ids()
+    return (
+        f"the shell root {root!r} is not writable (or a folder above it not searchable) by uid {uid}, which "
+        "sandboxed commands run as on a server running as root (never as root: root could write /proc/sys, "
+        f"root's files and root's sockets); give it that uid (`chown -R {uid}:{gid} {root}`), or run the server "
+        "as an unprivileged user who owns it"
+    )
 
 
 def _missing() -> str:
