@@ -321,8 +321,9 @@ class WorkerEngine:
         """Whether the task's record says it was queued on the queue of this Docket (a job found on another
         queue is not this worker's to run: it is refused and logged, the task left as it is)."""
         raw = self.store.redis.hget(self.store.key("task", task_id), "queue")
-        queue = (json.loads(raw) if raw is not None else None) or DEFAULT_QUEUE
-        if raw is not None and docket == docket_name(self.settings.redis_namespace, queue):
+        if raw is None:
+            return False  # no record (expired, swept, or never one): nothing to run, as the fence would say
+        if docket == docket_name(self.settings.redis_namespace, json.loads(raw) or DEFAULT_QUEUE):
             return True
         log.warning("refused a job for task %s on %s: no task queued there has that id; nothing ran", task_id, docket)
         return False

@@ -7,7 +7,9 @@ records and output there and queue jobs the workers run. So when any shell reach
   server's `OFFLOAD_*` settings and any variable holding the password are kept out of their environment);
 - and Redis must refuse a client that gives none (`NOAUTH`): a password in the URL protects nothing on a
   Redis whose default user still lets anyone in.
-Otherwise the process refuses to start, saying what to set.
+Otherwise the process refuses to start, saying what to set. (`redis_url` takes only `redis://` and
+`rediss://`: a Unix socket would be reachable from a sandbox without network, which shows the whole file
+system read-only.)
 """
 
 from __future__ import annotations
