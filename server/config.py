@@ -19,7 +19,7 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.errors import ConfigError
-from server.redact import mask_url
+from server.redact import mask_url, url_secrets
 from server.upstreams import McpServerSettings, ServerName
 from tools.clients import ClientsConfig
 from tools.policy import Mode, ShellPolicy
@@ -283,6 +283,7 @@ class Settings(BaseModel):
             # bearer tokens not even through shell_pass_env.
             secret_markers=(*self.shell_secret_markers, *bearer, self.github_token_env, self.anthropic_key_env),
             pass_env=tuple(name for name in self.shell_pass_env if name not in bearer),
+            secret_values=() if self.redis_url is None else tuple(url_secrets(self.redis_url)),
             kill_grace_s=self.kill_grace_s,
             detach=self.detach,
             presets=presets,
@@ -367,12 +368,30 @@ def load_settings(
     explicit = path is not None
     path = path or default_config_path()
     values: dict[str, Any] = _read_toml(path, required=explicit)
+    in_file = values.get("redis_url")
     values.update(_from_environ(environ))
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
-        return Settings.model_validate(values)
+        settings = Settings.model_validate(values)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source=str(path))) from exc
+    if settings.redis_url is not None and settings.redis_url == in_file and url_secrets(in_file):
+        _check_file_hidden(path, settings)
+    return settings
+
+
+def _check_file_hidden(path: Path, settings: Settings) -> None:
+    """A password in the config file's redis_url must not be readable by a sandboxed command that reaches
+    the network (a sandbox shows the file system read-only, the config directory included)."""
+    real = os.path.realpath(path)
+    shell = settings.shell_config()
+    for box in (shell.sandbox, *(owner.sandbox for owner in shell.owners.values())):
+        if box.on and box.network and not any(real == h or real.startswith(h.rstrip("/") + "/") for h in box.hidden):
+            raise ConfigError(
+                f"redis_url in {str(path)!r} carries a password, and sandboxed commands with network can read that "
+                "file: set redis_url in OFFLOAD_REDIS_URL instead (commands never get OFFLOAD_* variables), or add "
+                "the file's directory to shell_sandbox_hide"
+            )
 
 
 def _read_toml(path: Path, *, required: bool) -> dict[str, Any]:

@@ -42,8 +42,9 @@ import anyio.to_thread
 import redis.asyncio as aioredis
 import redis.exceptions
 from anyio.abc import TaskGroup
-from docket import Docket, Worker
+from docket import CurrentDocket, Docket, Worker
 
+from server import docket_guard
 from server.config import DEFAULT_QUEUE, Settings
 from server.errors import StoreUnreachableError
 from server.executor import Executor
@@ -65,15 +66,18 @@ WORKER_SEEN_LEASES = 3
 
 _ENGINE: ContextVar[WorkerEngine] = ContextVar("offload_worker_engine")
 
+docket_guard.install()  # before any Docket here reads a stream: what it unpickles is plain data only
+
 
 def docket_name(namespace: str, queue: str) -> str:
     """`:` is in neither name (both are `[A-Za-z0-9_.-]`), so two namespaces never share a Docket."""
     return f"{namespace}:queue:{queue}"
 
 
-async def offload_run(task_id: str) -> None:
-    """The one Docket job: its only argument is a task id (Docket pickles payloads: never a command)."""
-    await _ENGINE.get().run(task_id)
+async def offload_run(task_id: str, docket: Docket = CurrentDocket()) -> None:  # noqa: B008 - Docket's way
+    """The one Docket job: its only argument is a task id (Docket pickles payloads: never a command; and
+    `docket_guard` refuses any other job). `docket` (filled in by Docket) says which queue it came from."""
+    await _ENGINE.get().run(task_id, docket.name)
 
 
 # ---- the front-end side ----
@@ -299,7 +303,11 @@ class WorkerEngine:
             with anyio.CancelScope(shield=True), contextlib.suppress(redis.exceptions.RedisError):
                 await anyio.to_thread.run_sync(self.store.redis.hdel, f"{self.store.ns}:workers", self.name)
 
-    async def run(self, task_id: str) -> None:
+    async def run(self, task_id: str, docket: str | None = None) -> None:
+        """Runs the task the job names, only if its record is one this worker can verify: a task queued on
+        the queue the job came from (`docket`: its Docket's name), not finished, not taken."""
+        if docket is not None and not self._queued_on(task_id, docket):
+            return
         verdict, detail = self.store.take_fence(task_id, self.name)
         if verdict == "taken" and detail != CANCEL_FENCE:
             await self._take_over(task_id, holder=detail)
@@ -309,8 +317,20 @@ class WorkerEngine:
         if task is not None and self._prepare(task):
             await self._run_prepared(task)
 
+    def _queued_on(self, task_id: str, docket: str) -> bool:
+        """Whether the task's record says it was queued on the queue of this Docket (a job found on another
+        queue is not this worker's to run: it is refused and logged, the task left as it is)."""
+        raw = self.store.redis.hget(self.store.key("task", task_id), "queue")
+        if raw is None:
+            return False  # no record (expired, swept, or never one): nothing to run, as the fence would say
+        if docket == docket_name(self.settings.redis_namespace, json.loads(raw) or DEFAULT_QUEUE):
+            return True
+        log.warning("refused a job for task %s on %s: no task queued there has that id; nothing ran", task_id, docket)
+        return False
+
     def _prepare(self, task: Task) -> bool:
-        """The task's tool and arguments as this worker has them; False (and the task failed) without."""
+        """The task's tool and arguments as this worker has them, checked against the owner's policy as the
+        front-end did at admission; False (and the task failed) without."""
         if task.spec is None:
             message = f"the tool {task.tool!r} is not configured on worker {self.name}; nothing ran"
             self.executor.settle(task, Status.FAILED, TaskError(kind=ErrorKind.REFUSED, message=message), None)
@@ -322,6 +342,13 @@ class WorkerEngine:
             error = TaskError(kind=ErrorKind.INVALID_ARGUMENTS, message=message)
             self.executor.settle(task, Status.FAILED, error, None)
             return False
+        if task.spec.check is not None:
+            try:
+                task.spec.check(task.arguments, task.owner)  # a record Redis holds is not trusted blindly
+            except ValueError as exc:
+                message = f"worker {self.name} refuses it under the owner's policy ({exc}); nothing ran"
+                self.executor.settle(task, Status.FAILED, TaskError(kind=ErrorKind.REFUSED, message=message), None)
+                return False
         task.output = self.store.new_output(task.id, self.settings.output_file_max_bytes, writing=True)
         return True
 
@@ -452,6 +479,7 @@ class WorkerEngine:
                 "running": self.running,
                 "ran": self.ran,
                 "max_concurrency": self.settings.max_concurrency,
+                "dead_letters": docket_guard.dead_letters,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "heartbeat_at": time.time(),

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import anyio
 from anyio.abc import TaskGroup
 
+from server import redis_auth
 from server.cache import Clock
 from server.changes import Subscriber
 from server.config import Settings, clients_config, data_dir
@@ -364,6 +365,7 @@ def _open_store(settings: Settings) -> TaskStore:
     """SQLite on the data directory; Redis (records and output) when `redis_url` is set."""
     if settings.redis_url is None:
         return Store.open(data_dir(settings), lease_s=settings.lease_s)
+    needs_auth = redis_auth.check_credentials(settings.redis_url, settings.shell_config())
     try:
         store = RedisStore.open(
             settings.redis_url, data_dir(settings), namespace=settings.redis_namespace, lease_s=settings.lease_s
@@ -373,6 +375,12 @@ def _open_store(settings: Settings) -> TaskStore:
             f"Redis at redis_url={exc.where} does not answer ({exc.reason}); start it, or fix redis_url "
             "(--redis-url or OFFLOAD_REDIS_URL)"
         ) from exc
+    if needs_auth:
+        try:
+            redis_auth.check_auth_required(settings.redis_url)
+        except ConfigError:
+            store.close()
+            raise
     store.output_max_bytes = settings.output_file_max_bytes
     return store
 

@@ -1,10 +1,15 @@
 """A real `redis-server` for the tests and the bench: on a free loopback port, no persistence, started
 and stopped by the caller. Readiness is its log line "Ready to accept connections", read from its
-stdout: an event, not a sleep."""
+stdout: an event, not a sleep.
+
+It is set up the way the README says distributed mode must be: the default user off (a client that does
+not authenticate is refused: NOAUTH) and an ACL user `offload` with a password of its own, which `url`
+carries. `open_url` is the same address without credentials (what a command would try)."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -16,6 +21,7 @@ import redis.asyncio as aioredis
 
 REDIS_READY = b"Ready to accept connections"
 NO_PERSISTENCE = ("--save", "", "--appendonly", "no")
+ACL_USER = "offload"
 
 
 def free_port() -> int:
@@ -26,15 +32,44 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, folder: Path, port: int | None = None, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+        *,
+        auth: bool = True,
+        acl_rules: tuple[str, ...] = ("~*", "&*", "+@all"),
+    ) -> None:
+        """`auth=False`: the default user left on without a password (how the README used to set Redis up),
+        for the tests that show Offload refuses such a Redis. `acl_rules`: what the `offload` user may do
+        (every key by default: the tests' namespaces vary)."""
         self.folder = folder
         self.port = port or free_port()
         self.extra_args = extra_args
+        self.auth = auth
+        self.acl_rules = acl_rules
+        self.password = secrets.token_urlsafe(18)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def userinfo(self) -> str:
+        """`offload:PASSWORD@`, or nothing without auth: what goes between `redis://` and the address."""
+        return f"{ACL_USER}:{self.password}@" if self.auth else ""
+
+    @property
     def url(self) -> str:
+        return f"redis://{self.userinfo}127.0.0.1:{self.port}/0"
+
+    @property
+    def open_url(self) -> str:
+        """The same Redis without credentials: refused (NOAUTH) when `auth` is on."""
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def _acl(self) -> tuple[str, ...]:
+        if not self.auth:
+            return ()
+        return ("--user", "default", "off", "--user", ACL_USER, "on", f">{self.password}", *self.acl_rules)
 
     def start(self, timeout_s: float = 10.0) -> None:
         binary = shutil.which("redis-server")
@@ -43,7 +78,7 @@ class RedisServer:
         self.folder.mkdir(parents=True, exist_ok=True)
         argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", *NO_PERSISTENCE, "--dir", str(self.folder)]
         self.process = subprocess.Popen(
-            [*argv, *self.extra_args],
+            [*argv, *self._acl(), *self.extra_args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )

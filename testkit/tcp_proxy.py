@@ -12,8 +12,10 @@ BUFFER_BYTES = 65536
 
 
 class TcpProxy:
-    def __init__(self, target_port: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, target_port: int, host: str = "127.0.0.1", userinfo: str = "") -> None:
+        """`userinfo` (`user:password@`) goes into `url`: the Redis behind wants credentials."""
         self._target = (host, target_port)
+        self._userinfo = userinfo
         self._listener = socket.create_server((host, 0))
         self.port: int = self._listener.getsockname()[1]
         self._open = threading.Event()
@@ -28,7 +30,7 @@ class TcpProxy:
         return f"<TcpProxy :{self.port} -> :{self._target[1]} {'open' if self._open.is_set() else 'cut'}>"
 
     def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+        return f"redis://{self._userinfo}127.0.0.1:{self.port}/{db}"
 
     def cut(self) -> None:
         """Every connection through the proxy is reset, and new ones are closed as they arrive."""

@@ -410,7 +410,7 @@ async def test_redis_down_fire_names_redis_url_with_the_password_masked(tmp_path
     """The password of redis_url is masked wherever the URL carries it: `redis://:PW@host` or `?password=PW`
     (which redis-py reads too, and which leaked into every message)."""
     secret = "s3cret-pa55word"
-    server = RedisServer(tmp_path / "redis", extra_args=("--requirepass", secret))
+    server = RedisServer(tmp_path / "redis", auth=False, extra_args=("--requirepass", secret))
     server.start()
     address = f"127.0.0.1:{server.port}/0"
     url = f"redis://:{secret}@{address}" if where == "address" else f"redis://{address}?password={secret}"

@@ -41,7 +41,7 @@ def _spec_of(name: str) -> ToolSpec | None:
 
 @pytest.fixture
 def proxy(redis_server: RedisServer) -> Iterator[TcpProxy]:
-    with TcpProxy(redis_server.port) as opened:
+    with TcpProxy(redis_server.port, userinfo=redis_server.userinfo) as opened:
         yield opened
 
 

@@ -46,7 +46,7 @@ class Pair:
 @pytest.fixture
 def pair(redis_server: RedisServer, tmp_path: Path) -> Iterator[Pair]:
     namespace = f"test-{secrets.token_hex(6)}"
-    with TcpProxy(redis_server.port) as proxy:
+    with TcpProxy(redis_server.port, userinfo=redis_server.userinfo) as proxy:
         # No retries inside the client: a cut fails the call at once (the default retries for seconds).
         client = redis.Redis.from_url(proxy.url(), socket_connect_timeout=2.0, retry=Retry(NoBackoff(), 0))
         through = RedisStore(client, proxy.url(), tmp_path / "through", namespace=namespace)

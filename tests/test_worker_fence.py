@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from server.config import Settings
-from server.distributed import WorkerEngine
+from server.distributed import WorkerEngine, docket_name
 from server.redis_store import RedisStore
 from server.runtime import Runtime
 from server.tasks import ErrorKind, Status, Task
@@ -137,3 +137,46 @@ async def test_a_read_of_a_dead_worker_runs_again_from_the_start(worker: WorkerE
     assert done is not None and done.status is Status.COMPLETED and done.result == {"key": "k1"}, done
     assert done.output.read(0, 100).data == b"read k1\n"  # the first run's bytes are gone
     assert READS.count("k1") == 1
+
+
+async def test_a_job_from_another_queue_than_its_task_s_is_refused(worker: WorkerEngine, tmp_path: Path) -> None:
+    """A job names a task; the worker runs it only if the record says it was queued on the job's queue."""
+    side = tmp_path / "side"
+    other, task = queued_by_another(worker, tmp_path, f"echo ran >> {side}")  # queued on `any`
+    try:
+        await worker.run(task.id, docket_name(worker.settings.redis_namespace, "elsewhere"))
+        still = worker.store.load(task.id, worker.executor.registry.get)
+        assert still is not None and still.status is Status.QUEUED and not side.exists()
+        await worker.run(task.id, docket_name(worker.settings.redis_namespace, "any"))
+        assert side.read_text() == "ran\n"
+    finally:
+        other.close()
+
+
+async def test_a_record_the_owner_s_policy_refuses_never_runs_on_the_worker(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """What Redis holds is checked again on the worker: a record whose command the owner's policy refuses
+    (written by anyone with Redis's password, or admitted under another policy) is settled refused."""
+    settings = Settings(
+        redis_url=redis_server.url,
+        redis_namespace=f"t{secrets.token_hex(6)}",
+        data_dir=tmp_path / "w",
+        lease_s=2,
+        shell_mode="deny-list",
+        shell_deny=("touch",),
+    )
+    async with Runtime.open(settings, role="worker", load_plugins=False) as runtime:
+        store = runtime.executor.store
+        assert isinstance(store, RedisStore)
+        engine = WorkerEngine(runtime.executor, store, settings, ["any"], "w-policy")
+        side = tmp_path / "side"
+        other, task = queued_by_another(engine, tmp_path, f"touch {side}")
+        try:
+            await engine.run(task.id, docket_name(settings.redis_namespace, "any"))
+            settled = store.load(task.id, runtime.executor.registry.get)
+            assert settled is not None and settled.status is Status.FAILED, settled
+            assert settled.error is not None and settled.error.kind is ErrorKind.REFUSED, settled.error
+            assert "policy" in settled.error.message and not side.exists()
+        finally:
+            other.close()

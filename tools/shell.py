@@ -75,6 +75,9 @@ class ShellConfig:
     secret_markers: tuple[str, ...] = SECRET_MARKERS
     pass_env: tuple[str, ...] = ()
     """Names passed through even though they look secret."""
+    secret_values: tuple[str, ...] = ()
+    """Secrets the server holds (the password in redis_url): a variable whose value contains one is never
+    passed to a command, whatever its name, `pass_env` included."""
     kill_grace_s: float = 1.0
     detach: bool = False
     """Commands outlive the server (they are not killed at shutdown) and are followed again after a restart."""
@@ -134,15 +137,19 @@ class ShellArgs(BaseModel):
 def scrubbed_environment(
     base: Mapping[str, str], config: ShellConfig, extra: Mapping[str, str] | None = None
 ) -> dict[str, str]:
-    """The server's environment minus anything that looks like a secret and the server's own settings
-    (`OFFLOAD_*`: where its data lives, how it reaches Redis), plus `extra`."""
+    """The server's environment minus anything that looks like a secret, the server's own settings
+    (`OFFLOAD_*`: where its data lives, how it reaches Redis) and any variable holding a secret the server
+    knows, plus `extra`."""
     markers = tuple(marker.upper() for marker in config.secret_markers)
     keep = set(config.pass_env)
     env = {
         name: value
         for name, value in base.items()
-        if name in keep
-        or not (name.upper().startswith(SERVER_PREFIX) or any(marker in name.upper() for marker in markers))
+        if (
+            name in keep
+            or not (name.upper().startswith(SERVER_PREFIX) or any(marker in name.upper() for marker in markers))
+        )
+        and not any(secret in value for secret in config.secret_values)
     }
     env.update(extra or {})
     return env
