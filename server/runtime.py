@@ -29,6 +29,7 @@ from server.config import Settings, clients_config, data_dir
 from server.distributed import DocketRunner, follow_changes, live_workers, queue_depths
 from server.errors import ConfigError, ForeignTaskError, RequestError, StoreUnreachableError
 from server.executor import Executor, RunnerFactory, upkeep_forever
+from server.interactive import OutputWatch, read_view
 from server.recovery import recover, watch_peers
 from server.redact import Redactor, known_secrets, url_secrets
 from server.redis_store import RedisStore
@@ -218,8 +219,12 @@ class Runtime:
         max_bytes: int,
         tail_bytes: int | None,
         owner: str,
+        filter: str | None = None,
+        view: Literal["bytes", "screen"] = "bytes",
     ) -> TaskView:
         task = self.executor.get(owner, task_id)
+        if filter is not None or view == "screen":  # matching lines, or the terminal's screen
+            return self.redactor.model(read_view(task, offset, max_bytes, filter, view))
         return self.output_view(task, offset, max_bytes, tail_bytes)
 
     def output_view(self, task: Task, offset: int, max_bytes: int, tail_bytes: int | None) -> TaskView:
@@ -241,6 +246,7 @@ class Runtime:
         max_bytes: int,
         on_progress: ProgressFn | None = None,
         owner: str,
+        wait_for: str | None = None,
     ) -> PollReply:
         tasks, unknown = [], []
         for task_id in dict.fromkeys(task_ids):
@@ -248,13 +254,14 @@ class Runtime:
                 tasks.append(self.executor.get(owner, task_id))
             except RequestError as exc:  # an unknown or expired id never fails the others
                 unknown.append(UnknownTask(task_id=task_id, message=self.redactor.text(str(exc))))
+        until = OutputWatch(tasks, wait_for)  # finished, ready (ready_when), or a line matching wait_for
         if on_progress is not None:
-            await on_progress(sum(t.status.finished for t in tasks), len(tasks))
-        tasks, timed_out = await self.executor.wait(tasks, timeout_s, return_when, on_progress)
-        done = [t for t in tasks if t.status.finished]
+            await on_progress(sum(map(until, tasks)), len(tasks))
+        tasks, timed_out = await self.executor.wait(tasks, timeout_s, return_when, on_progress, until)
+        done = [t for t in tasks if until(t)]
         share = max_bytes // max(len(done), 1)
         views = [self.output_view(t, 0, share, share) for t in done]
-        pending = [t.id for t in tasks if not t.status.finished]
+        pending = [t.id for t in tasks if not until(t)]
         return PollReply(done=views, pending=pending, unknown=unknown, timed_out=timed_out)
 
     def task(self, task_id: str, *, owner: str) -> Task:
