@@ -21,7 +21,7 @@ from server.errors import BadPatternError, NoInputError, TooLargeError
 from server.output import Output
 from server.tasks import DroppedRange, ErrorKind, OutputView, Status, Task, TaskView, _View
 from tools.context import InputClosed
-from tools.shell import MAX_PATTERN_CHARS
+from tools.shell import MAX_PATTERN_CHARS, interaction_of
 
 MAX_INPUT_BYTES = 64 * 1024
 SEND_TIMEOUT_S = 10.0
@@ -71,7 +71,7 @@ async def send_input(task: Task, text: str, eof: bool) -> InputReply:
 
 def _open_input(task: Task) -> Any:
     if task.status.finished:
-        lost = task.error is not None and task.error.kind == ErrorKind.INTERRUPTED
+        lost = task.error is not None and task.error.kind in (ErrorKind.INTERRUPTED, ErrorKind.SHUTDOWN)
         why = LOST_INPUT if lost else "there is no command left to write to"
         raise NoInputError(task.id, f"it has {task.status.value}; {why}")
     if not task.local:
@@ -79,8 +79,8 @@ def _open_input(task: Task) -> Any:
             task.id,
             f"another server process runs it, and its input is held there (if that server stopped, {LOST_INPUT})",
         )
-    args = task.arguments
-    if not (getattr(args, "pty", False) or getattr(args, "stdin", None) == "pipe"):
+    talks = interaction_of(task.arguments)
+    if talks is None or not talks.keeps_input:
         raise NoInputError(
             task.id, 'it was not fired with stdin "pipe" or pty true, so its stdin is closed; fire it again with one'
         )
@@ -189,8 +189,8 @@ class _Terminal:
 def screen(task: Task) -> OutputView:
     """The terminal's current screen as text (rows x cols, trailing blanks trimmed), rendered by pyte from
     the output: fed on from where the last render stopped, or from the last `SCREEN_FEED_BYTES`."""
-    args = task.arguments
-    rows, cols = getattr(args, "rows", 24), getattr(args, "cols", 80)
+    talks = interaction_of(task.arguments)
+    rows, cols = (24, 80) if talks is None or talks.pty is None else talks.pty
     output = task.output
     total = output.total_bytes
     terminal = task.handle.screen

@@ -15,6 +15,7 @@ from server.output import Chunk, Output
 from tools.context import ErrorKind as ErrorKind
 from tools.context import Orphan, ProcessInfo, Stdin
 from tools.registry import ToolSpec
+from tools.shell import interaction_of
 
 
 class Status(StrEnum):
@@ -271,18 +272,16 @@ class Task:
     def interactive(self) -> dict[str, Any] | None:
         """Its input (`open`, `closed`, or `elsewhere`: held by another server, or by one that stopped) and
         readiness; known while this server holds the record it fired (a stored record has no arguments)."""
-        args = self.arguments
-        pty, pipe = bool(getattr(args, "pty", False)), getattr(args, "stdin", None) == "pipe"
-        ready_when = getattr(args, "ready_when", None)
-        if not (pty or pipe or ready_when):
+        talks = interaction_of(self.arguments)
+        if talks is None or not (talks.keeps_input or talks.ready_when):
             return None
         shown: dict[str, Any] = {}
-        if pty or pipe:
+        if talks.keeps_input:
             stdin = self.handle.stdin
             held = "open" if stdin is not None and stdin.open else "closed"
-            shown["input"] = "pty" if pty else "pipe"
+            shown["input"] = "pty" if talks.pty else "pipe"
             shown["stdin"] = held if self.local or self.status.finished else "elsewhere"
-        if ready_when:
+        if talks.ready_when:
             shown["ready"] = self.ready_at is not None
             if self.ready_at is not None:
                 shown["ready_at"] = iso(self.ready_at)

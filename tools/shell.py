@@ -34,7 +34,16 @@ from anyio.abc import Process
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tools import exit_record
-from tools.context import JSON, ErrorKind, LeftRunning, Orphan, ProcessInfo, TaskFailure, ToolContext
+from tools.context import (
+    JSON,
+    ErrorKind,
+    InputClosed,
+    LeftRunning,
+    Orphan,
+    ProcessInfo,
+    TaskFailure,
+    ToolContext,
+)
 from tools.policy import ShellPolicy
 from tools.process import (
     TASK_MARKER,
@@ -187,6 +196,11 @@ class Interaction:
     @property
     def keeps_input(self) -> bool:
         return self.pipe or self.pty is not None
+
+
+def interaction_of(arguments: object) -> Interaction | None:
+    """How a task's command talks back, if it is a shell command's (a preset's `stdin` is always text)."""
+    return arguments.interaction if isinstance(arguments, ShellArgs) else None
 
 
 def scrubbed_environment(
@@ -365,6 +379,11 @@ async def _supervise(pid: int, leader_exit: Callable[[], Awaitable[object]], pum
         await pump.eof.wait()
 
 
+async def _type_at_start(held: PtyInput, text: str) -> None:
+    with contextlib.suppress(InputClosed):  # a command that ends first did not want it
+        await held.send(text.encode(), False)
+
+
 async def _run_in_pty(argv: list[str], ctx: ToolContext, config: ShellConfig, spawn: Spawn) -> JSON:
     """The command runs on a pseudo-terminal that is its controlling terminal; the server holds the
     master side: what the terminal shows is the output, what `send_input` writes is typed."""
@@ -383,6 +402,9 @@ async def _run_in_pty(argv: list[str], ctx: ToolContext, config: ShellConfig, sp
                 start_new_session=True,
             )
             track(process.pid)
+    except BaseException:
+        os.close(master)
+        raise
     finally:
         os.close(slave)  # the command's own copies keep it open; EOF (EIO) once they are gone
     ctx.set_process(identify(process.pid))
@@ -392,7 +414,7 @@ async def _run_in_pty(argv: list[str], ctx: ToolContext, config: ShellConfig, sp
             tg.start_soon(pump.run)
             ctx.set_input(held)
             if spawn.stdin:
-                tg.start_soon(held.send, spawn.stdin.encode(), False)
+                tg.start_soon(_type_at_start, held, spawn.stdin)
             try:
                 await _supervise(process.pid, process.wait, pump)
             finally:
@@ -552,10 +574,10 @@ def shell_spec(config: ShellConfig) -> ToolSpec:
         shell = config.for_owner(owner)  # the owner's own policy and sandbox
         shell.policy.command_to_run(args.command, args.env)
         check_cwd(shell.policy.cwd_to_use(args.cwd), "")  # the roots first, then whether it exists
-        if config.detach and args.interaction.keeps_input:
+        if config.detach and (args.interaction.keeps_input or args.ready_when is not None):
             raise ValueError(
-                'stdin "pipe" and pty need a command the server stays attached to, and detach is on: '
-                "send all input at start with stdin text instead"
+                'stdin "pipe", pty and ready_when need a command the server stays attached to, and detach is on: '
+                "send all input at start with stdin text, and wait for output with poll_output(wait_for=...)"
             )
         if shell.sandbox.on and len(args.command.encode()) > SCRIPT_FILE_OVER_BYTES:
             raise ValueError(
