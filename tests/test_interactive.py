@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
-from conftest import call, error_text, finish, live_group_members
+from conftest import FakeClock, Gate, call, error_text, finish, live_group_members, open_client
 from mcp import Client
+from mcp_types import ResourceUpdatedNotification
 from test_durable import kill_9
+from test_notify import json_of
 
+from server.app import build_server
+from server.config import Settings
 from server.interactive import MAX_INPUT_BYTES
 from testkit.processes import gone
 from testkit.rawserver import start_server
@@ -160,3 +166,36 @@ async def test_a_restarted_server_cannot_reattach_input(tmp_path: Path) -> None:
         assert reply["result"]["isError"] and "its input was held by a server that stopped" in message
         assert "the command's stdin is closed" in message
         again.process.terminate()
+
+
+async def test_becoming_ready_is_pushed_to_subscribers(tmp_path: Path) -> None:
+    """Readiness is a change like a status change: a subscriber to task://ID hears of it while it runs on."""
+    send, heard = anyio.create_memory_object_stream[str](100)
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, ResourceUpdatedNotification):
+            send.send_nowait(str(message.params.uri))
+
+    settings = Settings(data_dir=tmp_path / "data", kill_grace_s=0.5)
+    async with (
+        send,
+        heard,
+        open_client(settings, FakeClock(), Gate(), "legacy") as (runtime, _),
+        Client(build_server(runtime), mode="legacy", message_handler=on_message) as client,
+    ):
+        command = "read -r _; echo listening; read -r _"
+        task = await call(client, "run_shell_background", command=command, stdin="pipe", ready_when="^listening$")
+        with warnings.catch_warnings():  # resources/subscribe is deprecated in 2026-07-28, not in this era
+            warnings.simplefilter("ignore")
+            await client.subscribe_resource(task["resource"])
+        view = json_of(await client.read_resource(task["resource"]))
+        assert view["status"] == "running" and view["interactive"]["ready"] is False
+        await call(client, "send_input", task_id=task["task_id"], text="go\n")
+        with anyio.fail_after(10):
+            async for uri in heard:  # the start's news may come first: each one is read until one says ready
+                view = json_of(await client.read_resource(uri))
+                if view["interactive"]["ready"]:
+                    break
+        assert view["status"] == "running" and view["interactive"]["ready_at"]
+        await call(client, "send_input", task_id=task["task_id"], text="stop\n")
+        await finish(client, task["task_id"])
