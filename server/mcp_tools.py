@@ -100,9 +100,11 @@ class CancelArgs(_Args):
 
 
 class InputArgs(_Args):
-    task_id: TaskId
-    text: Annotated[str, Field(description="As typed; \\n is Enter.")]
-    eof: Annotated[bool, Field(description="Then close stdin (pty: ^D).")] = False
+    """Described by the tool's one line: every byte of tools/list is paid in every conversation."""
+
+    task_id: Annotated[str, Field(min_length=1, max_length=64)]
+    text: str
+    eof: bool = False
 
 
 class NoArgs(_Args):
@@ -267,7 +269,7 @@ TABLE = (
     ),
     McpTool(
         "send_input",
-        "Type into a task's stdin (pipe or pty).",
+        "Type text into a task's stdin (pipe or pty; \\n is Enter); eof then closes it (pty: ^D).",
         InputArgs,
         InputReply,
         ToolAnnotations(read_only_hint=False, open_world_hint=False),  # destructive, not idempotent: the defaults
