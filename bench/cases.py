@@ -803,6 +803,34 @@ async def _proxy_engine(n: int, command: str, arguments: dict[str, Any]) -> tupl
     return direct_s, through_s
 
 
+async def input_round_trip(quick: bool) -> CaseResult:
+    """send_input to a running `cat`, then poll_output(wait_for=its echo): until the answer is readable, over
+    stdio, with stdin "pipe" and in a terminal (pty)."""
+    n = 50 if quick else 300
+    result = CaseResult("input round trip (stdio: send_input -> echo readable)")
+    async with stdio_client("legacy") as client:
+        for mode, extra in (("pipe", {"stdin": "pipe"}), ("pty", {"pty": True})):
+            task_id = await _fire_shell(client, "stty -echo 2>/dev/null; cat", extra)
+            samples = []
+            for i in range(n + 10):
+                started = time.perf_counter()
+                await client.call_tool("send_input", {"task_id": task_id, "text": f"line {i}\n"})
+                reply = _data(await client.call_tool("poll_output", {"task_ids": [task_id], "wait_for": f"^line {i}$"}))
+                assert not reply["pending"], reply
+                if i >= 10:  # the first ones warm up
+                    samples.append(time.perf_counter() - started)
+            await client.call_tool("cancel_task", {"task_id": task_id})
+            median, p99 = _quantiles_ms(samples)
+            result.add(f"{mode} median", median, "ms", "<= 10 ms", median <= 10.0)
+            result.add(f"{mode} p99", p99, "ms")
+    return result
+
+
+async def _fire_shell(client: Client, command: str, extra: dict[str, Any]) -> str:
+    reply = _data(await client.call_tool("run_shell_background", {"command": command, **extra}))
+    return str(reply["task_id"])
+
+
 CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "fire_latency": fire_latency,
     "fire_latency_idle": fire_latency_idle,
@@ -823,6 +851,7 @@ CASES: dict[str, Callable[[bool], Awaitable[CaseResult]]] = {
     "notify_latency": notify_latency,
     "sandbox": sandbox,
     "proxy": proxy,
+    "input_round_trip": input_round_trip,
 }
 
 

@@ -14,7 +14,9 @@
         ├── StoreUnreachableError  Redis (distributed mode's store, `redis_url`) does not answer
         ├── ForeignTaskError    cancelling a task another server process (same data dir) runs
         ├── RefusedError        the owner's policy forbids these arguments (shell allow/deny lists, roots)
-        ├── TooLargeError       the arguments are over `max_argument_bytes`
+        ├── TooLargeError       the arguments are over `max_argument_bytes` (or `send_input`'s cap)
+        ├── NoInputError        `send_input` to a task whose input is not open here
+        ├── BadPatternError     a `wait_for` or `filter` regex that does not compile
         └── TooManySubscriptionsError  one connection subscribed to too many resources
 
 Failures *inside* a running task are not exceptions that reach a caller: a tool raises
@@ -164,10 +166,27 @@ class RefusedError(RequestError):
 class TooLargeError(RequestError):
     """An argument is larger than this server accepts."""
 
-    def __init__(self, what: str, size_bytes: int, limit_bytes: int) -> None:
+    def __init__(self, what: str, size_bytes: int, limit_bytes: int, hint: str | None = None) -> None:
+        hint = hint or "send less (pass big inputs as a file path, or raise max_argument_bytes in the server's config)"
+        super().__init__(f"{what} is {size_bytes} bytes, above this server's limit of {limit_bytes} bytes; {hint}")
+
+
+class NoInputError(RequestError):
+    """Raised by `send_input` when the task's command takes no input here: finished, not fired with
+    stdin "pipe" or pty, its input closed, or held by another server process (or one that stopped)."""
+
+    def __init__(self, task_id: str, why: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"task {task_id!r} takes no input: {why}")
+
+
+class BadPatternError(RequestError):
+    """Raised for a regular expression argument that does not compile; names it and the re error."""
+
+    def __init__(self, argument: str, pattern: str, reason: str) -> None:
         super().__init__(
-            f"{what} is {size_bytes} bytes, above this server's limit of {limit_bytes} bytes; "
-            "send less (pass big inputs as a file path, or raise max_argument_bytes in the server's config)"
+            f"{argument}={pattern[:200]!r} is not a valid regular expression ({reason}); "
+            "fix it (Python re syntax), or escape it with re.escape rules for a literal text"
         )
 
 

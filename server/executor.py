@@ -31,7 +31,7 @@ from server.runner import Lifecycle, LocalRunner, Runner
 from server.store import TaskStore
 from server.task_context import context_for
 from server.tasks import ErrorKind, Status, Task, TaskError
-from server.waiting import ProgressFn, ReturnWhen, Waiters
+from server.waiting import ProgressFn, ReturnWhen, Until, Waiters, finished
 from tools.context import JSON, ToolContext
 from tools.process import tend_orphans
 from tools.registry import Handler, Registry
@@ -186,7 +186,7 @@ class Executor:
         return True
 
     def context(self, task: Task) -> ToolContext:
-        return context_for(task, self.store, self.settings, self._copy_turns)
+        return context_for(task, self.store, self.settings, self._copy_turns, lambda: self._announce(task))
 
     def finish(self, task: Task, status: Status, error: TaskError | None = None, result: JSON | None = None) -> None:
         """Synchronous on purpose: no await, so cancellation cannot come between a change and its record."""
@@ -251,9 +251,10 @@ class Executor:
         timeout_s: float,
         return_when: ReturnWhen,
         on_progress: ProgressFn | None = None,
+        until: Until = finished,
     ) -> tuple[list[Task], bool]:
-        """Waits on completion events; returns the tasks as they are now, and whether it timed out."""
-        return await self._waiters.wait(tasks, timeout_s, return_when, on_progress)
+        """Waits on completion events (or `until`); returns the tasks as they are now, and whether it timed out."""
+        return await self._waiters.wait(tasks, timeout_s, return_when, on_progress, until=until)
 
     async def no_waiters(self) -> None:
         await self._waiters.none_left()

@@ -21,8 +21,9 @@ from server.auth import owner_of_request
 from server.client_log import ClientLog, limit_event
 from server.errors import RequestError, TooManyTasksError
 from server.events import released_after
+from server.interactive import InputReply, send_input
 from server.runtime import Runtime
-from server.tasks import Catalog, FireReply, PollReply, ShellReply, Status, TaskList, TaskView
+from server.tasks import CancelledView, Catalog, FireReply, PollReply, ShellReply, Status, TaskList, TaskView
 from tools.shell import ShellArgs
 
 MAX_POLL_IDS = 500
@@ -66,6 +67,8 @@ class GetArgs(_Args):
     offset: Annotated[int, Field(ge=0, description="Byte offset to read from (next_offset of the last read).")] = 0
     max_bytes: Annotated[int, Field(ge=1, le=1024 * 1024, description="Most bytes of output to return.")] = 16384
     tail_bytes: Annotated[int | None, Field(ge=1, description="Return only the last N bytes.")] = None
+    filter: Annotated[str | None, Field(description="Regex: only matching lines.")] = None
+    screen: Annotated[bool, Field(description="A pty's screen as text.")] = False
 
 
 class PollArgs(_Args):
@@ -75,6 +78,9 @@ class PollArgs(_Args):
     max_bytes: Annotated[
         int, Field(ge=0, le=1024 * 1024, description="Output budget shared by the returned tasks' tails.")
     ] = 32768
+    wait_for: Annotated[str | None, Field(description="Regex: done when output matches (past last match/input).")] = (
+        None
+    )
 
 
 class ShellToolArgs(ShellArgs):
@@ -91,6 +97,14 @@ class ListArgs(_Args):
 
 class CancelArgs(_Args):
     task_id: TaskId
+
+
+class InputArgs(_Args):
+    """Described by the tool's one line: every byte of tools/list is paid in every conversation."""
+
+    task_id: Annotated[str, Field(min_length=1, max_length=64)]
+    text: str
+    eof: bool = False
 
 
 class NoArgs(_Args):
@@ -129,7 +143,13 @@ async def _fire(call: Call, args: FireArgs) -> FireReply:
 
 async def _get(call: Call, args: GetArgs) -> TaskView:
     return call.runtime.get_output(
-        args.task_id, offset=args.offset, max_bytes=args.max_bytes, tail_bytes=args.tail_bytes, owner=call.owner
+        args.task_id,
+        offset=args.offset,
+        max_bytes=args.max_bytes,
+        tail_bytes=args.tail_bytes,
+        owner=call.owner,
+        filter=args.filter,
+        view="screen" if args.screen else "bytes",
     )
 
 
@@ -145,6 +165,7 @@ async def _poll(call: Call, args: PollArgs) -> PollReply:
             max_bytes=args.max_bytes,
             on_progress=progress,
             owner=call.owner,
+            wait_for=args.wait_for,
         )
 
 
@@ -158,8 +179,13 @@ async def _list(call: Call, args: ListArgs) -> TaskList:
     return call.runtime.list_tasks(status=args.status, tool=args.tool, limit=args.limit, owner=call.owner)
 
 
-async def _cancel(call: Call, args: CancelArgs) -> TaskView:
-    return await call.runtime.cancel(args.task_id, owner=call.owner)
+async def _cancel(call: Call, args: CancelArgs) -> CancelledView:
+    return CancelledView.model_construct(**dict(await call.runtime.cancel(args.task_id, owner=call.owner)))
+
+
+async def _send_input(call: Call, args: InputArgs) -> InputReply:
+    task = call.runtime.task(args.task_id, owner=call.owner)  # another owner's reads as unknown
+    return await send_input(task, args.text, args.eof)
 
 
 async def _catalog(call: Call, _args: NoArgs) -> Catalog:
@@ -237,9 +263,17 @@ TABLE = (
         "cancel_task",
         "Cancel a task: its process group gets TERM, then KILL after a grace period.",
         CancelArgs,
-        TaskView,
+        CancelledView,
         hints(read_only=False, destructive=True, idempotent=True, open_world=False),
         _cancel,
+    ),
+    McpTool(
+        "send_input",
+        "Type text into a task's stdin (pipe or pty; \\n is Enter); eof then closes it (pty: ^D).",
+        InputArgs,
+        InputReply,
+        ToolAnnotations(read_only_hint=False, open_world_hint=False),  # destructive, not idempotent: the defaults
+        _send_input,
     ),
     McpTool(
         "list_fireable_tools",

@@ -30,6 +30,7 @@ from server.config import Settings, clients_config, data_dir
 from server.distributed import DocketRunner, follow_changes, live_workers, queue_depths
 from server.errors import ConfigError, DataDirGoneError, ForeignTaskError, RequestError, StoreUnreachableError
 from server.executor import Executor, RunnerFactory, upkeep_forever
+from server.interactive import OutputWatch, read_view
 from server.recovery import follow_peers, recover, watch_peers
 from server.redact import Redactor, known_secrets, url_secrets
 from server.redis_store import RedisStore
@@ -219,8 +220,12 @@ class Runtime:
         max_bytes: int,
         tail_bytes: int | None,
         owner: str,
+        filter: str | None = None,
+        view: Literal["bytes", "screen"] = "bytes",
     ) -> TaskView:
         task = self.executor.get(owner, task_id)
+        if filter is not None or view == "screen":  # matching lines, or the terminal's screen
+            return self.redactor.model(read_view(task, offset, max_bytes, filter, view))
         return self.output_view(task, offset, max_bytes, tail_bytes)
 
     def output_view(self, task: Task, offset: int, max_bytes: int, tail_bytes: int | None) -> TaskView:
@@ -242,16 +247,18 @@ class Runtime:
         max_bytes: int,
         on_progress: ProgressFn | None = None,
         owner: str,
+        wait_for: str | None = None,
     ) -> PollReply:
         tasks, unknown = _known(self, task_ids, owner)
+        until = OutputWatch(tasks, wait_for)  # finished, ready (ready_when), or a line matching wait_for
         if on_progress is not None:
-            await on_progress(sum(t.status.finished for t in tasks), len(tasks))
-        tasks, timed_out = await self.executor.wait(tasks, timeout_s, return_when, on_progress)
-        done, gone = _known(self, [t.id for t in tasks if t.status.finished], owner)  # read as a read would:
+            await on_progress(sum(map(until, tasks)), len(tasks))
+        tasks, timed_out = await self.executor.wait(tasks, timeout_s, return_when, on_progress, until)
+        done, gone = _known(self, [t.id for t in tasks if until(t)], owner)  # read again as a read would:
         unknown += gone  # a TTL that ended while the poll waited lists the task as expired
         share = max_bytes // max(len(done), 1)
         views = [self.output_view(t, 0, share, share) for t in done]
-        pending = [t.id for t in tasks if not t.status.finished]
+        pending = [t.id for t in tasks if not until(t)]
         return PollReply(done=views, pending=pending, unknown=unknown, timed_out=timed_out)
 
     def task(self, task_id: str, *, owner: str) -> Task:

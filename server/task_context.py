@@ -5,6 +5,8 @@ process, a detached command's capture process) in the task and the store, so `to
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
 
 import anyio
 
@@ -12,10 +14,17 @@ from server.config import Settings
 from server.output import OutputLog, OutputWriter, StoredLog
 from server.store import TaskStore
 from server.tasks import ErrorKind, Task
-from tools.context import ProcessInfo, ToolContext
+from tools.context import ProcessInfo, Stdin, ToolContext
 
 
-def context_for(task: Task, store: TaskStore, settings: Settings, copy_turns: anyio.CapacityLimiter) -> ToolContext:
+def context_for(
+    task: Task,
+    store: TaskStore,
+    settings: Settings,
+    copy_turns: anyio.CapacityLimiter,
+    announce: Callable[[], None] = lambda: None,
+) -> ToolContext:
+    """`announce`: tells waiters and subscribers the task changed without a change of status (it is ready)."""
     output = task.output
 
     def set_process(info: ProcessInfo) -> None:
@@ -31,9 +40,16 @@ def context_for(task: Task, store: TaskStore, settings: Settings, copy_turns: an
             task.output = StoredLog(task.output.path)  # the capture process writes it from now on
         store.record_watcher(task)
 
+    def set_input(stdin: Stdin | None) -> None:
+        task.handle.stdin = stdin
+
+    def set_ready() -> None:
+        task.ready_at = time.time()
+        announce()
+
     return ToolContext(
         task_id=task.id,
-        write_output=output.write if isinstance(output, OutputWriter) else _no_output,
+        write_output=_told(output.write, task) if isinstance(output, OutputWriter) else _no_output,
         output_bytes=lambda: task.output.total_bytes,
         set_process=set_process,
         set_watcher=set_watcher,
@@ -44,7 +60,20 @@ def context_for(task: Task, store: TaskStore, settings: Settings, copy_turns: an
         shutting_down=lambda: task.handle.cancel_reason is ErrorKind.SHUTDOWN,
         copy_turns=copy_turns,
         owner=task.owner,
+        set_input=set_input,
+        set_ready=set_ready,
     )
+
+
+def _told(write: Callable[[bytes], None], task: Task) -> Callable[[bytes], None]:
+    """Stores the bytes, then wakes whoever waits for new output (`poll_output(wait_for=...)`)."""
+
+    def write_and_tell(data: bytes) -> None:
+        write(data)
+        for listener in task.handle.output_listeners:
+            listener.set()
+
+    return write_and_tell
 
 
 def capture_argv(store: TaskStore, settings: Settings, task_id: str) -> list[str]:

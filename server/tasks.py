@@ -13,8 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from server.output import Chunk, Output
 from tools.context import ErrorKind as ErrorKind
-from tools.context import Orphan, ProcessInfo
+from tools.context import Orphan, ProcessInfo, Stdin
 from tools.registry import ToolSpec
+from tools.shell import interaction_of
 
 
 class Status(StrEnum):
@@ -60,6 +61,11 @@ Kind = Annotated[ErrorKind | str, Field(union_mode="left_to_right"), WithJsonSch
 tools/list bytes are paid in every conversation."""
 
 
+ViewStatus = Annotated[Status, WithJsonSchema({"type": "string"})]
+"""A status in a reply: one of `Status` (listed in list_tasks' input schema and the README, not in every
+reply's schema)."""
+
+
 class TaskError(_View):
     kind: Kind
     message: str
@@ -77,12 +83,14 @@ class OutputView(_View):
     total_bytes: int
     truncated: bool
     dropped: DroppedRange | None = None
+    line_offsets: Annotated[list[int] | None, WithJsonSchema({"type": ["array", "null"]})] = None
+    """With `filter`: where each returned line starts."""
 
 
 class TaskView(_View):
     task_id: str
     tool: str
-    status: Status
+    status: ViewStatus
     result: dict[str, Any] | None = None
     error: TaskError | None = None
     output: OutputView | None = None
@@ -91,12 +99,14 @@ class TaskView(_View):
     started_at: str | None = None
     finished_at: str | None = None
     expires_at: str | None = None
+    interactive: Annotated[dict[str, Any] | None, WithJsonSchema({"type": ["object", "null"]})] = None
+    """Only for a command fired with stdin "pipe", pty or ready_when (see `Task.interactive`)."""
 
 
 class TaskSummary(_View):
     task_id: str
     tool: str
-    status: Status
+    status: ViewStatus
     error_kind: Annotated[
         ErrorKind | str | None, Field(union_mode="left_to_right"), WithJsonSchema({"type": ["string", "null"]})
     ] = None
@@ -111,7 +121,7 @@ class FireReply(_View):
     task_id: str
     resource: str
     tool: str
-    status: Status
+    status: ViewStatus
     cached: bool
     deduplicated: bool
     task: Annotated[
@@ -119,11 +129,20 @@ class FireReply(_View):
     ] = None
 
 
+class CancelledView(TaskView):
+    """cancel_task's reply: a task view whose schema points at get_cached_output's instead of repeating it
+    (tools/list bytes are paid in every conversation)."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        return {"type": "object", "description": _SAME_AS_GET}
+
+
 class ShellReply(_View):
     task_id: str
     resource: str
     pid: int | None
-    status: Status
+    status: ViewStatus
 
 
 class UnknownTask(_View):
@@ -178,6 +197,16 @@ class Handle:
     """Set (each) whenever the task changes: what a `poll_output` waits on."""
     released: anyio.Event = field(default_factory=anyio.Event)
     """Set when this server stops running the task: finished, or left running on purpose."""
+    stdin: Stdin | None = None
+    """The command's open input (`send_input`), held in memory only: it goes with the server."""
+    output_listeners: set[anyio.Event] = field(default_factory=set)
+    """Set (each) whenever output arrives: what `poll_output(wait_for=...)` waits on."""
+    screen: object = None
+    input_offset: int | None = None
+    """The output's size when `send_input` last wrote: `wait_for` looks from there."""
+    watched_to: int = 0
+    """The end of the last line a `wait_for` matched: the next one looks past it."""
+    """The terminal emulator the `screen` view keeps fed (server/interactive.py)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -213,6 +242,8 @@ class Task:
     holder: str | None = None
     """Who ran it before this process claimed it (a server or worker taken for dead): named in its error."""
     handle: Handle = field(default_factory=Handle)
+    ready_at: float | None = None
+    """When the output first matched `ready_when` (this server's memory: not stored)."""
 
     @property
     def pid(self) -> int | None:
@@ -235,7 +266,26 @@ class Task:
             started_at=iso(self.started_at),
             finished_at=iso(self.finished_at),
             expires_at=iso(self.expires_at),
+            interactive=self.interactive(),
         )
+
+    def interactive(self) -> dict[str, Any] | None:
+        """Its input (`open`, `closed`, or `elsewhere`: held by another server, or by one that stopped) and
+        readiness; known while this server holds the record it fired (a stored record has no arguments)."""
+        talks = interaction_of(self.arguments)
+        if talks is None or not (talks.keeps_input or talks.ready_when):
+            return None
+        shown: dict[str, Any] = {}
+        if talks.keeps_input:
+            stdin = self.handle.stdin
+            held = "open" if stdin is not None and stdin.open else "closed"
+            shown["input"] = "pty" if talks.pty else "pipe"
+            shown["stdin"] = held if self.local or self.status.finished else "elsewhere"
+        if talks.ready_when:
+            shown["ready"] = self.ready_at is not None
+            if self.ready_at is not None:
+                shown["ready_at"] = iso(self.ready_at)
+        return shown
 
     def orphan(self) -> Orphan:
         return Orphan(self.process, self.watcher, self.detached, self.started_at or self.created_at)

@@ -127,3 +127,20 @@ async def test_an_argument_a_tool_does_not_take_is_refused_by_name(client: Clien
     )
     assert "takes no argument 'target'" in target and "redis_url" in target
     assert runtime.executor.counters.fired == 0
+
+
+MODEL_FACING_MAX_BYTES = 4608
+"""What a model reads of Offload's own tools (name, description, input schema; output schemas and annotations
+are for the client): 3,651 bytes before issue 23 added send_input, pty, ready_when, wait_for, filter and
+screen, 4,519 after. A ratchet: a new argument must make room, not raise it."""
+
+
+async def test_what_the_model_reads_of_the_tools_stays_small(client: Client) -> None:
+    tools = (await client.list_tools()).tools
+    model_facing = [
+        json.dumps(
+            {"name": t.name, "description": t.description, "input_schema": t.input_schema}, separators=(",", ":")
+        )
+        for t in tools
+    ]
+    assert sum(len(m.encode()) for m in model_facing) <= MODEL_FACING_MAX_BYTES

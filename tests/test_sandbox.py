@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 import pytest
-from conftest import FakeClock, Gate, call, data, finish, live_group_members, open_client
+from conftest import FakeClock, Gate, call, data, error_text, finish, live_group_members, open_client
 from mcp import Client
 from test_durable import kill_9
 from test_http import ALICE, BOB, TOKENS, connect, tool, web_server
@@ -413,3 +413,26 @@ async def test_without_network_host_unix_sockets_are_unreachable(
         assert output(await run(bob, UNIX_PROBE + str(unix_redis))).strip() == "refused: Operation not permitted"
         pair = await run(bob, "python3 -c 'import asyncio; asyncio.run(asyncio.sleep(0)); print(\"ok\")'")
         assert output(pair) == "ok\n"
+
+
+async def test_input_reaches_a_sandboxed_command_and_another_owner_cannot_send_it(
+    gate: Gate, roots: dict[str, Path], outside_tmp: Path, secrets_in_environ: dict[str, str]
+) -> None:
+    """Issue 23: a pipe and a terminal both pass through bwrap; bob's send_input to alice's task reads like an
+    unknown id, and her task never sees his text."""
+    async with alice_and_bob(gate, roots, outside_tmp / "data", secrets_in_environ) as (alice, bob):
+        piped = await tool(alice, "run_shell_background", command="read -r line; echo got $line", stdin="pipe")
+        foreign = error_text(await bob.call_tool("send_input", {"task_id": piped["task_id"], "text": "bob\n"}))
+        made_up = "x" * len(piped["task_id"])
+        unknown = error_text(await bob.call_tool("send_input", {"task_id": made_up, "text": "bob\n"}))
+        assert foreign.replace(piped["task_id"], made_up) == unknown and "Unknown task id" in unknown
+        await tool(alice, "send_input", task_id=piped["task_id"], text="alice\n")
+        assert output(await finish(alice, piped["task_id"])) == "got alice\n"
+
+        command = 'read -p "Name? " n; echo "hi $n"; [ -t 0 ] && echo tty'
+        typed = await tool(alice, "run_shell_background", command=command, pty=True)
+        prompt = await tool(alice, "poll_output", task_ids=[typed["task_id"]], wait_for=r"Name\? ", timeout_s=20)
+        assert prompt["pending"] == []
+        await tool(alice, "send_input", task_id=typed["task_id"], text="al\n")
+        done = await finish(alice, typed["task_id"])
+        assert "hi al\r\n" in output(done) and "tty" in output(done)

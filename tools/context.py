@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import anyio
 
@@ -57,6 +57,30 @@ class TaskFailure(Exception):
 class LeftRunning(Exception):
     """Raised by a tool whose work deliberately outlives this server (a detached command at
     shutdown): the task stays `running` in the store, to be followed again after a restart."""
+
+
+class InputClosed(Exception):
+    """Raised by a `Stdin` that can take no more input (the command closed it, exited, or was sent EOF)."""
+
+
+class Stdin(Protocol):
+    """A running command's input, kept open for `send_input` (`stdin: "pipe"`, or a terminal with `pty`)."""
+
+    kind: Literal["pipe", "pty"]
+
+    @property
+    def open(self) -> bool: ...
+
+    async def send(self, data: bytes, eof: bool) -> None:
+        """Writes all of `data`; `eof` closes a pipe, or sends Ctrl-D to a terminal. Raises `InputClosed`."""
+
+
+def _no_input(_stdin: Stdin | None) -> None:
+    """A task run where nobody can send it input (a worker in distributed mode) keeps none."""
+
+
+def _not_told() -> None:
+    """Readiness nobody listens for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +135,7 @@ class ToolContext:
     waiting for one): each loop pass copies a bounded amount, so the protocol keeps its turns."""
     owner: str = ""
     """Whose task this is: the shell picks that owner's policy and sandbox ("" is the default owner)."""
+    set_input: Callable[[Stdin | None], None] = _no_input
+    """Hands the server the command's open input (None once it is gone), for `send_input`."""
+    set_ready: Callable[[], None] = _not_told
+    """The command printed what `ready_when` waits for: the task is ready (and keeps running)."""

@@ -19,21 +19,31 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Protocol
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import Process
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tools import exit_record
-from tools.context import JSON, ErrorKind, LeftRunning, Orphan, ProcessInfo, TaskFailure, ToolContext
+from tools.context import (
+    JSON,
+    ErrorKind,
+    InputClosed,
+    LeftRunning,
+    Orphan,
+    ProcessInfo,
+    TaskFailure,
+    ToolContext,
+)
 from tools.policy import ShellPolicy
 from tools.process import (
     TASK_MARKER,
@@ -52,6 +62,7 @@ from tools.process import (
 )
 from tools.registry import ToolSpec
 from tools.sandbox import OwnerShell, Sandbox, prefix
+from tools.terminal import PipeInput, PtyInput, PtyReader, ReadyWatch, open_pty, with_controlling_tty
 
 if TYPE_CHECKING:
     from tools.presets import Preset
@@ -65,6 +76,7 @@ READ_CHUNK_BYTES = 64 * 1024
 DRAIN_AFTER_EXIT_S = 0.5
 """How long output is still read after the command exits while a background child holds the pipe."""
 SCRIPT_FILE_OVER_BYTES = 96 * 1024
+MAX_PATTERN_CHARS = 1000
 """Longer commands run from a private file: the kernel caps one argument at 128 KiB."""
 
 
@@ -102,7 +114,44 @@ class ShellArgs(BaseModel):
     command: Annotated[str, Field(min_length=1, description="Run with bash -c in its own process group.")]
     cwd: Annotated[str | None, Field(description="Working directory.")] = None
     env: Annotated[dict[str, str] | None, Field(description="Extra environment variables.")] = None
-    stdin: Annotated[str | None, Field(description="Text fed to stdin, which is then closed.")] = None
+    stdin: Annotated[str | None, Field(description='Fed to stdin, then closed; "pipe": kept open.')] = None
+    pty: Annotated[bool, Field(description="Run in a terminal of rows x cols.")] = False
+    rows: int = 24
+    cols: int = 80
+    ready_when: Annotated[str | None, Field(description="Regex: ready once output matches.")] = None
+
+    @field_validator("rows", "cols")
+    @classmethod
+    def _terminal_size(cls, value: int) -> int:
+        if not 2 <= value <= 1000:
+            raise ValueError(f"a terminal of {value} rows or columns cannot be made; use 2 to 1000")
+        return value
+
+    @field_validator("ready_when")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None and len(value) > MAX_PATTERN_CHARS:
+            raise ValueError(f"ready_when is {len(value)} characters; at most {MAX_PATTERN_CHARS}")
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"ready_when {value!r} is not a valid regular expression ({exc})") from None
+        return value
+
+    @model_validator(mode="after")
+    def _stdin_fits_pty(self) -> ShellArgs:
+        if self.pty and self.stdin == "pipe":
+            raise ValueError('pty already keeps the input open for send_input: drop stdin "pipe"')
+        return self
+
+    @property
+    def interaction(self) -> Interaction:
+        return Interaction(
+            pipe=self.stdin == PIPE,
+            pty=(self.rows, self.cols) if self.pty else None,
+            ready_when=self.ready_when,
+        )
 
     @field_validator("env")
     @classmethod
@@ -132,6 +181,29 @@ class ShellArgs(BaseModel):
         if "\x00" in value:
             raise ValueError("command contains a NUL byte")
         return value
+
+
+PIPE = "pipe"
+"""`stdin: "pipe"`: the command's stdin stays open for `send_input`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Interaction:
+    """How a command talks back: input kept open (a pipe, or a terminal of `pty` rows x cols) and the
+    output that makes it ready."""
+
+    pipe: bool = False
+    pty: tuple[int, int] | None = None
+    ready_when: str | None = None
+
+    @property
+    def keeps_input(self) -> bool:
+        return self.pipe or self.pty is not None
+
+
+def interaction_of(arguments: object) -> Interaction | None:
+    """How a task's command talks back, if it is a shell command's (a preset's `stdin` is always text)."""
+    return arguments.interaction if isinstance(arguments, ShellArgs) else None
 
 
 def scrubbed_environment(
@@ -179,6 +251,7 @@ async def run_command(
     cwd: str | None = None,
     env: Mapping[str, str] | None = None,
     stdin: str | None = None,
+    interaction: Interaction = Interaction(),
 ) -> JSON:
     """Runs one command to completion; a non-zero exit or a death by signal becomes a `TaskFailure`."""
     environment = scrubbed_environment(os.environ if config.base_env is None else config.base_env, config, env)
@@ -188,7 +261,10 @@ async def run_command(
         argv = _argv(command, script, config.for_owner(ctx.owner).sandbox, cwd)
         if config.detach:
             return await _run_detached(argv, ctx, config, cwd, environment, stdin)
-        return await _run_attached(argv, ctx, config, cwd, environment, stdin)
+        if interaction.pty is not None:
+            environment.setdefault("TERM", "xterm-256color")
+            return await _run_in_pty(argv, ctx, config, Spawn(cwd, environment, stdin, interaction))
+        return await _run_attached(argv, ctx, config, Spawn(cwd, environment, stdin, interaction))
     finally:
         if not config.detach:
             _unlink(script)
@@ -197,6 +273,16 @@ async def run_command(
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    """What an attached command starts with."""
+
+    cwd: str | None
+    env: dict[str, str]
+    stdin: str | None
+    interaction: Interaction
 
 
 async def _feed_stdin(process: Process, text: str | None) -> None:
@@ -208,6 +294,10 @@ async def _feed_stdin(process: Process, text: str | None) -> None:
             await process.stdin.send((text or "").encode())
 
 
+class _Source(Protocol):
+    async def receive(self, max_bytes: int = ...) -> bytes: ...
+
+
 class _Pump:
     """Copies the pipe into the task's output until EOF or until told to stop.
 
@@ -217,9 +307,10 @@ class _Pump:
     cancelled task keeps reading while its group is stopped, so what a trap prints on TERM is kept.
     """
 
-    def __init__(self, process: Process, ctx: ToolContext) -> None:
-        self._stream = process.stdout
+    def __init__(self, stream: _Source | None, ctx: ToolContext, ready_when: str | None = None) -> None:
+        self._stream = stream
         self._ctx = ctx
+        self._ready = ReadyWatch(ready_when)
         self.scope = anyio.CancelScope(shield=True)
         self.eof = anyio.Event()
 
@@ -231,6 +322,8 @@ class _Pump:
                     chunk = await self._stream.receive(READ_CHUNK_BYTES)
                     async with self._ctx.copy_turns:
                         self._ctx.write_output(chunk)
+                        if self._ready.feed(chunk):  # stored first: a reader told "ready" sees the line
+                            self._ctx.set_ready()
                         await anyio.lowlevel.checkpoint()  # the next pump copies on the next pass
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
@@ -244,34 +337,38 @@ class _Pump:
         self.scope.cancel()
 
 
-async def _run_attached(
-    argv: list[str], ctx: ToolContext, config: ShellConfig, cwd: str | None, env: dict[str, str], stdin: str | None
-) -> JSON:
+async def _run_attached(argv: list[str], ctx: ToolContext, config: ShellConfig, spawn: Spawn) -> JSON:
     """The server is the command's parent and reads its pipe."""
     started = time.monotonic()
+    keep_open = spawn.interaction.pipe
     with spawning():
         process = await anyio.open_process(
             argv,
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdin=subprocess.PIPE if spawn.stdin is not None or keep_open else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=env,
+            cwd=spawn.cwd,
+            env=spawn.env,
             start_new_session=True,
         )
         track(process.pid)
     ctx.set_process(identify(process.pid))
-    pump = _Pump(process, ctx)
+    pump = _Pump(process.stdout, ctx, spawn.interaction.ready_when)
+    held = PipeInput(process.stdin) if keep_open and process.stdin is not None else None
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(pump.run)
-            tg.start_soon(_feed_stdin, process, stdin)
+            if held is not None:
+                ctx.set_input(held)
+            else:
+                tg.start_soon(_feed_stdin, process, spawn.stdin)
             try:
-                await process.wait()
-                with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
-                    await pump.eof.wait()
+                await _supervise(process.pid, process.wait, pump)
             finally:
                 with anyio.CancelScope(shield=True):
+                    ctx.set_input(None)
+                    if held is not None:
+                        await held.close()
                     await _stop(process.pid, ctx, config.kill_grace_s, process.wait)
                     await pump.drain(DRAIN_AFTER_EXIT_S)
                 tg.cancel_scope.cancel()  # a stdin nobody reads
@@ -279,6 +376,67 @@ async def _run_attached(
         with anyio.CancelScope(shield=True):
             await process.aclose()
         untrack(process.pid)
+    return exit_record.outcome(process.returncode, time.monotonic() - started, ctx.output_bytes())
+
+
+async def _supervise(pid: int, leader_exit: Callable[[], Awaitable[object]], pump: _Pump) -> None:
+    """Until the command exits, then a little longer for the output a background child still writes."""
+    await leader_exit()
+    with anyio.move_on_after(DRAIN_AFTER_EXIT_S):
+        await pump.eof.wait()
+
+
+async def _type_at_start(held: PtyInput, text: str) -> None:
+    with contextlib.suppress(InputClosed):  # a command that ends first did not want it
+        await held.send(text.encode(), False)
+
+
+async def _run_in_pty(argv: list[str], ctx: ToolContext, config: ShellConfig, spawn: Spawn) -> JSON:
+    """The command runs on a pseudo-terminal that is its controlling terminal; the server holds the
+    master side: what the terminal shows is the output, what `send_input` writes is typed."""
+    assert spawn.interaction.pty is not None
+    started = time.monotonic()
+    master, slave = open_pty(*spawn.interaction.pty)
+    try:
+        with spawning():
+            process = await anyio.open_process(
+                with_controlling_tty(argv),
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                cwd=spawn.cwd,
+                env=spawn.env,
+                start_new_session=True,
+            )
+            track(process.pid)
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)  # the command's own copies keep it open; EOF (EIO) once they are gone
+    ctx.set_process(identify(process.pid))
+    pump, held = _Pump(PtyReader(master), ctx, spawn.interaction.ready_when), PtyInput(master)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump.run)
+            ctx.set_input(held)
+            if spawn.stdin:
+                tg.start_soon(_type_at_start, held, spawn.stdin)
+            try:
+                await _supervise(process.pid, process.wait, pump)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    ctx.set_input(None)
+                    held.close()
+                    await _stop(process.pid, ctx, config.kill_grace_s, process.wait)
+                    await pump.drain(DRAIN_AFTER_EXIT_S)
+                tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+        untrack(process.pid)
+        anyio.notify_closing(master)
+        os.close(master)
     return exit_record.outcome(process.returncode, time.monotonic() - started, ctx.output_bytes())
 
 
@@ -424,6 +582,11 @@ def shell_spec(config: ShellConfig) -> ToolSpec:
         shell = config.for_owner(owner)  # the owner's own policy and sandbox
         shell.policy.command_to_run(args.command, args.env)
         check_cwd(shell.policy.cwd_to_use(args.cwd), "")  # the roots first, then whether it exists
+        if config.detach and (args.interaction.keeps_input or args.ready_when is not None):
+            raise ValueError(
+                'stdin "pipe", pty and ready_when need a command the server stays attached to, and detach is on: '
+                "send all input at start with stdin text, and wait for output with poll_output(wait_for=...)"
+            )
         if shell.sandbox.on and len(args.command.encode()) > SCRIPT_FILE_OVER_BYTES:
             raise ValueError(
                 f"a sandboxed command may be at most {SCRIPT_FILE_OVER_BYTES // 1024} KiB; "
@@ -434,7 +597,8 @@ def shell_spec(config: ShellConfig) -> ToolSpec:
         policy = config.for_owner(ctx.owner).policy
         command = policy.command_to_run(args.command, args.env)
         cwd = policy.cwd_to_use(args.cwd)
-        return await run_command(command, ctx, config, cwd=cwd, env=args.env, stdin=args.stdin)
+        stdin = None if args.stdin == PIPE else args.stdin
+        return await run_command(command, ctx, config, cwd=cwd, env=args.env, stdin=stdin, interaction=args.interaction)
 
     return ToolSpec(
         name="shell",
