@@ -290,8 +290,7 @@ class Executor:
         self._waiters.poke(task_id)
 
     def peer_changed(self, task_id: str) -> None:
-        """A task another server on the shared data directory runs changed (`PeerFeed`): published here, so
-        this server's subscribers hear of it as of a task run here; waiters wake."""
+        """A peer server's task on the shared data dir changed (`PeerFeed`): published to subscribers here."""
         if task_id not in self._active and (stored := self._lookup.load(task_id)) is not None:
             self.changes.publish(stored)
         self._waiters.poke(task_id)
