@@ -41,6 +41,27 @@ needs_subreaper = pytest.mark.skipif(
 )
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto` (the default, pyproject.toml): half again as many workers as cores. Most tests wait on
+    subprocesses, servers and timers far more than they compute, so a core per worker would leave them idle.
+    PYTEST_XDIST_AUTO_NUM_WORKERS overrides it; `-n 0` runs everything in one process."""
+    if chosen := os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(chosen)
+    return max(2, (os.cpu_count() or 1) * 3 // 2)
+
+
+# Tests that each run a cluster (front-ends and workers on Redis, leases of a few seconds): one xdist worker runs
+# them one after another, as the serial suite did. Two clusters side by side on two cores starve each other's
+# heartbeats past their leases, which the tests then (rightly) report as dead nodes.
+CLUSTER_MODULES = {"test_chaos_distributed", "test_distributed", "test_redis_leases", "test_worker_table"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in CLUSTER_MODULES:
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"

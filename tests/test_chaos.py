@@ -71,6 +71,7 @@ class Checker:
             assert task_id in self.detached, f"{task_id} is running though nothing runs it any more"
 
 
+@pytest.mark.timeout(60 + 10 * CHAOS_ROUNDS)  # its budget grows with its rounds, as the distributed chaos test's does
 async def test_kill_9_at_random_moments_keeps_every_promise(tmp_path: Path) -> None:
     chance = random.Random(os.environ.get("CHAOS_SEED", "offload"))
     data = tmp_path / "data"
