@@ -53,7 +53,13 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 # Tests that each run a cluster (front-ends and workers on Redis, leases of a few seconds): one xdist worker runs
 # them one after another, as the serial suite did. Two clusters side by side on two cores starve each other's
 # heartbeats past their leases, which the tests then (rightly) report as dead nodes.
-CLUSTER_MODULES = {"test_chaos_distributed", "test_distributed", "test_redis_leases", "test_worker_table"}
+CLUSTER_MODULES = {
+    "test_chaos_distributed",
+    "test_distributed",
+    "test_distributed_auth",
+    "test_redis_leases",
+    "test_worker_table",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
