@@ -401,6 +401,10 @@ async def _registry(
         await sandbox.check([shell.sandbox, *(owner.sandbox for owner in shell.owners.values())])
     except sandbox.SandboxError as exc:
         raise ConfigError(str(exc)) from exc
+    if exposure := sandbox.network_exposure(
+        {"default": shell.sandbox, **{n: o.sandbox for n, o in shell.owners.items()}}
+    ):
+        log.warning("%s", exposure)
     registry = Registry(
         [
             shell_spec(shell),

@@ -436,3 +436,21 @@ async def test_input_reaches_a_sandboxed_command_and_another_owner_cannot_send_i
         await tool(alice, "send_input", task_id=typed["task_id"], text="al\n")
         done = await finish(alice, typed["task_id"])
         assert "hi al\r\n" in output(done) and "tty" in output(done)
+
+
+@pytest.mark.parametrize("network", [True, False])
+def test_a_sandbox_with_network_on_is_named_loudly_at_start(tmp_path: Path, network: bool) -> None:
+    """Issue 22 item 4: what a network-on sandbox cannot hide (loopback, abstract sockets, /proc/net/unix) is
+    said at start, naming the setting to change; a server whose sandboxes have no network says nothing."""
+    work = tmp_path / "work"
+    work.mkdir()
+    sandbox_may_write(work)
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "OFFLOAD_DATA_DIR": str(tmp_path / "d")}
+    env.update(OFFLOAD_SHELL_SANDBOX="bwrap", OFFLOAD_SHELL_ROOTS=str(work), OFFLOAD_SHELL_NETWORK=str(network).lower())
+    # stdin an empty pipe: the server starts, then stops as a client that left
+    done = subprocess.run([sys.executable, "-m", "server"], env=env, input=b"", capture_output=True, timeout=30)
+    said = done.stderr.decode()
+    assert done.returncode == 0, said
+    warned = "sandboxed shells with network on (default) can reach this machine's loopback services" in said
+    assert warned == network, said
+    assert ("set network = false" in said) == network

@@ -266,6 +266,19 @@ async def check(sandboxes: Sequence[Sandbox]) -> None:
             raise SandboxError(f"shell_sandbox = 'bwrap' cannot start a sandbox here: {said}; {_fix()}")
 
 
+def network_exposure(sandboxes: dict[str, Sandbox]) -> str | None:
+    """What a sandbox with network on does not hide, naming its owners, for a loud start-up warning: hiding
+    abstract sockets and loopback needs a network namespace of its own with user-mode networking, not built."""
+    exposed = sorted(name for name, box in sandboxes.items() if box.on and box.network)
+    if not exposed:
+        return None
+    return (
+        f"sandboxed shells with network on ({', '.join(exposed)}) can reach this machine's loopback services, the "
+        "host's abstract unix sockets and its pathname sockets their uid may write, and read the host's socket "
+        "list in /proc/net/unix; set network = false for any owner whose commands you do not trust"
+    )
+
+
 def _root_not_writable(root: str) -> str:
     if not as_root():
         return f"the shell root {root!r} is not writable by this server's user; make it writable or list another"
