@@ -46,6 +46,7 @@ from referencing.exceptions import NoSuchResource, Unresolvable
 
 from tools.context import JSON, ErrorKind, ProcessInfo, TaskFailure, ToolContext
 from tools.registry import ToolSpec
+from tools.upstream_lines import MAX_MESSAGE_BYTES, MESSAGE_TOO_LARGE, too_large
 from tools.upstream_stdio import StdioProcess, TransportStreams
 from tools.upstream_stdio import UpstreamUnavailable as UpstreamUnavailable
 
@@ -93,6 +94,8 @@ class UpstreamConfig:
     """Globs of tools whose results may be reused although the upstream does not annotate them so."""
     health_check_s: float | None = 60.0
     """How often the session is checked with a `tools/list`; None: only a process exit ends it."""
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    """One message from the upstream; a bigger one fails the call it answers (the session goes on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +328,8 @@ class Upstream:
                 yield None, streams
             return
         argv, env = [config.command, *config.args], upstream_env(config, environ)
-        self._process = StdioProcess(config.name, argv, env, config.cwd, self._set.config.kill_grace_s, self.stderr)
+        grace_s, cap = self._set.config.kill_grace_s, config.max_message_bytes
+        self._process = StdioProcess(config.name, argv, env, config.cwd, grace_s, self.stderr, cap)
         async with self._process.open(exited) as opened:
             yield opened
 
@@ -359,6 +363,7 @@ class Upstream:
 
     async def _call_on(self, session: _Session, tool: str, arguments: JSON, ctx: ToolContext) -> JSON:
         result, error = await _call_raced(session, tool, arguments, ctx)
+        _fail_if_too_large(self.config, tool, error)
         grace_s = self._set.config.kill_grace_s + 1
         if result is None and not session.ended.is_set() and _connection_lost(error):
             with anyio.move_on_after(grace_s):  # a pipe closes before the exit is seen
@@ -414,7 +419,7 @@ async def _http_transport(config: UpstreamConfig, environ: Mapping[str, str]) ->
         return
     async with (
         httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=None)) as http,
-        streamable_http_client(config.url, http_client=http) as streams,
+        streamable_http_client(config.url, http_client=http, max_sse_event_size=config.max_message_bytes) as streams,
     ):
         yield streams
 
@@ -730,6 +735,21 @@ async def _first(*events: anyio.Event) -> None:
 
         for event in events:
             tg.start_soon(wait, event)
+
+
+def _fail_if_too_large(config: UpstreamConfig, tool: str, error: Exception | None) -> None:
+    """Fails the call `upstream_error` if the upstream's answer to it was over `max_message_bytes`: the stdio
+    reader's error in its place, or (streamable HTTP) the SDK's for an SSE event over the cap, which the
+    session outlives too (httpx2's wording: "Server-sent event exceeded the N byte limit.")."""
+    if not isinstance(error, MCPError):
+        return
+    if error.code == MESSAGE_TOO_LARGE:
+        message = error.message
+    elif error.code == types.CONNECTION_CLOSED and "byte limit" in error.message:
+        message = too_large(config.name, None, config.max_message_bytes)
+    else:
+        return
+    raise TaskFailure(ErrorKind.UPSTREAM_ERROR, f"{config.name}.{tool} failed: {message}") from error
 
 
 def _connection_lost(error: Exception | None) -> bool:
