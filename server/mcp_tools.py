@@ -163,7 +163,7 @@ async def _cancel(call: Call, args: CancelArgs) -> TaskView:
 
 
 async def _catalog(call: Call, _args: NoArgs) -> Catalog:
-    return call.runtime.catalog(owner=call.owner)
+    return await call.runtime.catalog(owner=call.owner)
 
 
 @contextmanager

@@ -141,15 +141,13 @@ async def _open(settings: Settings) -> None:
 async def test_an_upstream_tool_fires_and_collects_like_any_task(era: str) -> None:
     async with proxy(era, mcp_servers={"fx": fixture_server()}) as (_rt, client):
         catalog = {t["name"]: t for t in (await call(client, "list_fireable_tools"))["tools"]}
-        assert "started on first use" in catalog["fx.*"]["note"]  # lazy: nothing started yet
+        assert "fx.*" not in catalog  # lazy, and started by the listing: its tools are listed by name
 
         done = await run(client, "fx.add", a=2, b=3)
         assert done["status"] == "completed", done
         assert done["result"]["content"] == [{"type": "text", "text": "5"}]
         assert done["result"]["structured_content"] == {"result": 5}
 
-        catalog = {t["name"]: t for t in (await call(client, "list_fireable_tools"))["tools"]}
-        assert "fx.*" not in catalog
         assert catalog["fx.add"]["description"] == "Adds two numbers (b at least 0)."
         assert catalog["fx.add"]["input_schema"]["properties"]["b"]["minimum"] == 0  # the upstream's own schema
         assert "cacheable" in catalog["fx.add"]["flags"]
@@ -554,9 +552,9 @@ async def test_secrets_handed_to_an_upstream_are_masked_and_unusable_upstreams_a
     config = {"mcp_servers": servers, "owners": {"alice": {"mcp_servers": ["time"]}}}
     async with proxy(**config) as (rt, _client):
         assert "hunter2-but-longer-0123" not in rt.redactor.text("pass: hunter2-but-longer-0123")
-        mine = {tool.name for tool in rt.catalog(owner="alice").tools}
+        mine = {tool.name for tool in (await rt.catalog(owner="alice")).tools}
         assert not any(name.startswith("fx.") for name in mine)
-        assert any(name.startswith("fx.") for name in (tool.name for tool in rt.catalog(owner="local").tools))
+        assert any(name.startswith("fx.") for name in (tool.name for tool in (await rt.catalog(owner="local")).tools))
 
 
 # ---- one answer over the message cap (issue 22, item 9) ----
@@ -664,3 +662,28 @@ async def test_http_upstream_answers_are_capped_at_max_message_bytes_not_the_sdk
             echoed = await run(client, "web.echo", message="z" * 2_000_000)  # over the SDK's 1 MiB SSE event cap
             assert echoed["status"] == "completed", echoed
             assert echoed["result"]["truncated"] is True and echoed["output"]["total_bytes"] > 2_000_000
+
+
+# ---- a listing names a lazy upstream's tools (issue 22, item 14) ----
+
+
+async def test_a_listing_starts_the_owners_lazy_upstreams_and_names_their_tools(release: Release) -> None:
+    servers = {"time": time_server(), "fx": fixture_server(), "slow": fixture_server("--hold-start", str(release.path))}
+    config = {"mcp_servers": servers, "owners": {"alice": {"mcp_servers": ["time"]}, "bob": {"mcp_servers": ["slow"]}}}
+    async with proxy(**config) as (rt, _client):
+        assert rt.upstreams is not None
+        upstreams = rt.upstreams.upstreams
+        alices = {tool.name: tool for tool in (await rt.catalog(owner="alice")).tools}
+        assert "time.*" not in alices and "time.convert_time" in alices
+        current = alices["time.get_current_time"]
+        assert "current time" in current.description.lower()
+        assert "timezone" in current.input_schema["properties"]
+        assert upstreams["fx"].attempts == upstreams["slow"].attempts == 0  # not alice's: never started
+
+        rt.upstreams.list_wait_s = 0.5
+        bobs = {tool.name: tool for tool in (await rt.catalog(owner="bob")).tools}
+        assert bobs["slow.*"].note is not None and bobs["slow.*"].note.startswith("starting; call list_fireable_tools")
+        release.send("go")
+        await upstreams["slow"].ready()
+        bobs = {tool.name: tool for tool in (await rt.catalog(owner="bob")).tools}
+        assert "slow.*" not in bobs and bobs["slow.add"].description == "Adds two numbers (b at least 0)."

@@ -3,7 +3,8 @@
 Tools that take `events` write lines to that path (a FIFO the test reads): "started NAME" once the
 call runs, "cancelled NAME" when `notifications/cancelled` reaches it. Run with `--fail-at-start`
 it writes to stderr and exits 3 before speaking MCP; with `--id-last` it writes each answer's id
-last, as servers built on the TypeScript SDK do.
+last, as servers built on the TypeScript SDK do; with `--hold-start FIFO` it speaks only once it has read a
+line from FIFO.
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ if __name__ == "__main__":
     if "--fail-at-start" in sys.argv:
         sys.stderr.write("fixture: refusing to start: the configuration is wrong\n")
         sys.exit(3)
+    if "--hold-start" in sys.argv:  # a server slow to start: until the test writes a line to this FIFO
+        _first_line(sys.argv[sys.argv.index("--hold-start") + 1])
     if "--id-last" in sys.argv:
         anyio.run(_serve_id_last)
     else:

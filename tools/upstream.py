@@ -17,6 +17,7 @@ applies, never a request timeout of the client.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -64,6 +65,8 @@ HEALTH_TIMEOUT_S = 10.0
 MAX_SCHEMA_BYTES = 256 * 1024
 MAX_RESULT_BYTES = 1024 * 1024
 """A bigger result is written to the task's output (read it by offset) and the result says so."""
+LIST_WAIT_S = 3.0
+"""How long `list_fireable_tools` waits, in all, for the lazy upstreams it starts to list their tools."""
 BACKOFF_S = (0.5, 30.0)
 """First and longest wait before a dead upstream is started again (doubling in between)."""
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -519,6 +522,7 @@ class UpstreamSet:
         self.config = config
         self.upstreams = {name: Upstream(server, self) for name, server in config.servers.items()}
         self.on_tools_changed: list[Callable[[], None]] = []
+        self.list_wait_s = LIST_WAIT_S
         self._tg: anyio.abc.TaskGroup | None = None
 
     def __repr__(self) -> str:
@@ -548,6 +552,26 @@ class UpstreamSet:
         async with anyio.create_task_group() as tg:
             for upstream in self.upstreams.values():
                 if upstream.config.start == "eager":
+                    tg.start_soon(start, upstream)
+
+    async def start_for(self, owner: str) -> None:
+        """Before a listing: starts the upstreams `owner` may use whose tools are not known yet (lazy ones, or
+        eager ones still starting) and waits for them all at once, `list_wait_s` at most, so their tools are
+        listed by name; one that fails or is still starting is listed as `NAME.*`, saying so."""
+
+        async def start(upstream: Upstream) -> None:
+            with contextlib.suppress(UpstreamUnavailable):  # its placeholder says why
+                await upstream.ready(self.list_wait_s)
+
+        waiting = [
+            upstream
+            for upstream in self.upstreams.values()
+            if not upstream.listed and upstream.given_up is None and upstream.failure is None
+        ]
+        waiting = [upstream for upstream in waiting if self.allows(f"{upstream.config.name}.*", owner)]
+        with anyio.move_on_after(self.list_wait_s):
+            async with anyio.create_task_group() as tg:
+                for upstream in waiting:
                     tg.start_soon(start, upstream)
 
     def upstream_of(self, tool: str) -> Upstream | None:
@@ -600,7 +624,8 @@ class UpstreamSet:
         return None if upstream is None else upstream.specs.get(name.partition(".")[2])
 
     def specs(self) -> Iterator[ToolSpec]:
-        """The offered tools; an upstream not started yet (or failing) shows as one `NAME.*` entry saying so."""
+        """The offered tools; an upstream whose tools are not known (starting, failing, or not started: an owner's
+        listing starts its own) shows as one `NAME.*` entry saying so."""
         for upstream in self.upstreams.values():
             if upstream.listed:
                 yield from upstream.specs.values()
@@ -611,6 +636,8 @@ class UpstreamSet:
 def _placeholder(upstream: Upstream) -> ToolSpec:
     name = upstream.config.name
     why = upstream.given_up or upstream.failure
+    if why is None and upstream.attempts > 0:  # a start under way
+        why = "starting; call list_fireable_tools again in a few seconds for its tools"
     return ToolSpec(
         name=f"{name}.*",
         description=f"The tools of the MCP server {name!r}: fire_tool('{name}.TOOL', ...) starts it; "
