@@ -687,3 +687,19 @@ async def test_a_listing_starts_the_owners_lazy_upstreams_and_names_their_tools(
         await upstreams["slow"].ready()
         bobs = {tool.name: tool for tool in (await rt.catalog(owner="bob")).tools}
         assert "slow.*" not in bobs and bobs["slow.add"].description == "Adds two numbers (b at least 0)."
+
+
+async def test_an_answer_over_the_sse_transports_1_mib_fails_only_its_own_call() -> None:
+    """The older SSE transport's one stream carries every answer: one too big for the SDK ended the session."""
+    async with (
+        everything_over_http("sse") as url,
+        proxy(mcp_servers={"web": {"url": url, "type": "sse"}}, max_argument_bytes=4 * 1024 * 1024) as (_rt, client),
+    ):
+        long_run = await fired(client, "web.trigger-long-running-operation", duration=3, steps=3)
+        refused = await run(client, "web.echo", message="y" * 2_000_000)
+        assert refused["error"]["kind"] == "upstream_error", refused
+        assert re.search(r"was 2,000,\d{3} bytes, over the 1,04\d,\d{3}-byte cap", refused["error"]["message"])
+        assert "the older SSE transport takes about 1 MiB a message" in refused["error"]["message"]
+        assert (await call(client, "get_cached_output", task_id=long_run["task_id"]))["status"] == "running"
+        assert (await finish(client, long_run["task_id"]))["status"] == "completed"
+        assert (await run(client, "web.echo", message="small"))["status"] == "completed"

@@ -48,6 +48,7 @@ from referencing.exceptions import NoSuchResource, Unresolvable
 from tools.context import JSON, ErrorKind, ProcessInfo, TaskFailure, ToolContext
 from tools.registry import ToolSpec
 from tools.upstream_lines import MAX_MESSAGE_BYTES, MESSAGE_TOO_LARGE, too_large
+from tools.upstream_sse import capped_client_factory
 from tools.upstream_stdio import StdioProcess, TransportStreams
 from tools.upstream_stdio import UpstreamUnavailable as UpstreamUnavailable
 
@@ -417,7 +418,8 @@ async def _http_transport(config: UpstreamConfig, environ: Mapping[str, str]) ->
     assert config.url is not None
     headers = {name: _expand(value, environ) for name, value in config.headers.items()}
     if config.transport == "sse":
-        async with sse_client(config.url, headers=headers) as streams:
+        factory = capped_client_factory(config.name, config.max_message_bytes)
+        async with sse_client(config.url, headers=headers, httpx_client_factory=factory) as streams:
             yield streams
         return
     async with (

@@ -75,16 +75,16 @@ class LineSplitter:
         return lines
 
 
-def answered_id(line: Oversized, pending: Set[types.RequestId]) -> types.RequestId | None:
+def answered_id(line: Oversized, pending: Set[types.RequestId], *, alone: bool = True) -> types.RequestId | None:
     """Which of our `pending` requests an over-cap message answers: its top-level `"id"`, read from either
     end, or, when neither end holds one, the only request pending; None for a notification or a request
-    of the server's (they have a `"method"`), or when it cannot be told."""
+    of the server's (they have a `"method"`), or when it cannot be told. `alone=False`: never the guess."""
     head, tail = line.head.decode("utf-8", "replace"), line.tail.decode("utf-8", "replace")
     fields = {**_tail_fields(tail), **_head_fields(head)}
     if "method" in fields:
         return None
     if "id" not in fields:
-        return next(iter(pending)) if len(pending) == 1 else None
+        return next(iter(pending)) if alone and len(pending) == 1 else None
     found = fields["id"]
     return found if isinstance(found, int | str) and not isinstance(found, bool) and found in pending else None
 
@@ -173,12 +173,15 @@ def _rscalar_start(text: str, end: int) -> int:
     return at
 
 
-def too_large(server: str, size_bytes: int | None, max_bytes: int) -> str:
+def too_large(server: str, size_bytes: int | None, max_bytes: int, advice: str | None = None) -> str:
     """The error a call gets when the upstream's answer to it was over the cap."""
     size = f"was {size_bytes:,} bytes" if size_bytes is not None else "was bigger than that"
+    advice = advice or (
+        "Ask the tool for less (a smaller range, a page, a filter), or raise max_message_bytes in "
+        f"[mcp_servers.{server}]"
+    )
     return (
         f"the answer of the MCP server {server!r} to this call {size}, over the {max_bytes:,}-byte cap on one "
         f"message from an upstream, so Offload dropped it (the upstream's session goes on, its other calls "
-        f"too). Ask the tool for less (a smaller range, a page, a filter), or raise max_message_bytes in "
-        f"[mcp_servers.{server}]"
+        f"too). {advice}"
     )
