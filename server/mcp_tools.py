@@ -189,7 +189,7 @@ async def _send_input(call: Call, args: InputArgs) -> InputReply:
 
 
 async def _catalog(call: Call, _args: NoArgs) -> Catalog:
-    return call.runtime.catalog(owner=call.owner)
+    return await call.runtime.catalog(owner=call.owner)
 
 
 @contextmanager

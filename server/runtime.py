@@ -306,9 +306,13 @@ class Runtime:
             task = await self.executor.cancel(owner, task_id)
         return self.output_view(task, 0, 4096, 4096)
 
-    def catalog(self, *, owner: str) -> Catalog:
-        """The tools this owner may fire (an upstream the owner may not use is not listed)."""
+    async def catalog(self, *, owner: str) -> Catalog:
+        """The tools this owner may fire (an upstream the owner may not use is not listed). The owner's
+        upstreams whose tools are not known yet are started first, a few seconds at most, so a model learns
+        their names without guessing."""
         upstreams = self.upstreams
+        if upstreams is not None:
+            await upstreams.start_for(owner)
         return catalog_of(
             spec for spec in self.executor.registry if upstreams is None or upstreams.allows(spec.name, owner)
         )

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from server.errors import ConfigError, RefusedError, UnavailableToolError, UnknownToolError
 from tools.upstream import UnknownUpstreamTool, UpstreamConfig, UpstreamsConfig, UpstreamSet, UpstreamUnavailable
+from tools.upstream_lines import MAX_MESSAGE_BYTES
 
 if TYPE_CHECKING:
     from server.config import Settings
@@ -45,6 +46,8 @@ class McpServerSettings(BaseModel):
     """Globs of tools whose results may be reused although not annotated readOnlyHint and idempotentHint."""
     health_check_s: Annotated[float, Field(gt=0, le=3600)] | None = 60.0
     """A `tools/list` this often, answered within twice that (10 s at most), or the upstream is restarted."""
+    max_message_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024 * 1024)] = MAX_MESSAGE_BYTES
+    """One message from it (a call's answer); a bigger one fails that call only, saying so."""
 
     @model_validator(mode="after")
     def _one_transport(self) -> McpServerSettings:
@@ -83,6 +86,7 @@ def _upstream(name: str, server: McpServerSettings) -> UpstreamConfig:
         start=server.start,
         cacheable=server.cacheable,
         health_check_s=server.health_check_s,
+        max_message_bytes=server.max_message_bytes,
     )
 
 

@@ -34,6 +34,7 @@ from server.runtime import Runtime
 from server.upstreams import upstreams_config
 from testkit.rawserver import npm_tool, start_server
 from tools.upstream import BASE_ENV, arguments_model
+from tools.upstream_lines import LineSplitter, Oversized, answered_id
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -140,15 +141,13 @@ async def _open(settings: Settings) -> None:
 async def test_an_upstream_tool_fires_and_collects_like_any_task(era: str) -> None:
     async with proxy(era, mcp_servers={"fx": fixture_server()}) as (_rt, client):
         catalog = {t["name"]: t for t in (await call(client, "list_fireable_tools"))["tools"]}
-        assert "started on first use" in catalog["fx.*"]["note"]  # lazy: nothing started yet
+        assert "fx.*" not in catalog  # lazy, and started by the listing: its tools are listed by name
 
         done = await run(client, "fx.add", a=2, b=3)
         assert done["status"] == "completed", done
         assert done["result"]["content"] == [{"type": "text", "text": "5"}]
         assert done["result"]["structured_content"] == {"result": 5}
 
-        catalog = {t["name"]: t for t in (await call(client, "list_fireable_tools"))["tools"]}
-        assert "fx.*" not in catalog
         assert catalog["fx.add"]["description"] == "Adds two numbers (b at least 0)."
         assert catalog["fx.add"]["input_schema"]["properties"]["b"]["minimum"] == 0  # the upstream's own schema
         assert "cacheable" in catalog["fx.add"]["flags"]
@@ -553,6 +552,154 @@ async def test_secrets_handed_to_an_upstream_are_masked_and_unusable_upstreams_a
     config = {"mcp_servers": servers, "owners": {"alice": {"mcp_servers": ["time"]}}}
     async with proxy(**config) as (rt, _client):
         assert "hunter2-but-longer-0123" not in rt.redactor.text("pass: hunter2-but-longer-0123")
-        mine = {tool.name for tool in rt.catalog(owner="alice").tools}
+        mine = {tool.name for tool in (await rt.catalog(owner="alice")).tools}
         assert not any(name.startswith("fx.") for name in mine)
-        assert any(name.startswith("fx.") for name in (tool.name for tool in rt.catalog(owner="local").tools))
+        assert any(name.startswith("fx.") for name in (tool.name for tool in (await rt.catalog(owner="local")).tools))
+
+
+# ---- one answer over the message cap (issue 22, item 9) ----
+
+
+class Release:
+    """A FIFO an upstream tool (`fx.held`) reads one line from: the test writes it when the tool may return."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "release"
+        os.mkfifo(self.path)
+        self._read = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)  # so the write end opens; never read
+        self._write = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+
+    def send(self, line: str) -> None:
+        os.write(self._write, f"{line}\n".encode())
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)
+
+
+@pytest.fixture
+def release(tmp_path: Path) -> Iterator[Release]:
+    found = Release(tmp_path)
+    yield found
+    found.close()
+
+
+async def oversized_answer_beside_a_call(
+    client: Client, events: Events, release: Release, size: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`fx.big` answering over the cap while `fx.held` is in flight on the same session: both tasks, finished."""
+    held = await fired(client, "fx.held", release=str(release.path), events=str(events.path))
+    await events.expect("started held")
+    big = await run(client, "fx.big", size=size)
+    release.send("go")
+    return big, await finish(client, held["task_id"])
+
+
+@pytest.mark.parametrize("tool", ["fx", "ts"])
+async def test_an_answer_over_the_message_cap_fails_only_its_own_call(
+    events: Events, release: Release, tool: str
+) -> None:
+    """The fixture (Python SDK) writes the id first; `--id-last` writes it last, as the TypeScript SDK does."""
+    flags = ("--id-last",) if tool == "ts" else ()
+    server = fixture_server(*flags, max_message_bytes=1024 * 1024)
+    async with proxy(mcp_servers={"fx": server}) as (_rt, client):
+        big, held = await oversized_answer_beside_a_call(client, events, release, 2_000_000)
+        assert big["status"] == "failed" and big["error"]["kind"] == "upstream_error", big
+        message = big["error"]["message"]
+        assert re.search(r"was 4,0\d\d,\d\d\d bytes, over the 1,048,576-byte cap", message), message
+        assert "the upstream's session goes on" in message and "Ask the tool for less" in message
+        assert held["status"] == "completed", held
+        assert held["result"]["content"] == [{"type": "text", "text": "released: go"}]
+        again = await run(client, "fx.add", a=1, b=2)
+        assert again["status"] == "completed" and again["pid"] == big["pid"] == held["pid"]  # never restarted
+
+
+async def test_a_50_mb_answer_under_the_default_cap_fails_only_its_own_call(events: Events, release: Release) -> None:
+    """The real size once: 50 MB of text is a ~100 MB message (content + structured content)."""
+    async with proxy(mcp_servers={"fx": fixture_server()}) as (_rt, client):
+        big, held = await oversized_answer_beside_a_call(client, events, release, 50_000_000)
+        assert big["error"]["kind"] == "upstream_error", big
+        assert re.search(r"was 100,000,\d{3} bytes, over the 67,108,864-byte cap", big["error"]["message"]), big
+        assert held["status"] == "completed" and held["pid"] == big["pid"], held
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ('{"jsonrpc":"2.0","id":5,"result":{"text":"BIG"}}', 5),
+        ('{"result":{"content":[{"id":9,"text":"BIG"}]},"jsonrpc":"2.0","id":7}', 7),  # TypeScript's order
+        ('{"result":{"text":"BIG"},"jsonrpc":"2.0", "id" : "a\\"b\\\\" }', 'a"b\\'),
+        ('{"result":{"text":"BIG","id":9}}', 3),  # no top-level id: the only request pending
+        ('{"jsonrpc":"2.0","method":"notifications/message","params":{"data":"BIG"}}', None),
+        ('{"jsonrpc":"2.0","id":8,"result":{"text":"BIG"}}', None),  # not one of ours
+        ('{"jsonrpc":"2.0","id":true,"result":{"text":"BIG"}}', None),
+    ],
+)
+def test_the_request_an_over_cap_answer_answers_is_read_from_either_end(message: str, expected: object) -> None:
+    splitter = LineSplitter(max_bytes=4096)
+    data = (message.replace("BIG", "x" * 100_000) + "\n{}\n").encode()
+    lines = [line for at in range(0, len(data), 5000) for line in splitter.feed(data[at : at + 5000])]
+    assert len(lines) == 2 and lines[1] == b"{}"
+    oversized = lines[0]
+    assert isinstance(oversized, Oversized) and oversized.size_bytes == len(data) - 4
+    pending: set[int | str] = {3} if expected == 3 else {5, 7, 'a"b\\', 1}
+    assert answered_id(oversized, pending) == expected
+
+
+async def test_http_upstream_answers_are_capped_at_max_message_bytes_not_the_sdks_1_mib() -> None:
+    async with everything_over_http("streamableHttp") as url:
+        servers = {"web": {"url": url, "max_message_bytes": 64 * 1024}}
+        async with proxy(mcp_servers=servers, max_argument_bytes=4 * 1024 * 1024) as (_rt, client):
+            long_run = await fired(client, "web.trigger-long-running-operation", duration=3, steps=3)
+            refused = await run(client, "web.echo", message="y" * 100_000)
+            assert refused["error"]["kind"] == "upstream_error", refused
+            assert "was bigger than that, over the 65,536-byte cap" in refused["error"]["message"]
+            meanwhile = await call(client, "get_cached_output", task_id=long_run["task_id"])
+            assert meanwhile["status"] == "running"  # in flight on the same session all along
+            done = await finish(client, long_run["task_id"])
+            assert done["status"] == "completed", done
+        async with proxy(mcp_servers={"web": {"url": url}}, max_argument_bytes=4 * 1024 * 1024) as (_rt, client):
+            echoed = await run(client, "web.echo", message="z" * 2_000_000)  # over the SDK's 1 MiB SSE event cap
+            assert echoed["status"] == "completed", echoed
+            assert echoed["result"]["truncated"] is True and echoed["output"]["total_bytes"] > 2_000_000
+
+
+# ---- a listing names a lazy upstream's tools (issue 22, item 14) ----
+
+
+async def test_a_listing_starts_the_owners_lazy_upstreams_and_names_their_tools(release: Release) -> None:
+    servers = {"time": time_server(), "fx": fixture_server(), "slow": fixture_server("--hold-start", str(release.path))}
+    config = {"mcp_servers": servers, "owners": {"alice": {"mcp_servers": ["time"]}, "bob": {"mcp_servers": ["slow"]}}}
+    async with proxy(**config) as (rt, _client):
+        assert rt.upstreams is not None
+        upstreams = rt.upstreams.upstreams
+        alices = {tool.name: tool for tool in (await rt.catalog(owner="alice")).tools}
+        assert "time.*" not in alices and "time.convert_time" in alices
+        current = alices["time.get_current_time"]
+        assert "current time" in current.description.lower()
+        assert "timezone" in current.input_schema["properties"]
+        assert upstreams["fx"].attempts == upstreams["slow"].attempts == 0  # not alice's: never started
+
+        rt.upstreams.list_wait_s = 0.5
+        bobs = {tool.name: tool for tool in (await rt.catalog(owner="bob")).tools}
+        assert bobs["slow.*"].note is not None and bobs["slow.*"].note.startswith("starting; call list_fireable_tools")
+        release.send("go")
+        await upstreams["slow"].ready()
+        bobs = {tool.name: tool for tool in (await rt.catalog(owner="bob")).tools}
+        assert "slow.*" not in bobs and bobs["slow.add"].description == "Adds two numbers (b at least 0)."
+
+
+async def test_an_answer_over_the_sse_transports_1_mib_fails_only_its_own_call() -> None:
+    """The older SSE transport's one stream carries every answer: one too big for the SDK ended the session."""
+    async with (
+        everything_over_http("sse") as url,
+        proxy(mcp_servers={"web": {"url": url, "type": "sse"}}, max_argument_bytes=4 * 1024 * 1024) as (_rt, client),
+    ):
+        long_run = await fired(client, "web.trigger-long-running-operation", duration=3, steps=3)
+        refused = await run(client, "web.echo", message="y" * 2_000_000)
+        assert refused["error"]["kind"] == "upstream_error", refused
+        assert re.search(r"was 2,000,\d{3} bytes, over the 1,04\d,\d{3}-byte cap", refused["error"]["message"])
+        assert "the older SSE transport takes about 1 MiB a message" in refused["error"]["message"]
+        assert (await call(client, "get_cached_output", task_id=long_run["task_id"]))["status"] == "running"
+        assert (await finish(client, long_run["task_id"]))["status"] == "completed"
+        assert (await run(client, "web.echo", message="small"))["status"] == "completed"

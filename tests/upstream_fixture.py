@@ -2,11 +2,14 @@
 
 Tools that take `events` write lines to that path (a FIFO the test reads): "started NAME" once the
 call runs, "cancelled NAME" when `notifications/cancelled` reaches it. Run with `--fail-at-start`
-it writes to stderr and exits 3 before speaking MCP.
+it writes to stderr and exits 3 before speaking MCP; with `--id-last` it writes each answer's id
+last, as servers built on the TypeScript SDK do; with `--hold-start FIFO` it speaks only once it has read a
+line from FIFO.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -16,6 +19,7 @@ from typing import Annotated, Any
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.stdio import stdio_server
 from mcp_types import ToolAnnotations
 from pydantic import Field
 
@@ -105,6 +109,19 @@ async def big(size: int) -> str:
 
 
 @server.tool()
+async def held(release: str, events: str | None = None) -> str:
+    """Returns the first line it reads from the FIFO `release` (the test writes it when it is done)."""
+    _tell(events, "started held")
+    line = await anyio.to_thread.run_sync(_first_line, release)
+    return f"released: {line}"
+
+
+def _first_line(path: str) -> str:
+    with open(path, encoding="utf-8") as source:
+        return source.readline().strip()
+
+
+@server.tool()
 async def environment() -> dict[str, Any]:
     """The variables this process was given."""
     return {"names": sorted(os.environ)}
@@ -124,8 +141,36 @@ async def grow(ctx: Context) -> str:
     return "grown"
 
 
+class _IdLast:
+    """stdout for `--id-last`: each answer written with its id last, as the TypeScript SDK writes it
+    (`{"result":…,"jsonrpc":"2.0","id":5}`)."""
+
+    def __init__(self) -> None:
+        self._out = anyio.wrap_file(open(sys.stdout.fileno(), "w", encoding="utf-8", closefd=False))  # noqa: SIM115
+
+    async def write(self, text: str) -> None:
+        message = json.loads(text)
+        if "result" in message:
+            message = {"result": message.pop("result"), **message}
+        await self._out.write(json.dumps(message) + "\n")
+
+    async def flush(self) -> None:
+        await self._out.flush()
+
+
+async def _serve_id_last() -> None:
+    lowlevel = server._lowlevel_server
+    async with stdio_server(stdout=_IdLast()) as (read, write):  # type: ignore[arg-type]
+        await lowlevel.run(read, write, lowlevel.create_initialization_options())
+
+
 if __name__ == "__main__":
     if "--fail-at-start" in sys.argv:
         sys.stderr.write("fixture: refusing to start: the configuration is wrong\n")
         sys.exit(3)
-    server.run("stdio")
+    if "--hold-start" in sys.argv:  # a server slow to start: until the test writes a line to this FIFO
+        _first_line(sys.argv[sys.argv.index("--hold-start") + 1])
+    if "--id-last" in sys.argv:
+        anyio.run(_serve_id_last)
+    else:
+        server.run("stdio")

@@ -17,6 +17,7 @@ applies, never a request timeout of the client.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -46,6 +47,8 @@ from referencing.exceptions import NoSuchResource, Unresolvable
 
 from tools.context import JSON, ErrorKind, ProcessInfo, TaskFailure, ToolContext
 from tools.registry import ToolSpec
+from tools.upstream_lines import MAX_MESSAGE_BYTES, MESSAGE_TOO_LARGE, too_large
+from tools.upstream_sse import capped_client_factory
 from tools.upstream_stdio import StdioProcess, TransportStreams
 from tools.upstream_stdio import UpstreamUnavailable as UpstreamUnavailable
 
@@ -63,6 +66,8 @@ HEALTH_TIMEOUT_S = 10.0
 MAX_SCHEMA_BYTES = 256 * 1024
 MAX_RESULT_BYTES = 1024 * 1024
 """A bigger result is written to the task's output (read it by offset) and the result says so."""
+LIST_WAIT_S = 3.0
+"""How long `list_fireable_tools` waits, in all, for the lazy upstreams it starts to list their tools."""
 BACKOFF_S = (0.5, 30.0)
 """First and longest wait before a dead upstream is started again (doubling in between)."""
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -93,6 +98,8 @@ class UpstreamConfig:
     """Globs of tools whose results may be reused although the upstream does not annotate them so."""
     health_check_s: float | None = 60.0
     """How often the session is checked with a `tools/list`; None: only a process exit ends it."""
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    """One message from the upstream; a bigger one fails the call it answers (the session goes on)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +332,8 @@ class Upstream:
                 yield None, streams
             return
         argv, env = [config.command, *config.args], upstream_env(config, environ)
-        self._process = StdioProcess(config.name, argv, env, config.cwd, self._set.config.kill_grace_s, self.stderr)
+        grace_s, cap = self._set.config.kill_grace_s, config.max_message_bytes
+        self._process = StdioProcess(config.name, argv, env, config.cwd, grace_s, self.stderr, cap)
         async with self._process.open(exited) as opened:
             yield opened
 
@@ -359,6 +367,7 @@ class Upstream:
 
     async def _call_on(self, session: _Session, tool: str, arguments: JSON, ctx: ToolContext) -> JSON:
         result, error = await _call_raced(session, tool, arguments, ctx)
+        _fail_if_too_large(self.config, tool, error)
         grace_s = self._set.config.kill_grace_s + 1
         if result is None and not session.ended.is_set() and _connection_lost(error):
             with anyio.move_on_after(grace_s):  # a pipe closes before the exit is seen
@@ -409,12 +418,13 @@ async def _http_transport(config: UpstreamConfig, environ: Mapping[str, str]) ->
     assert config.url is not None
     headers = {name: _expand(value, environ) for name, value in config.headers.items()}
     if config.transport == "sse":
-        async with sse_client(config.url, headers=headers) as streams:
+        factory = capped_client_factory(config.name, config.max_message_bytes)
+        async with sse_client(config.url, headers=headers, httpx_client_factory=factory) as streams:
             yield streams
         return
     async with (
         httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30.0, read=None)) as http,
-        streamable_http_client(config.url, http_client=http) as streams,
+        streamable_http_client(config.url, http_client=http, max_sse_event_size=config.max_message_bytes) as streams,
     ):
         yield streams
 
@@ -514,6 +524,7 @@ class UpstreamSet:
         self.config = config
         self.upstreams = {name: Upstream(server, self) for name, server in config.servers.items()}
         self.on_tools_changed: list[Callable[[], None]] = []
+        self.list_wait_s = LIST_WAIT_S
         self._tg: anyio.abc.TaskGroup | None = None
 
     def __repr__(self) -> str:
@@ -543,6 +554,26 @@ class UpstreamSet:
         async with anyio.create_task_group() as tg:
             for upstream in self.upstreams.values():
                 if upstream.config.start == "eager":
+                    tg.start_soon(start, upstream)
+
+    async def start_for(self, owner: str) -> None:
+        """Before a listing: starts the upstreams `owner` may use whose tools are not known yet (lazy ones, or
+        eager ones still starting) and waits for them all at once, `list_wait_s` at most, so their tools are
+        listed by name; one that fails or is still starting is listed as `NAME.*`, saying so."""
+
+        async def start(upstream: Upstream) -> None:
+            with contextlib.suppress(UpstreamUnavailable):  # its placeholder says why
+                await upstream.ready(self.list_wait_s)
+
+        waiting = [
+            upstream
+            for upstream in self.upstreams.values()
+            if not upstream.listed and upstream.given_up is None and upstream.failure is None
+        ]
+        waiting = [upstream for upstream in waiting if self.allows(f"{upstream.config.name}.*", owner)]
+        with anyio.move_on_after(self.list_wait_s):
+            async with anyio.create_task_group() as tg:
+                for upstream in waiting:
                     tg.start_soon(start, upstream)
 
     def upstream_of(self, tool: str) -> Upstream | None:
@@ -595,7 +626,8 @@ class UpstreamSet:
         return None if upstream is None else upstream.specs.get(name.partition(".")[2])
 
     def specs(self) -> Iterator[ToolSpec]:
-        """The offered tools; an upstream not started yet (or failing) shows as one `NAME.*` entry saying so."""
+        """The offered tools; an upstream whose tools are not known (starting, failing, or not started: an owner's
+        listing starts its own) shows as one `NAME.*` entry saying so."""
         for upstream in self.upstreams.values():
             if upstream.listed:
                 yield from upstream.specs.values()
@@ -606,6 +638,8 @@ class UpstreamSet:
 def _placeholder(upstream: Upstream) -> ToolSpec:
     name = upstream.config.name
     why = upstream.given_up or upstream.failure
+    if why is None and upstream.attempts > 0:  # a start under way
+        why = "starting; call list_fireable_tools again in a few seconds for its tools"
     return ToolSpec(
         name=f"{name}.*",
         description=f"The tools of the MCP server {name!r}: fire_tool('{name}.TOOL', ...) starts it; "
@@ -730,6 +764,21 @@ async def _first(*events: anyio.Event) -> None:
 
         for event in events:
             tg.start_soon(wait, event)
+
+
+def _fail_if_too_large(config: UpstreamConfig, tool: str, error: Exception | None) -> None:
+    """Fails the call `upstream_error` if the upstream's answer to it was over `max_message_bytes`: the stdio
+    reader's error in its place, or (streamable HTTP) the SDK's for an SSE event over the cap, which the
+    session outlives too (httpx2's wording: "Server-sent event exceeded the N byte limit.")."""
+    if not isinstance(error, MCPError):
+        return
+    if error.code == MESSAGE_TOO_LARGE:
+        message = error.message
+    elif error.code == types.CONNECTION_CLOSED and "byte limit" in error.message:
+        message = too_large(config.name, None, config.max_message_bytes)
+    else:
+        return
+    raise TaskFailure(ErrorKind.UPSTREAM_ERROR, f"{config.name}.{tool} failed: {message}") from error
 
 
 def _connection_lost(error: Exception | None) -> bool:

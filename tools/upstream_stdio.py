@@ -22,14 +22,13 @@ from mcp.shared.message import SessionMessage
 
 from tools.context import ProcessInfo
 from tools.process import identify, signal_name, spawning, stop_group, track, untrack
+from tools.upstream_lines import MAX_MESSAGE_BYTES, MESSAGE_TOO_LARGE, LineSplitter, Oversized, answered_id, too_large
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-"""One JSON-RPC message on an upstream's stdout; past it (a server writing without newlines) the session ends."""
-
 TransportStreams = tuple[Any, Any]
 """An MCP transport's (read, write) streams; the SDK's own alias lives in a private module."""
+_ANSWERS = (types.JSONRPCResponse, types.JSONRPCError)
 PIPE_ENDS = (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream, OSError)
 """A pipe closed under a read or write (the process died, or we are stopping) ends that loop quietly."""
 
@@ -47,6 +46,7 @@ class StdioProcess:
         cwd: str | None,
         kill_grace_s: float,
         stderr: deque[str],
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -56,6 +56,9 @@ class StdioProcess:
         self.stderr = stderr
         """Shared with the upstream: its last lines, for error messages."""
         self.exit_status: str | None = None
+        self.max_message_bytes = max_message_bytes
+        self._pending: set[types.RequestId] = set()
+        """Our requests not answered yet: an over-cap answer without a readable id is the only one's."""
 
     @asynccontextmanager
     async def open(self, exited: anyio.Event) -> AsyncIterator[tuple[ProcessInfo | None, TransportStreams]]:
@@ -80,7 +83,7 @@ class StdioProcess:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._read_stdout, process, read_in, exited, stderr_done)
-                tg.start_soon(_write_stdin, process, write_out)
+                tg.start_soon(self._write_stdin, process, write_out)
                 tg.start_soon(self._read_stderr, process, stderr_done)
                 tg.start_soon(self._watch_exit, process, exited, stderr_done)
                 try:
@@ -102,23 +105,51 @@ class StdioProcess:
         stderr_done: anyio.Event,
     ) -> None:
         """Messages, line by line. Its end ends the session even if the process lives on (a wrapper whose
-        server died): the connection is gone either way."""
+        server died): the connection is gone either way. A line over the cap fails only the call it answers."""
         assert process.stdout is not None
-        buffer = bytearray()
+        lines = LineSplitter(self.max_message_bytes)
         async with sink:
             with contextlib.suppress(*PIPE_ENDS):
                 async for chunk in process.stdout:
-                    start = len(buffer)
-                    buffer += chunk
-                    while (end := buffer.find(b"\n", start)) >= 0:
-                        line, start = bytes(buffer[:end]), 0
-                        del buffer[: end + 1]
-                        if line.strip():
-                            await sink.send(_parse(line))
-                    if len(buffer) > MAX_MESSAGE_BYTES:
-                        self.stderr.append(f"[offload] a message on stdout passed {MAX_MESSAGE_BYTES} bytes; stopped")
-                        break
+                    for line in lines.feed(chunk):
+                        if isinstance(line, Oversized):
+                            await self._refuse(line, sink)
+                        elif line.strip():
+                            message = _parse(line)
+                            if isinstance(message, SessionMessage) and isinstance(message.message, _ANSWERS):
+                                self._pending.discard(message.message.id)
+                            await sink.send(message)
         await self._settle(process, exited, stderr_done, self.kill_grace_s)
+
+    async def _refuse(self, line: Oversized, sink: anyio.abc.ObjectSendStream[SessionMessage | Exception]) -> None:
+        """An over-cap message: the request it answers gets an error of ours in its place; anything else
+        (a notification, a request of the server's, an answer whose id is in neither end) is dropped."""
+        request_id = answered_id(line, self._pending)
+        if request_id is None:
+            note = f"[offload] dropped a {line.size_bytes}-byte message (over {self.max_message_bytes}) on stdout"
+            self.stderr.append(note)
+            log.warning("MCP server %r: %s answering none of our requests", self.name, note)
+            return
+        self._pending.discard(request_id)
+        message = too_large(self.name, line.size_bytes, self.max_message_bytes)
+        log.warning("MCP server %r: request %r: %s", self.name, request_id, message)
+        error = types.ErrorData(code=MESSAGE_TOO_LARGE, message=message)
+        await sink.send(SessionMessage(types.JSONRPCError(jsonrpc="2.0", id=request_id, error=error)))
+
+    async def _write_stdin(
+        self, process: anyio.abc.Process, source: anyio.abc.ObjectReceiveStream[SessionMessage]
+    ) -> None:
+        assert process.stdin is not None
+        async with source:
+            with contextlib.suppress(*PIPE_ENDS):
+                async for message in source:
+                    sent = message.message
+                    if isinstance(sent, types.JSONRPCRequest):
+                        self._pending.add(sent.id)
+                    elif isinstance(sent, types.JSONRPCNotification) and sent.method == "notifications/cancelled":
+                        self._pending.discard((sent.params or {}).get("requestId", ""))  # no answer is owed now
+                    data = sent.model_dump_json(by_alias=True, exclude_unset=True)
+                    await process.stdin.send(data.encode() + b"\n")
 
     async def _read_stderr(self, process: anyio.abc.Process, done: anyio.Event) -> None:
         assert process.stderr is not None
@@ -170,12 +201,3 @@ def _parse(line: bytes) -> SessionMessage | Exception:
         return SessionMessage(types.jsonrpc_message_adapter.validate_json(line, by_name=False))
     except ValueError as exc:
         return exc
-
-
-async def _write_stdin(process: anyio.abc.Process, source: anyio.abc.ObjectReceiveStream[SessionMessage]) -> None:
-    assert process.stdin is not None
-    async with source:
-        with contextlib.suppress(*PIPE_ENDS):
-            async for message in source:
-                data = message.message.model_dump_json(by_alias=True, exclude_unset=True)
-                await process.stdin.send(data.encode() + b"\n")
