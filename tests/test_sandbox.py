@@ -411,6 +411,8 @@ async def test_without_network_host_unix_sockets_are_unreachable(
     async with alice_and_bob(gate, roots, tmp_path / "data", secrets_in_environ, **extra) as (alice, bob):
         assert output(await run(alice, UNIX_PROBE + str(unix_redis))).strip() == "b'+PONG\\r\\n'"
         assert output(await run(bob, UNIX_PROBE + str(unix_redis))).strip() == "refused: Operation not permitted"
+        raw = "import ctypes as t; c = t.CDLL(None); print(c.syscall(41, t.c_long(1 << 32 | 1), 1, 0))"
+        assert output(await run(bob, f'python3 -c "{raw}"')) == "-1\n"  # the family's high bits are not read
         pair = await run(bob, "python3 -c 'import asyncio; asyncio.run(asyncio.sleep(0)); print(\"ok\")'")
         assert output(pair) == "ok\n"
 

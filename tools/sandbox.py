@@ -151,12 +151,14 @@ def _no_unix_sockets() -> Any:
         ) from exc
     refuse = seccomp.ERRNO(errno.EPERM)
     rules = seccomp.SyscallFilter(seccomp.ALLOW)
-    rules.add_rule(refuse, "socket", seccomp.Arg(0, seccomp.EQ, socket.AF_UNIX))
+    # The kernel reads the family as a 32-bit int: a 64-bit compare let socket(0x100000001, ...) make one.
+    family_is_unix = seccomp.Arg(0, seccomp.MASKED_EQ, 0xFFFFFFFF, socket.AF_UNIX)
+    rules.add_rule(refuse, "socket", family_is_unix)
     type_mask = 0xF  # the socket type without SOCK_NONBLOCK / SOCK_CLOEXEC
     rules.add_rule(
         refuse,
         "socketpair",
-        seccomp.Arg(0, seccomp.EQ, socket.AF_UNIX),
+        family_is_unix,
         seccomp.Arg(1, seccomp.MASKED_EQ, type_mask, socket.SOCK_DGRAM),
     )
     for call in ("io_uring_setup", "io_uring_enter", "io_uring_register"):
