@@ -280,7 +280,10 @@ def read_log(path: Path, offset: int, max_bytes: int, known: Layout | None = Non
             if after.reach <= layout.reach or not _overwritten(after, start):
                 return chunk
             layout = after  # the ring wrapped over what we read: read again
-        return _read_once(fd, layout, offset, max_bytes)[0]
+        # The writer lapped the ring during every read: no byte read can be trusted, so none is returned.
+        # The read starts where the newest header says readable bytes start; the caller reads on from there.
+        start = plan_read(offset, 0, layout.total_bytes, layout.dropped).start
+        return Chunk(b"", start, start, layout.total_bytes, layout.dropped)
     finally:
         os.close(fd)
 
